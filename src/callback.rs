@@ -1,0 +1,445 @@
+//! The callback wire format: a lenient JSON body turned into a typed [`Callback`].
+//!
+//! Tencent's documentation and its real payloads disagree on types (`t` and `push_duration` as
+//! strings, numbers as strings in general), leave fields empty and add undocumented ones. So
+//! every field is read leniently: a number may come as a JSON string, a string as a number, and a
+//! value that cannot be read is treated as absent. Only what accounting needs is required.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, Visitor};
+use serde::Deserialize;
+
+use crate::area::Area;
+
+/// `event_type` of a push-started callback.
+pub const EVENT_PUSH: i64 = 1;
+/// `event_type` of a push-disconnected callback.
+pub const EVENT_DISCONNECT: i64 = 0;
+
+/// The `event` label of `tencent_css_callbacks_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventKind {
+    Push,
+    Disconnect,
+    /// Any other valid `event_type` (recording, screenshot, moderation, ...).
+    Other,
+    /// The body did not tell which event it was.
+    Unknown,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 4] = [
+        EventKind::Push,
+        EventKind::Disconnect,
+        EventKind::Other,
+        EventKind::Unknown,
+    ];
+
+    pub fn from_event_type(event_type: Option<i64>) -> Self {
+        match event_type {
+            Some(EVENT_PUSH) => EventKind::Push,
+            Some(EVENT_DISCONNECT) => EventKind::Disconnect,
+            Some(_) => EventKind::Other,
+            None => EventKind::Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Push => "push",
+            EventKind::Disconnect => "disconnect",
+            EventKind::Other => "other",
+            EventKind::Unknown => "unknown",
+        }
+    }
+
+    pub fn from_label(label: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == label)
+    }
+}
+
+/// The `outcome` label of `tencent_css_callbacks_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Outcome {
+    /// A push or disconnect recorded (200).
+    Accepted,
+    /// A retry of an event already recorded (200, changes nothing).
+    Duplicate,
+    /// A valid event of another type (200, not recorded).
+    Ignored,
+    /// Missing or wrong `sign` (401).
+    BadSignature,
+    /// `t` outside the accepted window (401).
+    Expired,
+    /// Not JSON or lacking a required field (400, 405, 413).
+    Malformed,
+    /// Could not be recorded: storage failure (503, Tencent retries).
+    Error,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Accepted,
+        Outcome::Duplicate,
+        Outcome::Ignored,
+        Outcome::BadSignature,
+        Outcome::Expired,
+        Outcome::Malformed,
+        Outcome::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Ignored => "ignored",
+            Outcome::BadSignature => "bad_signature",
+            Outcome::Expired => "expired",
+            Outcome::Malformed => "malformed",
+            Outcome::Error => "error",
+        }
+    }
+
+    pub fn from_label(label: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == label)
+    }
+}
+
+/// A stream, as the truth rules identify it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamKey {
+    /// Push domain (`app`); also the `domain` label.
+    pub app: String,
+    /// Push path (`appname`), often `live`; empty when Tencent leaves it out.
+    pub appname: String,
+    pub stream_id: String,
+}
+
+impl fmt::Display for StreamKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.app, self.appname, self.stream_id)
+    }
+}
+
+/// What a push and a disconnect have in common.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEvent {
+    pub stream: StreamKey,
+    /// One id per push session, shared by the push and its disconnect.
+    pub sequence: String,
+    /// When the event happened (unix seconds), if Tencent said.
+    pub event_time: Option<i64>,
+    pub area: Area,
+}
+
+/// A typed callback event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Push(StreamEvent),
+    Disconnect {
+        session: StreamEvent,
+        /// Raw `errcode`; classified by [`crate::errcode::ErrCode`].
+        errcode: i64,
+        /// How long the push lasted, in milliseconds, when Tencent said.
+        push_duration_ms: Option<i64>,
+    },
+    /// A valid event we acknowledge and ignore.
+    Other { event_type: i64 },
+}
+
+impl Event {
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Event::Push(_) => EventKind::Push,
+            Event::Disconnect { .. } => EventKind::Disconnect,
+            Event::Other { .. } => EventKind::Other,
+        }
+    }
+
+    /// The stream fields, for push and disconnect.
+    pub fn stream_event(&self) -> Option<&StreamEvent> {
+        match self {
+            Event::Push(s) | Event::Disconnect { session: s, .. } => Some(s),
+            Event::Other { .. } => None,
+        }
+    }
+}
+
+/// A parsed callback: its authentication fields and its event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Callback {
+    pub t: i64,
+    pub sign: Option<String>,
+    pub event: Event,
+}
+
+/// Why a body is not a usable callback (answered 400, counted `malformed`).
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("body is not a JSON object: {0}")]
+    NotJson(#[from] serde_json::Error),
+    #[error("{kind} callback lacks `{field}`", kind = .kind.as_str())]
+    Missing {
+        kind: EventKind,
+        field: &'static str,
+    },
+}
+
+impl ParseError {
+    /// The event the body announced, for the `event` label.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            ParseError::NotJson(_) => EventKind::Unknown,
+            ParseError::Missing { kind, .. } => *kind,
+        }
+    }
+}
+
+/// The fields we read; everything else in the body is ignored.
+#[derive(Deserialize)]
+struct Wire {
+    #[serde(default, deserialize_with = "int")]
+    event_type: Option<i64>,
+    #[serde(default, deserialize_with = "int")]
+    t: Option<i64>,
+    #[serde(default, deserialize_with = "text")]
+    sign: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    app: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    appname: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    stream_id: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    channel_id: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    sequence: Option<String>,
+    #[serde(default, deserialize_with = "int")]
+    event_time: Option<i64>,
+    #[serde(default, deserialize_with = "int")]
+    errcode: Option<i64>,
+    #[serde(default, deserialize_with = "int")]
+    set_id: Option<i64>,
+    #[serde(default, deserialize_with = "int")]
+    push_duration: Option<i64>,
+}
+
+/// Parses a callback body.
+pub fn parse(body: &[u8]) -> Result<Callback, ParseError> {
+    let wire: Wire = serde_json::from_slice(body)?;
+    let kind = EventKind::from_event_type(wire.event_type);
+    let missing = |field| ParseError::Missing { kind, field };
+    let event_type = wire.event_type.ok_or(missing("event_type"))?;
+    let t = wire.t.ok_or(missing("t"))?;
+    let event = match kind {
+        EventKind::Push | EventKind::Disconnect => {
+            let session = StreamEvent {
+                stream: StreamKey {
+                    app: wire.app.ok_or(missing("app"))?,
+                    appname: wire.appname.unwrap_or_default(),
+                    // `channel_id` carries the same value; older payloads may have only one.
+                    stream_id: wire
+                        .stream_id
+                        .or(wire.channel_id)
+                        .ok_or(missing("stream_id"))?,
+                },
+                sequence: wire.sequence.ok_or(missing("sequence"))?,
+                event_time: wire.event_time,
+                area: Area::from_set_id(wire.set_id),
+            };
+            if kind == EventKind::Push {
+                Event::Push(session)
+            } else {
+                Event::Disconnect {
+                    session,
+                    errcode: wire.errcode.unwrap_or(0),
+                    push_duration_ms: wire.push_duration.filter(|d| *d >= 0),
+                }
+            }
+        }
+        EventKind::Other | EventKind::Unknown => Event::Other { event_type },
+    };
+    Ok(Callback {
+        t,
+        sign: wire.sign,
+        event,
+    })
+}
+
+/// Reads an integer sent as a JSON number or a decimal string; anything else counts as absent.
+fn int<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    d.deserialize_any(Lenient(scalar_to_int))
+}
+
+/// Reads a non-empty string sent as a JSON string or a number; anything else counts as absent.
+fn text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    d.deserialize_any(Lenient(scalar_to_text))
+}
+
+fn scalar_to_int(v: Scalar<'_>) -> Option<i64> {
+    match v {
+        Scalar::Int(i) => Some(i),
+        // Integral floats only, and only where f64 is still exact.
+        Scalar::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Some(f as i64),
+        Scalar::Float(_) => None,
+        Scalar::Str(s) => s.trim().parse().ok(),
+    }
+}
+
+fn scalar_to_text(v: Scalar<'_>) -> Option<String> {
+    match v {
+        Scalar::Int(i) => Some(i.to_string()),
+        Scalar::Float(f) => Some(f.to_string()),
+        Scalar::Str(s) => Some(s.trim()).filter(|s| !s.is_empty()).map(str::to_owned),
+    }
+}
+
+enum Scalar<'a> {
+    Int(i64),
+    Float(f64),
+    Str(&'a str),
+}
+
+/// A visitor that hands scalars to a conversion and turns every other shape into `None`.
+struct Lenient<F>(F);
+
+impl<'de, T, F: for<'a> FnOnce(Scalar<'a>) -> Option<T>> Visitor<'de> for Lenient<F> {
+    type Value = Option<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a number or a string")
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok((self.0)(Scalar::Int(v)))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(match i64::try_from(v) {
+            Ok(v) => (self.0)(Scalar::Int(v)),
+            Err(_) => (self.0)(Scalar::Str(&v.to_string())),
+        })
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Ok((self.0)(Scalar::Float(v)))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok((self.0)(Scalar::Str(v)))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse_json(v: serde_json::Value) -> Result<Callback, ParseError> {
+        parse(v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn reads_the_documented_disconnect() {
+        let cb = parse(include_bytes!("../tests/samples/disconnect.json")).unwrap();
+        assert_eq!(cb.t, 1545116519);
+        let Event::Disconnect {
+            session,
+            errcode,
+            push_duration_ms,
+        } = cb.event
+        else {
+            panic!("not a disconnect: {:?}", cb.event)
+        };
+        assert_eq!(session.stream.to_string(), "test.domain.com/live/test_stream");
+        assert_eq!(session.sequence, "6674468118806626493");
+        assert_eq!(session.area, Area::Mainland);
+        assert_eq!(session.event_time, Some(1545115919));
+        assert_eq!(errcode, 1);
+        assert_eq!(push_duration_ms, Some(128581));
+    }
+
+    #[test]
+    fn numbers_as_strings_and_strings_as_numbers() {
+        let cb = parse_json(json!({
+            "event_type": "1", "t": " 1700000000 ", "sign": "ab",
+            "app": "d.example", "stream_id": 42, "sequence": 6674468118806626493u64,
+            "set_id": "9", "event_time": 1699999000.0
+        }))
+        .unwrap();
+        let Event::Push(s) = cb.event else { panic!() };
+        assert_eq!(cb.t, 1700000000);
+        assert_eq!(s.stream.stream_id, "42");
+        assert_eq!(s.sequence, "6674468118806626493");
+        assert_eq!(s.area, Area::Overseas);
+        assert_eq!(s.event_time, Some(1699999000));
+    }
+
+    #[test]
+    fn empty_or_odd_optional_fields_are_absent() {
+        let cb = parse_json(json!({
+            "event_type": 0, "t": 1, "app": "d", "channel_id": "s", "sequence": "q",
+            "appname": "", "set_id": "", "errcode": null, "push_duration": {"x": 1},
+            "width": [1, 2], "unknown_field": true
+        }))
+        .unwrap();
+        let Event::Disconnect {
+            session,
+            errcode,
+            push_duration_ms,
+        } = cb.event
+        else {
+            panic!()
+        };
+        assert_eq!(session.stream.stream_id, "s", "channel_id stands in for stream_id");
+        assert_eq!(session.stream.appname, "");
+        assert_eq!(session.area, Area::Unknown);
+        assert_eq!(errcode, 0);
+        assert_eq!(push_duration_ms, None);
+        assert_eq!(cb.sign, None);
+    }
+
+    #[test]
+    fn other_event_types_need_only_event_type_and_t() {
+        let cb = parse_json(json!({"event_type": 100, "t": 5})).unwrap();
+        assert_eq!(cb.event, Event::Other { event_type: 100 });
+    }
+
+    #[test]
+    fn missing_required_fields_name_the_field_and_event() {
+        let err = parse_json(json!({"event_type": 1, "t": 5, "app": "d", "stream_id": "s"}))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            ParseError::Missing { kind: EventKind::Push, field: "sequence" }
+        ));
+        let err = parse_json(json!({"t": 5})).unwrap_err();
+        assert_eq!(err.kind(), EventKind::Unknown);
+        let err = parse_json(json!({"event_type": 0, "app": "d"})).unwrap_err();
+        assert!(matches!(err, ParseError::Missing { field: "t", .. }));
+        let err = parse_json(json!({"event_type": 1, "t": 1, "app": "", "stream_id": "s", "sequence": "q"}))
+            .unwrap_err();
+        assert!(matches!(err, ParseError::Missing { field: "app", .. }));
+    }
+
+    #[test]
+    fn non_json_and_non_objects_are_errors() {
+        for body in [&b""[..], b"not json", b"[1,2]", b"\"x\"", b"{\"t\":"] {
+            assert!(parse(body).is_err(), "{:?}", String::from_utf8_lossy(body));
+        }
+    }
+}

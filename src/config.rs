@@ -1,0 +1,208 @@
+//! Command-line flags and environment variables. The `///` docs here are the `--help` text.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::signature::Keys;
+use crate::store::SyncMode;
+
+/// Environment variable holding the callback key(s), comma-separated. Keys are never taken as a
+/// flag value: they would show in `ps` and in shell history.
+pub const KEY_ENV: &str = "CSS_CALLBACK_KEY";
+
+const KEY_HELP: &str = "Callback keys:
+  CSS_CALLBACK_KEY   the callback key of the Tencent callback template; several keys
+                     separated by commas are all accepted (key rotation). Keys are never
+                     accepted on the command line and never logged.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tencent-css-exporter",
+    version,
+    about = "Prometheus exporter for Tencent Cloud CSS: receives verified push/disconnect \
+             callbacks and serves exact live-stream metrics.",
+    after_help = KEY_HELP
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Send correctly signed push and disconnect callbacks to a running exporter, so the
+    /// dashboard fills and a deployment can be checked end to end.
+    Simulate(SimulateArgs),
+}
+
+/// How the exporter serves.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address for the callback path, /metrics, /healthz, /readyz and the landing page.
+    #[arg(
+        long = "web.listen-address",
+        env = "CSS_EXPORTER_LISTEN_ADDRESS",
+        default_value = "0.0.0.0:9877"
+    )]
+    pub listen_address: SocketAddr,
+
+    /// Separate address for /metrics, /healthz and /readyz; when set they are no longer served
+    /// on the (public) callback address.
+    #[arg(long = "web.metrics-address", env = "CSS_EXPORTER_METRICS_ADDRESS")]
+    pub metrics_address: Option<SocketAddr>,
+
+    /// Path Tencent posts callbacks to; put it in the callback template's URL.
+    #[arg(
+        long = "web.callback-path",
+        env = "CSS_EXPORTER_CALLBACK_PATH",
+        default_value = "/callback",
+        value_parser = parse_path
+    )]
+    pub callback_path: String,
+
+    #[command(flatten)]
+    pub keys: KeySource,
+
+    /// Accept callbacks without checking their sign (only when the Tencent template has no key).
+    #[arg(long = "callback.insecure-skip-verify", env = "CSS_EXPORTER_INSECURE_SKIP_VERIFY")]
+    pub insecure_skip_verify: bool,
+
+    /// How far a callback's `t` may be in the past (our clock ahead of Tencent's) before it is
+    /// refused as expired.
+    #[arg(long = "callback.clock-skew", env = "CSS_EXPORTER_CLOCK_SKEW", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub clock_skew: Duration,
+
+    /// How far a callback's `t` may be in the future before it is refused (Tencent sets t to
+    /// event time + 10 minutes).
+    #[arg(long = "callback.max-validity", env = "CSS_EXPORTER_MAX_VALIDITY", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub max_validity: Duration,
+
+    /// How long a recorded event is remembered to recognise Tencent's retries (which come for
+    /// about 12 minutes).
+    #[arg(long = "callback.dedup-window", env = "CSS_EXPORTER_DEDUP_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub dedup_window: Duration,
+
+    /// SQLite database holding the state; its folder is created. `:memory:` keeps the state in
+    /// memory only (lost at exit).
+    #[arg(
+        long = "storage.path",
+        env = "CSS_EXPORTER_STORAGE_PATH",
+        default_value = "data/exporter.db"
+    )]
+    pub storage_path: String,
+
+    /// `normal` survives a crash of the process; `full` also survives power loss (fsync on
+    /// every commit).
+    #[arg(long = "storage.sync", env = "CSS_EXPORTER_STORAGE_SYNC", value_enum, default_value = "normal")]
+    pub storage_sync: SyncMode,
+
+    /// Log level: error, warn, info, debug or trace (or a tracing filter directive).
+    #[arg(long = "log.level", env = "CSS_EXPORTER_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format.
+    #[arg(long = "log.format", env = "CSS_EXPORTER_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where callback keys come from, besides `CSS_CALLBACK_KEY`.
+#[derive(Debug, Clone, Args)]
+pub struct KeySource {
+    /// File with callback keys, one a line (blank lines and `#` comments skipped); combined with
+    /// CSS_CALLBACK_KEY.
+    #[arg(long = "callback.key-file", env = "CSS_EXPORTER_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl KeySource {
+    /// Every configured key: `CSS_CALLBACK_KEY` and the key file.
+    pub fn load(&self) -> Result<Keys, String> {
+        let mut keys = std::env::var(KEY_ENV)
+            .map(|v| Keys::from_list(&v))
+            .unwrap_or_default();
+        if let Some(path) = &self.key_file {
+            let from_file = Keys::from_file(path)
+                .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
+            if from_file.is_empty() {
+                return Err(format!("key file {} holds no key", path.display()));
+            }
+            keys.extend(from_file);
+        }
+        Ok(keys)
+    }
+}
+
+/// `tencent-css-exporter simulate`.
+#[derive(Debug, Clone, Args)]
+pub struct SimulateArgs {
+    /// Callback URL of the exporter, e.g. http://127.0.0.1:9877/callback.
+    #[arg(long)]
+    pub target: String,
+
+    /// Number of streams to push.
+    #[arg(long, default_value_t = 20)]
+    pub streams: usize,
+
+    /// How long to keep streams pushing, reconnecting and disconnecting.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    #[command(flatten)]
+    pub keys: KeySource,
+}
+
+fn parse_path(path: &str) -> Result<String, String> {
+    let reserved = ["/", "/metrics", "/healthz", "/readyz"];
+    if !path.starts_with('/') || path.len() < 2 {
+        return Err("must start with / and name a path".into());
+    }
+    if reserved.contains(&path) {
+        return Err(format!("{path} is served by the exporter itself"));
+    }
+    Ok(path.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_match_the_documentation() {
+        let cli = Cli::try_parse_from(["tencent-css-exporter"]).unwrap();
+        let c = cli.config;
+        assert_eq!(c.listen_address.to_string(), "0.0.0.0:9877");
+        assert_eq!(c.callback_path, "/callback");
+        assert_eq!(c.clock_skew, Duration::from_secs(60));
+        assert_eq!(c.max_validity, Duration::from_secs(900));
+        assert_eq!(c.dedup_window, Duration::from_secs(3600));
+        assert_eq!(c.storage_path, "data/exporter.db");
+        assert_eq!(c.storage_sync, SyncMode::Normal);
+    }
+
+    #[test]
+    fn callback_path_cannot_shadow_the_exporter_paths() {
+        for bad in ["/metrics", "callback", "/"] {
+            assert!(
+                Cli::try_parse_from(["x", "--web.callback-path", bad]).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}

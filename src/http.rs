@@ -1,0 +1,242 @@
+//! The HTTP surface: the callback endpoint, `/metrics`, health, readiness and the landing page.
+//!
+//! Every way a callback can fail is a [`CallbackError`], turned into a status, a log line and a
+//! counted outcome in one place ([`CallbackError::into_response`]).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::callback::{self, Callback, EventKind, Outcome, ParseError};
+use crate::ledger::{now_ms, Ledger, Unrecorded};
+use crate::metrics::Metrics;
+use crate::signature::{Rejection, Verifier};
+
+/// Largest accepted callback body. Real ones are well under 2 KiB.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub ledger: Ledger,
+    pub verifier: Arc<Verifier>,
+    pub metrics: Arc<Metrics>,
+    /// Where callbacks are posted; shown on the landing page.
+    pub callback_path: Arc<str>,
+}
+
+/// The router for the callback listener; with `with_ops` it also serves `/metrics`, `/healthz`
+/// and `/readyz` (no separate metrics listener).
+pub fn callback_router(state: AppState, with_ops: bool) -> Router {
+    let callback = post(receive).fallback(wrong_method);
+    let router = Router::new()
+        .route(&state.callback_path, callback)
+        .layer(DefaultBodyLimit::max(MAX_BODY));
+    let router = if with_ops {
+        router.merge(ops_routes())
+    } else {
+        router.route("/", get(landing))
+    };
+    router.with_state(state)
+}
+
+/// The router for a separate metrics listener.
+pub fn ops_router(state: AppState) -> Router {
+    ops_routes().with_state(state)
+}
+
+fn ops_routes() -> Router<AppState> {
+    Router::new()
+        .route("/", get(landing))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+}
+
+/// Why a callback was not recorded.
+#[derive(Debug, thiserror::Error)]
+enum CallbackError {
+    #[error("body over {MAX_BODY} bytes")]
+    TooLarge,
+    #[error("cannot read the body")]
+    Unreadable,
+    #[error("only POST is accepted")]
+    WrongMethod,
+    #[error(transparent)]
+    Malformed(#[from] ParseError),
+    #[error("{rejection}")]
+    Rejected {
+        rejection: Rejection,
+        callback: Box<Callback>,
+    },
+    #[error("{error}")]
+    Unrecorded {
+        error: Unrecorded,
+        callback: Box<Callback>,
+    },
+}
+
+impl CallbackError {
+    fn kind(&self) -> EventKind {
+        match self {
+            CallbackError::Malformed(e) => e.kind(),
+            CallbackError::Rejected { callback, .. } | CallbackError::Unrecorded { callback, .. } => {
+                callback.event.kind()
+            }
+            _ => EventKind::Unknown,
+        }
+    }
+
+    fn outcome(&self) -> Outcome {
+        match self {
+            CallbackError::Rejected {
+                rejection: Rejection::BadSignature,
+                ..
+            } => Outcome::BadSignature,
+            CallbackError::Rejected { .. } => Outcome::Expired,
+            CallbackError::Unrecorded { .. } => Outcome::Error,
+            _ => Outcome::Malformed,
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            CallbackError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            CallbackError::WrongMethod => StatusCode::METHOD_NOT_ALLOWED,
+            CallbackError::Unreadable | CallbackError::Malformed(_) => StatusCode::BAD_REQUEST,
+            CallbackError::Rejected { .. } => StatusCode::UNAUTHORIZED,
+            // Tencent retries anything but 200: exactly what a storage failure needs.
+            CallbackError::Unrecorded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Counts (unless the ledger already did), logs and answers.
+    fn respond(self, ledger: &Ledger) -> Response {
+        let (kind, outcome, status) = (self.kind(), self.outcome(), self.status());
+        // Storage errors are counted by the ledger itself, in the batch that failed.
+        if outcome != Outcome::Error {
+            ledger.count(kind, outcome);
+        }
+        let stream = match &self {
+            CallbackError::Rejected { callback, .. } | CallbackError::Unrecorded { callback, .. } => {
+                callback.event.stream_event().map(|s| (s.stream.to_string(), s.sequence.clone()))
+            }
+            _ => None,
+        };
+        let (stream, sequence) = stream.unzip();
+        match outcome {
+            Outcome::Error => tracing::error!(
+                event = kind.as_str(), stream, sequence, error = %self, "callback not recorded, answered 503 so Tencent retries"
+            ),
+            _ => tracing::warn!(
+                event = kind.as_str(), outcome = outcome.as_str(), stream, sequence, reason = %self, "callback refused"
+            ),
+        }
+        let mut response = (
+            status,
+            Json(json!({ "code": status.as_u16(), "message": self.to_string() })),
+        )
+            .into_response();
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+        }
+        response
+    }
+}
+
+async fn receive(State(app): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    match handle(&app, body).await {
+        Ok(()) => Json(json!({ "code": 0 })).into_response(),
+        Err(e) => e.respond(&app.ledger),
+    }
+}
+
+async fn handle(app: &AppState, body: Result<Bytes, BytesRejection>) -> Result<(), CallbackError> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => CallbackError::TooLarge,
+        _ => CallbackError::Unreadable,
+    })?;
+    let callback = callback::parse(&body)?;
+    if let Err(rejection) =
+        app.verifier
+            .verify(callback.t, callback.sign.as_deref(), now_ms().div_euclid(1000))
+    {
+        return Err(CallbackError::Rejected {
+            rejection,
+            callback: Box::new(callback),
+        });
+    }
+    match app.ledger.record(callback.event.clone()).await {
+        Ok(outcome) => {
+            let s = callback.event.stream_event();
+            tracing::debug!(
+                event = callback.event.kind().as_str(),
+                outcome = outcome.as_str(),
+                stream = s.map(|s| s.stream.to_string()),
+                sequence = s.map(|s| s.sequence.as_str()),
+                "callback recorded"
+            );
+            Ok(())
+        }
+        Err(error) => Err(CallbackError::Unrecorded {
+            error,
+            callback: Box::new(callback),
+        }),
+    }
+}
+
+async fn wrong_method(State(app): State<AppState>) -> Response {
+    CallbackError::WrongMethod.respond(&app.ledger)
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    let body = tokio::task::spawn_blocking(move || app.metrics.render()).await;
+    match body {
+        Ok(body) => (
+            [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+            body,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn readyz(State(app): State<AppState>) -> Response {
+    match app.ledger.shared().fault() {
+        None => (StatusCode::OK, "ready\n").into_response(),
+        Some(fault) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: storage failing: {fault}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn landing(State(app): State<AppState>) -> Html<String> {
+    Html(format!(
+        "<!doctype html>
+<html><head><title>Tencent CSS Exporter</title></head>
+<body>
+<h1>Tencent CSS Exporter</h1>
+<p>Version {version}. Receives Tencent Cloud CSS push and disconnect callbacks on
+<code>POST {path}</code> and exports live streams for Prometheus.</p>
+<ul>
+<li><a href=\"/metrics\">Metrics</a></li>
+<li><a href=\"/healthz\">Health</a></li>
+<li><a href=\"/readyz\">Readiness</a></li>
+</ul>
+</body></html>
+",
+        version = env!("CARGO_PKG_VERSION"),
+        path = app.callback_path,
+    ))
+}

@@ -1,0 +1,281 @@
+//! The ledger: the one thread that changes the state and writes it to the store.
+//!
+//! HTTP handlers send it verified events and wait for the answer. It takes whatever is queued
+//! as one batch (group commit): applies every event to the state, writes the batch in one
+//! transaction, and only then answers each request. If the write fails, the batch is undone in
+//! memory and every request of it gets an error (503, so Tencent retries).
+
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::oneshot;
+
+use crate::callback::{Event, EventKind, Outcome};
+use crate::state::{Change, Truth};
+use crate::store::{Store, StoreError};
+
+/// Largest batch written in one transaction; bounds the latency of the first request of a burst.
+const MAX_BATCH: usize = 4096;
+/// How often expired delivered keys are purged while the store is healthy.
+const PURGE_EVERY: Duration = Duration::from_secs(10);
+/// How often a failing store is probed, so readiness recovers without waiting for a callback.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// What the HTTP side and the metrics read.
+#[derive(Debug)]
+pub struct Shared {
+    /// The state; written only by the ledger thread, read by scrapes.
+    pub truth: RwLock<Truth>,
+    /// Why the store is failing, while it is.
+    pub fault: Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub fn fault(&self) -> Option<String> {
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_fault(&self, fault: Option<String>) {
+        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
+    }
+}
+
+/// The store could not record the event.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("event not recorded: {0}")]
+pub struct Unrecorded(pub String);
+
+enum Command {
+    /// A verified event; answered once its batch is durable.
+    Record {
+        event: Event,
+        reply: oneshot::Sender<Result<Outcome, Unrecorded>>,
+    },
+    /// A callback that changes nothing but its count (rejected ones); not waited for.
+    Count { kind: EventKind, outcome: Outcome },
+    /// Store what is queued and stop.
+    Close,
+}
+
+/// The handle the HTTP side holds.
+#[derive(Clone)]
+pub struct Ledger {
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+/// Owns the ledger thread; dropping every [`Ledger`] then calling [`LedgerThread::join`]
+/// drains and persists what is queued.
+pub struct LedgerThread(JoinHandle<()>);
+
+impl LedgerThread {
+    pub fn join(self) {
+        if self.0.join().is_err() {
+            tracing::error!("the ledger thread panicked");
+        }
+    }
+}
+
+impl Ledger {
+    /// Loads the state from `store` and starts the ledger thread.
+    pub fn start(
+        mut store: Box<dyn Store>,
+        dedup_window: Duration,
+    ) -> Result<(Ledger, LedgerThread), StoreError> {
+        let dedup_ms = dedup_window.as_millis().min(i64::MAX as u128) as i64;
+        let snapshot = store.load()?;
+        let truth = Truth::restore(snapshot, dedup_ms, now_ms()).map_err(|reason| {
+            StoreError::Invalid {
+                path: "state".into(),
+                reason,
+            }
+        })?;
+        tracing::info!(
+            live_streams = truth.live_total(),
+            delivered_keys = truth.delivered_len(),
+            "state loaded"
+        );
+        let shared = Arc::new(Shared {
+            truth: RwLock::new(truth),
+            fault: Mutex::new(None),
+        });
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker {
+            rx,
+            store,
+            shared: shared.clone(),
+            unsaved: Vec::new(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("ledger".into())
+            .spawn(move || worker.run())
+            .expect("spawn the ledger thread");
+        Ok((Ledger { tx, shared }, LedgerThread(handle)))
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Records a verified event; resolves once it is durable (or could not be made so).
+    pub async fn record(&self, event: Event) -> Result<Outcome, Unrecorded> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Record { event, reply })
+            .map_err(|_| Unrecorded("the ledger has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| Unrecorded("the ledger has stopped".into()))?
+    }
+
+    /// Asks the thread to store what is queued and stop (after the HTTP servers have drained).
+    pub fn close(&self) {
+        let _ = self.tx.send(Command::Close);
+    }
+
+    /// Counts a callback that changes nothing else.
+    pub fn count(&self, kind: EventKind, outcome: Outcome) {
+        let _ = self.tx.send(Command::Count { kind, outcome });
+    }
+}
+
+struct Worker {
+    rx: mpsc::Receiver<Command>,
+    store: Box<dyn Store>,
+    shared: Arc<Shared>,
+    /// Changes applied in memory whose counts are not stored yet (rejections and errors counted
+    /// while the store was failing); written with the next batch.
+    unsaved: Vec<Change>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut next_purge = Instant::now() + PURGE_EVERY;
+        loop {
+            let wait = next_purge.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(wait) {
+                Ok(first) => {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match self.rx.try_recv() {
+                            Ok(cmd) => batch.push(cmd),
+                            Err(_) => break,
+                        }
+                    }
+                    let closing = batch.iter().any(|c| matches!(c, Command::Close));
+                    self.process(batch);
+                    if closing {
+                        break;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_purge {
+                self.purge();
+                let healthy = self.shared.fault().is_none();
+                next_purge = Instant::now() + if healthy { PURGE_EVERY } else { PROBE_EVERY };
+            }
+        }
+        // Shutting down: store what only memory holds.
+        if !self.unsaved.is_empty() {
+            self.process(Vec::new());
+        }
+    }
+
+    fn process(&mut self, batch: Vec<Command>) {
+        let now = now_ms();
+        let mut truth = self.shared.truth.write().unwrap_or_else(|e| e.into_inner());
+        let mut changes = std::mem::take(&mut self.unsaved);
+        let mut replies = Vec::with_capacity(batch.len());
+        for cmd in batch {
+            match cmd {
+                Command::Record { event, reply } => {
+                    changes.push(truth.apply(&event, now));
+                    replies.push((event.kind(), changes.len() - 1, reply));
+                }
+                Command::Count { kind, outcome } => changes.push(truth.count(kind, outcome)),
+                Command::Close => {}
+            }
+        }
+        let commit = truth.commit_of(&changes);
+        match self.store.write(&commit) {
+            Ok(()) => {
+                drop(truth);
+                self.healthy();
+                for (_, i, reply) in replies {
+                    let _ = reply.send(Ok(changes[i].outcome));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                // Undo the events (last first); counts of rejected callbacks and of these
+                // errors stay in memory and are stored with the next batch that succeeds.
+                let mut is_event = vec![false; changes.len()];
+                for (_, i, _) in replies.iter().rev() {
+                    truth.undo(&changes[*i]);
+                    is_event[*i] = true;
+                }
+                let mut kept: Vec<Change> = changes
+                    .into_iter()
+                    .zip(is_event)
+                    .filter(|(_, event)| !event)
+                    .map(|(c, _)| c)
+                    .collect();
+                for (kind, _, reply) in replies {
+                    kept.push(truth.count(kind, Outcome::Error));
+                    let _ = reply.send(Err(Unrecorded(message.clone())));
+                }
+                self.unsaved = kept;
+                drop(truth);
+                self.failing(message);
+            }
+        }
+    }
+
+    fn purge(&mut self) {
+        let now = now_ms();
+        let purged = self
+            .shared
+            .truth
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .purge(now);
+        let result = self.store.purge(now);
+        match result {
+            Ok(()) => {
+                tracing::debug!(purged, "expired delivered keys purged");
+                if !self.unsaved.is_empty() {
+                    self.process(Vec::new());
+                } else {
+                    self.healthy();
+                }
+            }
+            Err(e) => self.failing(e.to_string()),
+        }
+    }
+
+    fn healthy(&self) {
+        if let Some(fault) = self.shared.fault() {
+            tracing::info!(was = %fault, "storage recovered");
+            self.shared.set_fault(None);
+        }
+    }
+
+    fn failing(&self, message: String) {
+        if self.shared.fault().as_deref() != Some(&message) {
+            tracing::error!(error = %message, "storage failing: callbacks are refused with 503 until it recovers");
+        }
+        self.shared.set_fault(Some(message));
+    }
+}
+
+/// Wall-clock time in unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,37 @@
+//! Prometheus exporter for Tencent Cloud CSS (Cloud Streaming Services).
+//!
+//! Tencent calls the exporter whenever a live stream starts pushing or disconnects. Each callback
+//! is parsed, verified, run through the truth rules that keep the set of live streams exact,
+//! recorded durably, and only then acknowledged; `/metrics` renders everything from that state.
+//!
+//! # Layout
+//!
+//! One direction of flow, one module a step:
+//!
+//! - [`callback`]: the lenient wire format into a typed [`callback::Callback`].
+//! - [`signature`]: `sign = MD5(key + t)` and the `t` window.
+//! - [`errcode`] and [`area`]: the `reason` class of a disconnect code, the `area` of a `set_id`.
+//! - [`state`]: the truth rules ([`state::rules`], pure) and the state they change: live
+//!   sessions, delivered-event keys, counters and histograms.
+//! - [`store`]: where the state is kept; in memory or in SQLite behind one interface.
+//! - [`ledger`]: the single thread that applies events, commits them in batches and only then
+//!   answers the requests.
+//! - [`metrics`]: the Prometheus collector that renders the state at scrape time.
+//! - [`http`]: routes, status codes and logging of outcomes.
+//! - [`server`]: [`run`] wires the above to listeners and a shutdown signal.
+//! - [`config`]: flags and environment variables; [`simulate`]: the `simulate` subcommand.
+
+pub mod area;
+pub mod callback;
+pub mod config;
+pub mod errcode;
+pub mod http;
+pub mod ledger;
+pub mod metrics;
+pub mod server;
+pub mod signature;
+pub mod simulate;
+pub mod state;
+pub mod store;
+
+pub use server::{run, Listeners, RunError};

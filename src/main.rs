@@ -1,0 +1,112 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use tencent_css_exporter::config::{Cli, Command, Config, LogFormat, KEY_ENV};
+use tencent_css_exporter::{simulate, Listeners};
+use tokio::net::TcpListener;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("start the tokio runtime");
+    match cli.command {
+        Some(Command::Simulate(args)) => match runtime.block_on(simulate::run(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("simulate: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        None => runtime.block_on(serve(cli.config)),
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    init_logging(&config);
+    let keys = match config.keys.load() {
+        Ok(keys) => keys,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let keys = match (keys.is_empty(), config.insecure_skip_verify) {
+        (false, _) => Some(keys),
+        (true, true) => {
+            tracing::warn!("no callback key: accepting unsigned callbacks (--callback.insecure-skip-verify)");
+            None
+        }
+        (true, false) => {
+            tracing::error!(
+                "no callback key: set {KEY_ENV} (or --callback.key-file) to the key of the Tencent callback template, or run with --callback.insecure-skip-verify"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let listeners = match bind(&config).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match tencent_css_exporter::run(&config, keys, listeners, shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bind(config: &Config) -> Result<Listeners, String> {
+    let listen = |addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    Ok(Listeners {
+        callback: listen(config.listen_address).await?,
+        metrics: match config.metrics_address {
+            Some(addr) => Some(listen(addr).await?),
+            None => None,
+        },
+    })
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,104 @@
+//! Wiring: open the store, start the ledger, serve until shutdown, then drain.
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::ledger::Ledger;
+use crate::metrics::Metrics;
+use crate::signature::{Keys, Verifier};
+use crate::store::{self, StoreError};
+
+/// The sockets the exporter serves on, bound by the caller (tests bind port 0).
+pub struct Listeners {
+    pub callback: TcpListener,
+    /// Set when `/metrics` has a listener of its own.
+    pub metrics: Option<TcpListener>,
+}
+
+/// Why the exporter could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("serving HTTP: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Runs the exporter until `shutdown` resolves, then stops accepting, finishes the requests in
+/// flight, stores what is queued and returns. `keys` is `None` only with
+/// `--callback.insecure-skip-verify`.
+pub async fn run(
+    config: &Config,
+    keys: Option<Keys>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let (path, sync, window) = (
+        config.storage_path.clone(),
+        config.storage_sync,
+        config.dedup_window,
+    );
+    // Opening and loading read the whole database: keep it off the async workers.
+    let (ledger, thread) = tokio::task::spawn_blocking(move || {
+        let store = store::open(&path, sync)?;
+        Ledger::start(store, window)
+    })
+    .await
+    .expect("store loading does not panic")?;
+
+    let state = AppState {
+        metrics: Arc::new(Metrics::new(ledger.shared().clone())),
+        ledger,
+        verifier: Arc::new(Verifier::new(
+            keys,
+            config.clock_skew.as_secs() as i64,
+            config.max_validity.as_secs() as i64,
+        )),
+        callback_path: config.callback_path.as_str().into(),
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+
+    tracing::info!(
+        address = %listeners.callback.local_addr()?,
+        callback_path = %config.callback_path,
+        "serving callbacks"
+    );
+    let callback = axum::serve(
+        listeners.callback,
+        http::callback_router(state.clone(), listeners.metrics.is_none()),
+    )
+    .with_graceful_shutdown(stopped());
+    let result = match listeners.metrics {
+        Some(metrics) => {
+            tracing::info!(address = %metrics.local_addr()?, "serving metrics");
+            let metrics =
+                axum::serve(metrics, http::ops_router(state.clone())).with_graceful_shutdown(stopped());
+            tokio::try_join!(callback.into_future(), metrics.into_future()).map(drop)
+        }
+        None => callback.await,
+    };
+
+    tracing::info!("stopped accepting; storing what is queued");
+    state.ledger.close();
+    drop(state);
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .expect("joining the ledger does not panic");
+    result.map_err(RunError::Serve)
+}

@@ -1,0 +1,324 @@
+//! The exporter's event metrics as plain data: counters and histograms keyed by their labels.
+//!
+//! They are part of the state (persisted with it, reloaded at start) rather than `prometheus`
+//! counters kept in step by hand, so a restart continues every series where it was. Histogram
+//! sums are kept in integer milliseconds so that undoing a failed batch is exact.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::area::Area;
+use crate::callback::{EventKind, Outcome};
+use crate::errcode::ErrCode;
+
+/// A push domain (`app`), shared between the sessions and the series that name it.
+pub type Domain = Arc<str>;
+
+/// Upper bounds of `tencent_css_push_duration_seconds`, in milliseconds: 10 s to 24 h.
+pub const PUSH_DURATION_BOUNDS_MS: [u64; 11] = [
+    10_000, 30_000, 60_000, 300_000, 900_000, 1_800_000, 3_600_000, 7_200_000, 14_400_000,
+    28_800_000, 86_400_000,
+];
+
+/// Upper bounds of `tencent_css_callback_delay_seconds`, in milliseconds: Tencent delivers within
+/// a second normally and retries for about 12 minutes after a failure.
+pub const CALLBACK_DELAY_BOUNDS_MS: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 180_000, 600_000, 900_000,
+];
+
+/// A histogram with fixed bounds: one count per bucket plus the overflow bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Histogram {
+    /// Non-cumulative counts; the last one is above every bound.
+    pub counts: Vec<u64>,
+    pub sum_ms: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &[u64]) -> Self {
+        Histogram {
+            counts: vec![0; bounds.len() + 1],
+            sum_ms: 0,
+        }
+    }
+
+    fn bucket(bounds: &[u64], ms: u64) -> usize {
+        bounds.partition_point(|b| *b < ms)
+    }
+
+    fn observe(&mut self, bounds: &[u64], ms: u64) {
+        self.counts[Self::bucket(bounds, ms)] += 1;
+        self.sum_ms = self.sum_ms.saturating_add(ms);
+    }
+
+    fn unobserve(&mut self, bounds: &[u64], ms: u64) {
+        let count = &mut self.counts[Self::bucket(bounds, ms)];
+        *count = count.saturating_sub(1);
+        self.sum_ms = self.sum_ms.saturating_sub(ms);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// One persisted series: a metric and its label values.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Series {
+    Pushes(Domain, Area),
+    Disconnects(Domain, Area, ErrCode),
+    PushDuration(Domain, Area),
+    Callbacks(EventKind, Outcome),
+    CallbackDelay,
+    LastCallback,
+}
+
+/// The value of one series, as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Count(u64),
+    Histogram(Histogram),
+    TimestampMs(i64),
+}
+
+impl Series {
+    /// The metric name the series is stored under (the exposed name without its prefix).
+    pub fn metric(&self) -> &'static str {
+        match self {
+            Series::Pushes(..) => "pushes_total",
+            Series::Disconnects(..) => "disconnects_total",
+            Series::PushDuration(..) => "push_duration_seconds",
+            Series::Callbacks(..) => "callbacks_total",
+            Series::CallbackDelay => "callback_delay_seconds",
+            Series::LastCallback => "last_callback_timestamp_seconds",
+        }
+    }
+
+    /// Label values in a fixed order.
+    pub fn labels(&self) -> Vec<String> {
+        match self {
+            Series::Pushes(d, a) | Series::PushDuration(d, a) => {
+                vec![d.to_string(), a.as_str().into()]
+            }
+            Series::Disconnects(d, a, e) => vec![d.to_string(), a.as_str().into(), e.to_string()],
+            Series::Callbacks(k, o) => vec![k.as_str().into(), o.as_str().into()],
+            Series::CallbackDelay | Series::LastCallback => vec![],
+        }
+    }
+
+    /// The inverse of [`Series::metric`] and [`Series::labels`]; `None` for anything this
+    /// release does not know.
+    pub fn decode(metric: &str, labels: &[String]) -> Option<Series> {
+        let domain = |i: usize| labels.get(i).map(|d| Domain::from(d.as_str()));
+        let area = |i: usize| labels.get(i).and_then(|a| Area::from_label(a));
+        let series = match (metric, labels.len()) {
+            ("pushes_total", 2) => Series::Pushes(domain(0)?, area(1)?),
+            ("push_duration_seconds", 2) => Series::PushDuration(domain(0)?, area(1)?),
+            ("disconnects_total", 3) => {
+                Series::Disconnects(domain(0)?, area(1)?, ErrCode::from_label(&labels[2])?)
+            }
+            ("callbacks_total", 2) => Series::Callbacks(
+                EventKind::from_label(&labels[0])?,
+                Outcome::from_label(&labels[1])?,
+            ),
+            ("callback_delay_seconds", 0) => Series::CallbackDelay,
+            ("last_callback_timestamp_seconds", 0) => Series::LastCallback,
+            _ => return None,
+        };
+        Some(series)
+    }
+}
+
+/// One change to the counters, kept so a failed batch can be undone exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delta {
+    /// A counter series went up by one.
+    Inc(Series),
+    /// A histogram series observed a value.
+    Observe(Series, u64),
+    /// The last-accepted timestamp moved; holds the value before.
+    Timestamp { before: i64 },
+}
+
+impl Delta {
+    pub fn series(&self) -> Series {
+        match self {
+            Delta::Inc(s) | Delta::Observe(s, _) => s.clone(),
+            Delta::Timestamp { .. } => Series::LastCallback,
+        }
+    }
+}
+
+/// Every event metric. Ordered maps, so the exposition is sorted and stable.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    pub pushes: BTreeMap<(Domain, Area), u64>,
+    pub disconnects: BTreeMap<(Domain, Area, ErrCode), u64>,
+    pub push_duration: BTreeMap<(Domain, Area), Histogram>,
+    pub callbacks: BTreeMap<(EventKind, Outcome), u64>,
+    pub callback_delay: Option<Histogram>,
+    /// Receive time of the last accepted callback, unix milliseconds; 0 before the first.
+    pub last_callback_ms: i64,
+}
+
+impl Counters {
+    fn counter(&mut self, series: &Series) -> Option<&mut u64> {
+        Some(match series {
+            Series::Pushes(d, a) => self.pushes.entry((d.clone(), *a)).or_default(),
+            Series::Disconnects(d, a, e) => {
+                self.disconnects.entry((d.clone(), *a, *e)).or_default()
+            }
+            Series::Callbacks(k, o) => self.callbacks.entry((*k, *o)).or_default(),
+            _ => return None,
+        })
+    }
+
+    fn histogram(&mut self, series: &Series) -> Option<(&mut Histogram, &'static [u64])> {
+        Some(match series {
+            Series::PushDuration(d, a) => (
+                self.push_duration
+                    .entry((d.clone(), *a))
+                    .or_insert_with(|| Histogram::new(&PUSH_DURATION_BOUNDS_MS)),
+                &PUSH_DURATION_BOUNDS_MS[..],
+            ),
+            Series::CallbackDelay => (
+                self.callback_delay
+                    .get_or_insert_with(|| Histogram::new(&CALLBACK_DELAY_BOUNDS_MS)),
+                &CALLBACK_DELAY_BOUNDS_MS[..],
+            ),
+            _ => return None,
+        })
+    }
+
+    pub fn inc(&mut self, series: Series) -> Delta {
+        if let Some(c) = self.counter(&series) {
+            *c += 1;
+        }
+        Delta::Inc(series)
+    }
+
+    pub fn observe(&mut self, series: Series, ms: u64) -> Delta {
+        if let Some((h, bounds)) = self.histogram(&series) {
+            h.observe(bounds, ms);
+        }
+        Delta::Observe(series, ms)
+    }
+
+    /// Moves the last-accepted timestamp forward (never back: delivery order is not time order).
+    pub fn touch(&mut self, now_ms: i64) -> Delta {
+        let before = self.last_callback_ms;
+        self.last_callback_ms = before.max(now_ms);
+        Delta::Timestamp { before }
+    }
+
+    pub fn revert(&mut self, delta: &Delta) {
+        match delta {
+            Delta::Inc(series) => {
+                if let Some(c) = self.counter(series) {
+                    *c = c.saturating_sub(1);
+                }
+            }
+            Delta::Observe(series, ms) => {
+                if let Some((h, bounds)) = self.histogram(series) {
+                    h.unobserve(bounds, *ms);
+                }
+            }
+            Delta::Timestamp { before } => self.last_callback_ms = *before,
+        }
+    }
+
+    /// The current value of a series, for the store.
+    pub fn value(&self, series: &Series) -> Value {
+        let count = |c: Option<&u64>| Value::Count(c.copied().unwrap_or(0));
+        match series {
+            Series::Pushes(d, a) => count(self.pushes.get(&(d.clone(), *a))),
+            Series::Disconnects(d, a, e) => count(self.disconnects.get(&(d.clone(), *a, *e))),
+            Series::Callbacks(k, o) => count(self.callbacks.get(&(*k, *o))),
+            Series::PushDuration(d, a) => Value::Histogram(
+                self.push_duration
+                    .get(&(d.clone(), *a))
+                    .cloned()
+                    .unwrap_or_else(|| Histogram::new(&PUSH_DURATION_BOUNDS_MS)),
+            ),
+            Series::CallbackDelay => Value::Histogram(
+                self.callback_delay
+                    .clone()
+                    .unwrap_or_else(|| Histogram::new(&CALLBACK_DELAY_BOUNDS_MS)),
+            ),
+            Series::LastCallback => Value::TimestampMs(self.last_callback_ms),
+        }
+    }
+
+    /// Puts back a value read from the store. A histogram stored with other bounds (a release
+    /// that changed them) is refused rather than misread.
+    pub fn restore(&mut self, series: &Series, value: Value) -> Result<(), String> {
+        match value {
+            Value::Count(n) => match self.counter(series) {
+                Some(c) => *c = n,
+                None => return Err(format!("{} is not a counter", series.metric())),
+            },
+            Value::Histogram(stored) => match self.histogram(series) {
+                Some((h, _)) if h.counts.len() == stored.counts.len() => *h = stored,
+                _ => return Err(format!("{} has a different bucket layout", series.metric())),
+            },
+            Value::TimestampMs(ms) => self.last_callback_ms = ms,
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_upper_inclusive() {
+        let mut h = Histogram::new(&PUSH_DURATION_BOUNDS_MS);
+        h.observe(&PUSH_DURATION_BOUNDS_MS, 10_000);
+        h.observe(&PUSH_DURATION_BOUNDS_MS, 10_001);
+        h.observe(&PUSH_DURATION_BOUNDS_MS, 90_000_000);
+        assert_eq!(h.counts[0], 1);
+        assert_eq!(h.counts[1], 1);
+        assert_eq!(h.counts[11], 1);
+        assert_eq!(h.count(), 3);
+        assert_eq!(h.sum_ms, 90_020_001);
+    }
+
+    #[test]
+    fn revert_undoes_exactly() {
+        let mut c = Counters::default();
+        let d: Domain = "a.example".into();
+        let deltas = vec![
+            c.inc(Series::Pushes(d.clone(), Area::Mainland)),
+            c.observe(Series::PushDuration(d.clone(), Area::Mainland), 123_456),
+            c.observe(Series::CallbackDelay, 7),
+            c.touch(5_000),
+        ];
+        let after = c.clone();
+        for delta in deltas.iter().rev() {
+            c.revert(delta);
+        }
+        assert_eq!(c.pushes[&(d.clone(), Area::Mainland)], 0);
+        assert_eq!(c.push_duration[&(d, Area::Mainland)].count(), 0);
+        assert_eq!(c.callback_delay.as_ref().unwrap().sum_ms, 0);
+        assert_eq!(c.last_callback_ms, 0);
+        assert_eq!(after.last_callback_ms, 5_000);
+    }
+
+    #[test]
+    fn series_encode_and_decode() {
+        let d: Domain = "a.example".into();
+        for s in [
+            Series::Pushes(d.clone(), Area::Overseas),
+            Series::Disconnects(d.clone(), Area::Unknown, ErrCode::new(4000)),
+            Series::PushDuration(d, Area::Mainland),
+            Series::Callbacks(EventKind::Other, Outcome::Ignored),
+            Series::CallbackDelay,
+            Series::LastCallback,
+        ] {
+            assert_eq!(Series::decode(s.metric(), &s.labels()), Some(s));
+        }
+        assert_eq!(Series::decode("pushes_total", &["d".into()]), None);
+        assert_eq!(Series::decode("nope", &[]), None);
+    }
+}

@@ -1,0 +1,306 @@
+//! The exporter's state: live sessions, delivered events and counters, changed one event at a
+//! time by the truth rules.
+//!
+//! [`Truth::apply`] returns a [`Change`] that says exactly what moved, so the ledger can persist a
+//! batch of changes in one transaction and, if that fails, [`Truth::undo`] them: memory never
+//! holds what the store does not.
+
+pub mod counters;
+mod delivered;
+pub mod rules;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::area::Area;
+use crate::callback::{Event, EventKind, Outcome, StreamEvent, StreamKey};
+use crate::errcode::ErrCode;
+use counters::{Counters, Delta, Domain, Series, Value};
+pub use delivered::DeliveryKey;
+use delivered::Delivered;
+use rules::{Decision, Effect, Facts, Session};
+
+/// What applying one event changed: enough to persist it and to undo it.
+#[derive(Debug)]
+pub struct Change {
+    pub outcome: Outcome,
+    /// A delivered-event key recorded by this event.
+    delivered: Option<DeliveryKey>,
+    /// The stream whose session changed, with its session before.
+    session: Option<(StreamKey, Option<Session>)>,
+    deltas: Vec<Delta>,
+}
+
+/// What a batch of changes leaves to persist: the new values of everything it touched.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// Each touched stream with its live session now (`None`: not live).
+    pub sessions: Vec<(StreamKey, Option<Session>)>,
+    /// New delivered-event keys with their expiry (unix milliseconds).
+    pub delivered: Vec<(DeliveryKey, i64)>,
+    pub series: Vec<(Series, Value)>,
+}
+
+impl Commit {
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty() && self.delivered.is_empty() && self.series.is_empty()
+    }
+}
+
+/// Everything a store keeps, as loaded at start.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub sessions: Vec<(StreamKey, Session)>,
+    pub delivered: Vec<(DeliveryKey, i64)>,
+    pub series: Vec<(Series, Value)>,
+}
+
+/// The live picture and the counters: the single source of every metric.
+#[derive(Debug)]
+pub struct Truth {
+    sessions: HashMap<StreamKey, Session>,
+    delivered: Delivered,
+    /// Live sessions per (domain, area): derived from `sessions`, kept so a scrape does not have
+    /// to walk every live stream.
+    live: HashMap<(Domain, Area), u64>,
+    counters: Counters,
+    /// Interned domains, so a million sessions of one domain share one string.
+    domains: HashSet<Domain>,
+    /// How long a delivered event is remembered, in milliseconds.
+    dedup_window_ms: i64,
+}
+
+impl Truth {
+    pub fn new(dedup_window_ms: i64) -> Self {
+        Truth {
+            sessions: HashMap::new(),
+            delivered: Delivered::default(),
+            live: HashMap::new(),
+            counters: Counters::default(),
+            domains: HashSet::new(),
+            dedup_window_ms,
+        }
+    }
+
+    /// Rebuilds the state a store loaded. Delivered keys already expired at `now_ms` are dropped.
+    pub fn restore(snapshot: Snapshot, dedup_window_ms: i64, now_ms: i64) -> Result<Self, String> {
+        let mut truth = Truth::new(dedup_window_ms);
+        for (stream, session) in snapshot.sessions {
+            truth.set_session(&stream, Some(session));
+        }
+        let mut delivered = snapshot.delivered;
+        delivered.sort_by_key(|(_, expires)| *expires);
+        for (key, expires_ms) in delivered {
+            if expires_ms > now_ms {
+                truth.delivered.insert(key, expires_ms);
+            }
+        }
+        for (series, value) in snapshot.series {
+            let series = truth.intern_series(series);
+            truth.counters.restore(&series, value)?;
+        }
+        Ok(truth)
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Live streams per (domain, area). Every (domain, area) that ever had a push is listed, at 0
+    /// when nothing is live, so a series that drops to 0 stays visible, also after a restart.
+    pub fn live_streams(&self) -> BTreeMap<(Domain, Area), u64> {
+        let mut live: BTreeMap<_, _> = self.counters.pushes.keys().map(|k| (k.clone(), 0)).collect();
+        for (key, n) in &self.live {
+            *live.entry(key.clone()).or_default() += n;
+        }
+        live
+    }
+
+    pub fn live_total(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// The live session of a stream.
+    pub fn session(&self, stream: &StreamKey) -> Option<&Session> {
+        self.sessions.get(stream)
+    }
+
+    /// Applies one accepted-for-processing event (signature and `t` already verified).
+    pub fn apply(&mut self, event: &Event, now_ms: i64) -> Change {
+        let (kind, stream_event) = match event {
+            Event::Other { .. } => return self.count(EventKind::Other, Outcome::Ignored),
+            Event::Push(s) => (EventKind::Push, s),
+            Event::Disconnect { session, .. } => (EventKind::Disconnect, session),
+        };
+        let key = DeliveryKey::new(&stream_event.sequence, kind);
+        let facts = Facts {
+            current: self.sessions.get(&stream_event.stream),
+            already_delivered: self.delivered.contains(&key, now_ms),
+            disconnect_seen: kind == EventKind::Push
+                && self.delivered.contains(
+                    &DeliveryKey::new(&stream_event.sequence, EventKind::Disconnect),
+                    now_ms,
+                ),
+        };
+        let now_secs = now_ms.div_euclid(1000);
+        let decision = match event {
+            Event::Push(s) => rules::push(
+                &s.sequence,
+                s.event_time.unwrap_or(now_secs),
+                s.area,
+                facts,
+            ),
+            _ => rules::disconnect(&stream_event.sequence, facts),
+        };
+        let effect = match decision {
+            Decision::Duplicate => return self.count(kind, Outcome::Duplicate),
+            Decision::Accept(effect) => effect,
+        };
+
+        self.delivered
+            .insert(key.clone(), now_ms.saturating_add(self.dedup_window_ms));
+        let session = match effect {
+            Effect::Keep => None,
+            Effect::Start(s) => Some(self.set_session(&stream_event.stream, Some(s))),
+            Effect::End => Some(self.set_session(&stream_event.stream, None)),
+        };
+        let mut deltas = self.count_event(event, stream_event, now_ms);
+        deltas.push(
+            self.counters
+                .inc(Series::Callbacks(kind, Outcome::Accepted)),
+        );
+        Change {
+            outcome: Outcome::Accepted,
+            delivered: Some(key),
+            session: session.map(|before| (stream_event.stream.clone(), before)),
+            deltas,
+        }
+    }
+
+    /// Counts a callback that changes nothing else (duplicates, ignored and rejected ones).
+    pub fn count(&mut self, kind: EventKind, outcome: Outcome) -> Change {
+        Change {
+            outcome,
+            delivered: None,
+            session: None,
+            deltas: vec![self.counters.inc(Series::Callbacks(kind, outcome))],
+        }
+    }
+
+    fn count_event(&mut self, event: &Event, s: &StreamEvent, now_ms: i64) -> Vec<Delta> {
+        let domain = self.domain(&s.stream.app);
+        let mut deltas = Vec::with_capacity(5);
+        match event {
+            Event::Push(_) => deltas.push(self.counters.inc(Series::Pushes(domain, s.area))),
+            Event::Disconnect {
+                errcode,
+                push_duration_ms,
+                ..
+            } => {
+                let errcode = ErrCode::new(*errcode);
+                deltas.push(self.counters.inc(Series::Disconnects(
+                    domain.clone(),
+                    s.area,
+                    errcode,
+                )));
+                if let Some(ms) = push_duration_ms {
+                    let series = Series::PushDuration(domain, s.area);
+                    deltas.push(self.counters.observe(series, *ms as u64));
+                }
+            }
+            Event::Other { .. } => {}
+        }
+        if let Some(event_time) = s.event_time {
+            let delay_ms = now_ms.saturating_sub(event_time.saturating_mul(1000)).max(0);
+            deltas.push(self.counters.observe(Series::CallbackDelay, delay_ms as u64));
+        }
+        deltas.push(self.counters.touch(now_ms));
+        deltas
+    }
+
+    /// Reverses a change; changes of a batch are undone last first.
+    pub fn undo(&mut self, change: &Change) {
+        for delta in change.deltas.iter().rev() {
+            self.counters.revert(delta);
+        }
+        if let Some((stream, before)) = &change.session {
+            self.set_session(stream, before.clone());
+        }
+        if let Some(key) = &change.delivered {
+            self.delivered.remove(key);
+        }
+    }
+
+    /// What a batch of changes (already applied) leaves to persist.
+    pub fn commit_of(&self, changes: &[Change]) -> Commit {
+        let mut streams = HashSet::new();
+        let mut series = HashSet::new();
+        let mut commit = Commit::default();
+        for change in changes {
+            if let Some((stream, _)) = &change.session {
+                if streams.insert(stream) {
+                    commit
+                        .sessions
+                        .push((stream.clone(), self.sessions.get(stream).cloned()));
+                }
+            }
+            if let Some(key) = &change.delivered {
+                if let Some(expires) = self.delivered.expiry(key) {
+                    commit.delivered.push((key.clone(), expires));
+                }
+            }
+            for delta in &change.deltas {
+                let s = delta.series();
+                if !series.contains(&s) {
+                    commit.series.push((s.clone(), self.counters.value(&s)));
+                    series.insert(s);
+                }
+            }
+        }
+        commit
+    }
+
+    /// Forgets delivered keys whose window has passed; returns how many.
+    pub fn purge(&mut self, now_ms: i64) -> usize {
+        self.delivered.purge(now_ms)
+    }
+
+    pub fn delivered_len(&self) -> usize {
+        self.delivered.len()
+    }
+
+    /// Sets a stream's session, keeping the live index in step; returns the session before.
+    fn set_session(&mut self, stream: &StreamKey, session: Option<Session>) -> Option<Session> {
+        let domain = self.domain(&stream.app);
+        if let Some(s) = &session {
+            *self.live.entry((domain.clone(), s.area)).or_default() += 1;
+        }
+        let before = match session {
+            Some(s) => self.sessions.insert(stream.clone(), s),
+            None => self.sessions.remove(stream),
+        };
+        if let Some(b) = &before {
+            if let Some(n) = self.live.get_mut(&(domain, b.area)) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        before
+    }
+
+    fn domain(&mut self, app: &str) -> Domain {
+        if let Some(d) = self.domains.get(app) {
+            return d.clone();
+        }
+        let d: Domain = app.into();
+        self.domains.insert(d.clone());
+        d
+    }
+
+    fn intern_series(&mut self, series: Series) -> Series {
+        match series {
+            Series::Pushes(d, a) => Series::Pushes(self.domain(&d), a),
+            Series::PushDuration(d, a) => Series::PushDuration(self.domain(&d), a),
+            Series::Disconnects(d, a, e) => Series::Disconnects(self.domain(&d), a, e),
+            other => other,
+        }
+    }
+}

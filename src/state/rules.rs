@@ -1,0 +1,164 @@
+//! The truth rules: what one push or disconnect does to its stream, as a pure function.
+//!
+//! Everything here is decided from the event and a few facts about the current state, without
+//! I/O, so the rules can be tested exhaustively and replayed identically after a restart.
+
+/// A stream's live push session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// The push session id; only a disconnect with the same id ends it.
+    pub sequence: String,
+    /// The area the session was pushed in (its `area` label while live).
+    pub area: crate::area::Area,
+    /// When the session started (unix seconds): the push's `event_time`, or when it was received.
+    pub since: i64,
+}
+
+/// The facts about the present that the rules look at.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    /// The stream's live session, if any.
+    pub current: Option<&'a Session>,
+    /// The very same event (sequence and type) was already recorded within the dedup window.
+    pub already_delivered: bool,
+    /// For a push: its own disconnect was already recorded (delivery order is not guaranteed).
+    pub disconnect_seen: bool,
+}
+
+/// What happens to the stream's live session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// The stream's session is left as it is.
+    Keep,
+    /// The stream is live under this session, replacing any older one.
+    Start(Session),
+    /// The stream is no longer live.
+    End,
+}
+
+/// The decision for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// A retry of a recorded event: acknowledged, counted only as a duplicate.
+    Duplicate,
+    /// A new event: counted, with this effect on the live set.
+    Accept(Effect),
+}
+
+/// A push of session `sequence` that started at `since`.
+pub fn push(sequence: &str, since: i64, area: crate::area::Area, facts: Facts) -> Decision {
+    if facts.already_delivered {
+        return Decision::Duplicate;
+    }
+    let effect = match facts.current {
+        // Re-delivered after the dedup window forgot it: the stream is already live under it.
+        Some(current) if current.sequence == sequence => Effect::Keep,
+        // A late push of a session older than the live one must not replace it.
+        Some(current) if since < current.since => Effect::Keep,
+        // The session already ended before its push arrived: it replaced whatever was live
+        // before it (Tencent allows one publisher a stream) and is itself gone.
+        Some(_) if facts.disconnect_seen => Effect::End,
+        None if facts.disconnect_seen => Effect::Keep,
+        _ => Effect::Start(Session {
+            sequence: sequence.to_owned(),
+            area,
+            since,
+        }),
+    };
+    Decision::Accept(effect)
+}
+
+/// A disconnect of session `sequence`.
+pub fn disconnect(sequence: &str, facts: Facts) -> Decision {
+    if facts.already_delivered {
+        return Decision::Duplicate;
+    }
+    let effect = match facts.current {
+        Some(current) if current.sequence == sequence => Effect::End,
+        // An older (or unknown) session ending says nothing about the live one.
+        _ => Effect::Keep,
+    };
+    Decision::Accept(effect)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::area::Area;
+
+    fn session(seq: &str, since: i64) -> Session {
+        Session {
+            sequence: seq.into(),
+            area: Area::Mainland,
+            since,
+        }
+    }
+
+    fn facts(current: Option<&Session>) -> Facts<'_> {
+        Facts {
+            current,
+            already_delivered: false,
+            disconnect_seen: false,
+        }
+    }
+
+    #[test]
+    fn push_starts_a_session() {
+        assert_eq!(
+            push("a", 10, Area::Mainland, facts(None)),
+            Decision::Accept(Effect::Start(session("a", 10)))
+        );
+    }
+
+    #[test]
+    fn newer_push_replaces_an_unfinished_session() {
+        let old = session("a", 10);
+        assert_eq!(
+            push("b", 20, Area::Mainland, facts(Some(&old))),
+            Decision::Accept(Effect::Start(session("b", 20)))
+        );
+    }
+
+    #[test]
+    fn late_push_of_an_older_session_keeps_the_newer_one() {
+        let live = session("b", 20);
+        assert_eq!(
+            push("a", 10, Area::Mainland, facts(Some(&live))),
+            Decision::Accept(Effect::Keep)
+        );
+    }
+
+    #[test]
+    fn push_after_its_own_disconnect_does_not_go_live() {
+        let f = Facts {
+            disconnect_seen: true,
+            ..facts(None)
+        };
+        assert_eq!(push("a", 10, Area::Mainland, f), Decision::Accept(Effect::Keep));
+        let old = session("z", 5);
+        let f = Facts {
+            disconnect_seen: true,
+            ..facts(Some(&old))
+        };
+        assert_eq!(push("a", 10, Area::Mainland, f), Decision::Accept(Effect::End));
+    }
+
+    #[test]
+    fn disconnect_ends_only_its_own_session() {
+        let live = session("b", 20);
+        assert_eq!(disconnect("b", facts(Some(&live))), Decision::Accept(Effect::End));
+        assert_eq!(disconnect("a", facts(Some(&live))), Decision::Accept(Effect::Keep));
+        assert_eq!(disconnect("a", facts(None)), Decision::Accept(Effect::Keep));
+    }
+
+    #[test]
+    fn retries_are_duplicates_whatever_the_state() {
+        let live = session("a", 1);
+        let f = Facts {
+            already_delivered: true,
+            ..facts(Some(&live))
+        };
+        assert_eq!(push("a", 1, Area::Mainland, f), Decision::Duplicate);
+        assert_eq!(disconnect("a", f), Decision::Duplicate);
+    }
+}

@@ -1,0 +1,55 @@
+//! Where the state is kept: one interface, an in-memory and a SQLite implementation.
+//!
+//! A store only ever sees whole batches ([`Commit`]) and answers for them as one: either every
+//! change of the batch is durable or none is, so the ledger can acknowledge or refuse the batch's
+//! callbacks together.
+
+mod memory;
+mod sqlite;
+
+use std::path::PathBuf;
+
+pub use memory::MemoryStore;
+pub use sqlite::{SqliteStore, SyncMode};
+
+use crate::state::{Commit, Snapshot};
+
+/// What a store failure says; the ledger answers 503 and reports it on `/readyz`.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("cannot create the folder of {path}: {source}")]
+    Folder {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The storage interface of the ledger.
+pub trait Store: Send {
+    /// Everything stored, read once at start.
+    fn load(&mut self) -> Result<Snapshot, StoreError>;
+    /// Makes a batch durable, all or nothing.
+    fn write(&mut self, commit: &Commit) -> Result<(), StoreError>;
+    /// Deletes delivered-event keys expired at `now_ms`.
+    fn purge(&mut self, now_ms: i64) -> Result<(), StoreError>;
+}
+
+/// `--storage.path` value that selects the in-memory store.
+pub const MEMORY: &str = ":memory:";
+
+/// Opens the store a `--storage.path` names.
+pub fn open(path: &str, sync: SyncMode) -> Result<Box<dyn Store>, StoreError> {
+    if path == MEMORY {
+        return Ok(Box::new(MemoryStore));
+    }
+    Ok(Box::new(SqliteStore::open(PathBuf::from(path), sync)?))
+}
