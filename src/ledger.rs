@@ -18,7 +18,8 @@ use crate::store::{Store, StoreError};
 
 /// Largest batch written in one transaction; bounds the latency of the first request of a burst.
 const MAX_BATCH: usize = 4096;
-/// How often expired delivered keys are purged while the store is healthy.
+/// How often expired delivered keys are purged while the store is healthy (more often when the
+/// dedup window is short).
 const PURGE_EVERY: Duration = Duration::from_secs(10);
 /// How often a failing store is probed, so readiness recovers without waiting for a callback.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -107,6 +108,7 @@ impl Ledger {
             store,
             shared: shared.clone(),
             unsaved: Vec::new(),
+            purge_every: (dedup_window / 2).clamp(Duration::from_millis(100), PURGE_EVERY),
         };
         let handle = std::thread::Builder::new()
             .name("ledger".into())
@@ -148,11 +150,12 @@ struct Worker {
     /// Changes applied in memory whose counts are not stored yet (rejections and errors counted
     /// while the store was failing); written with the next batch.
     unsaved: Vec<Change>,
+    purge_every: Duration,
 }
 
 impl Worker {
     fn run(mut self) {
-        let mut next_purge = Instant::now() + PURGE_EVERY;
+        let mut next_purge = Instant::now() + self.purge_every;
         loop {
             let wait = next_purge.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(wait) {
@@ -169,6 +172,10 @@ impl Worker {
                     if closing {
                         break;
                     }
+                    if self.shared.fault().is_some() {
+                        // Probe soon, so readiness recovers without waiting for traffic.
+                        next_purge = next_purge.min(Instant::now() + PROBE_EVERY);
+                    }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -176,7 +183,11 @@ impl Worker {
             if Instant::now() >= next_purge {
                 self.purge();
                 let healthy = self.shared.fault().is_none();
-                next_purge = Instant::now() + if healthy { PURGE_EVERY } else { PROBE_EVERY };
+                next_purge = Instant::now() + if healthy {
+                        self.purge_every
+                    } else {
+                        PROBE_EVERY.min(self.purge_every)
+                    };
             }
         }
         // Shutting down: store what only memory holds.

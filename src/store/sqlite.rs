@@ -119,7 +119,27 @@ impl SqliteStore {
     }
 }
 
+/// SQLite creates the `-wal` and `-shm` files with the database file's permissions. If they were
+/// created while the database was read-only, they stay read-only after the database is made
+/// writable again and every reopen would fail; give them the database's permissions back.
+fn align_sidecar_permissions(path: &Path) {
+    let Ok(db) = std::fs::metadata(path) else {
+        return;
+    };
+    for suffix in ["-wal", "-shm"] {
+        let mut sidecar = path.as_os_str().to_owned();
+        sidecar.push(suffix);
+        let Ok(meta) = std::fs::metadata(&sidecar) else {
+            continue;
+        };
+        if meta.permissions() != db.permissions() {
+            let _ = std::fs::set_permissions(&sidecar, db.permissions());
+        }
+    }
+}
+
 fn connect(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
+    align_sidecar_permissions(path);
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE

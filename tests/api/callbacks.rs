@@ -1,0 +1,246 @@
+//! Every answer of the callback endpoint, and what each one counts.
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+const CALLBACKS: &str = "tencent_css_callbacks_total";
+
+async fn outcome(app: &TestApp, event: &str, outcome: &str) -> f64 {
+    app.scrape()
+        .await
+        .value(CALLBACKS, &[("event", event), ("outcome", outcome)])
+}
+
+#[tokio::test]
+async fn accepted_push_answers_code_0() {
+    let app = spawn_app().await;
+    let answer = app.post(&signed(sample("push"))).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, r#"{"code":0}"#);
+    assert_eq!(outcome(&app, "push", "accepted").await, 1.0);
+}
+
+#[tokio::test]
+async fn body_is_json_whatever_the_content_type() {
+    let app = spawn_app().await;
+    let body = signed(sample("push")).to_string().into_bytes();
+    assert_eq!(app.post_raw(body, "text/plain").await.status, 200);
+    let body = signed(sample("disconnect")).to_string().into_bytes();
+    assert_eq!(
+        app.post_raw(body, "application/x-www-form-urlencoded").await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn retries_are_acknowledged_and_counted_once() {
+    let app = spawn_app().await;
+    let push = signed(sample("push"));
+    for _ in 0..3 {
+        assert_eq!(app.post(&push).await.status, 200);
+    }
+    // A retry may carry a fresh t and sign: still the same event.
+    assert_eq!(app.post(&signed(sample("push"))).await.status, 200);
+    let s = app.scrape().await;
+    assert_eq!(s.value(CALLBACKS, &[("event", "push"), ("outcome", "accepted")]), 1.0);
+    assert_eq!(s.value(CALLBACKS, &[("event", "push"), ("outcome", "duplicate")]), 3.0);
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
+    assert_eq!(s.sum("tencent_css_active_streams", &[]), 1.0);
+}
+
+#[tokio::test]
+async fn other_event_types_are_acknowledged_and_ignored() {
+    let app = spawn_app().await;
+    for event_type in [100, 200, 314, 321, 999] {
+        let body = signed(json!({"event_type": event_type, "stream_id": "x"}));
+        let answer = app.post(&body).await;
+        assert_eq!(answer.status, 200, "event_type {event_type}: {}", answer.body);
+        assert_eq!(answer.body, r#"{"code":0}"#);
+    }
+    let s = app.scrape().await;
+    assert_eq!(s.value(CALLBACKS, &[("event", "other"), ("outcome", "ignored")]), 5.0);
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 0.0);
+}
+
+#[tokio::test]
+async fn string_typed_numbers_are_accepted() {
+    let app = spawn_app().await;
+    let mut push = sample("push");
+    for field in ["event_type", "set_id", "appid", "event_time"] {
+        push[field] = json!(push[field].to_string());
+    }
+    push["event_time"] = json!(now().to_string());
+    let mut push = signed(push);
+    push["t"] = json!(push["t"].to_string());
+    let answer = app.post(&push).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let s = app.scrape().await;
+    assert_eq!(
+        s.value("tencent_css_pushes_total", &[("domain", "test.domain.com"), ("area", "mainland")]),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn not_json_is_400_malformed() {
+    let app = spawn_app().await;
+    for body in [&b"not json"[..], b"", b"[]", b"{\"event_type\": 1,"] {
+        let answer = app.post_raw(body.to_vec(), "application/json").await;
+        assert_eq!(answer.status, 400, "{:?}", String::from_utf8_lossy(body));
+    }
+    assert_eq!(outcome(&app, "unknown", "malformed").await, 4.0);
+}
+
+#[tokio::test]
+async fn missing_required_fields_is_400_and_changes_nothing() {
+    let app = spawn_app().await;
+    for field in ["app", "stream_id", "sequence", "t", "event_type"] {
+        let mut body = signed(sample("push"));
+        body.as_object_mut().unwrap().remove(field);
+        if field == "stream_id" {
+            body.as_object_mut().unwrap().remove("channel_id");
+        }
+        let answer = app.post(&body).await;
+        assert_eq!(answer.status, 400, "without {field}: {}", answer.body);
+        assert!(answer.body.contains(field), "{}", answer.body);
+    }
+    let s = app.scrape().await;
+    assert_eq!(s.value(CALLBACKS, &[("event", "push"), ("outcome", "malformed")]), 4.0);
+    assert_eq!(s.value(CALLBACKS, &[("event", "unknown"), ("outcome", "malformed")]), 1.0);
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 0.0);
+    assert_eq!(s.sum("tencent_css_active_streams", &[]), 0.0);
+}
+
+#[tokio::test]
+async fn bad_or_missing_sign_is_401() {
+    let app = spawn_app().await;
+    let wrong_key = signed_with(sample("push"), "not-the-key");
+    let mut no_sign = signed(sample("push"));
+    no_sign.as_object_mut().unwrap().remove("sign");
+    let mut empty_sign = signed(sample("push"));
+    empty_sign["sign"] = json!("");
+    let mut other_t = signed(sample("push"));
+    other_t["t"] = json!(other_t["t"].as_i64().unwrap() + 1);
+    for body in [wrong_key, no_sign, empty_sign, other_t] {
+        let answer = app.post(&body).await;
+        assert_eq!(answer.status, 401, "{body}");
+    }
+    let s = app.scrape().await;
+    assert_eq!(s.value(CALLBACKS, &[("event", "push"), ("outcome", "bad_signature")]), 4.0);
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 0.0);
+}
+
+#[tokio::test]
+async fn sign_is_compared_case_insensitively() {
+    let app = spawn_app().await;
+    let mut body = signed(sample("push"));
+    body["sign"] = json!(body["sign"].as_str().unwrap().to_uppercase());
+    assert_eq!(app.post(&body).await.status, 200);
+}
+
+fn with_t(mut body: serde_json::Value, t: i64) -> serde_json::Value {
+    body["t"] = json!(t);
+    body["sign"] = json!(tencent_css_exporter::signature::sign(KEY, t));
+    body
+}
+
+#[tokio::test]
+async fn expired_and_future_t_are_401() {
+    let app = spawn_app().await;
+    // Default window: 60 s of skew behind, 15 min ahead.
+    let expired = with_t(sample("push"), now() - 120);
+    let future = with_t(sample("push"), now() + 3600);
+    assert_eq!(app.post(&expired).await.status, 401);
+    assert_eq!(app.post(&future).await.status, 401);
+    let s = app.scrape().await;
+    assert_eq!(s.value(CALLBACKS, &[("event", "push"), ("outcome", "expired")]), 2.0);
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 0.0);
+    // Just inside the window both ways.
+    assert_eq!(app.post(&with_t(sample("push"), now() - 30)).await.status, 200);
+    let mut other = sample("push");
+    other["sequence"] = json!("2");
+    assert_eq!(app.post(&with_t(other, now() + 800)).await.status, 200);
+}
+
+#[tokio::test]
+async fn window_flags_change_the_window() {
+    let app = spawn_app_with(AppOptions {
+        args: vec![
+            "--storage.path".into(),
+            ":memory:".into(),
+            "--callback.clock-skew".into(),
+            "10m".into(),
+            "--callback.max-validity".into(),
+            "1h".into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(app.post(&with_t(sample("push"), now() - 300)).await.status, 200);
+    let mut other = sample("push");
+    other["sequence"] = json!("2");
+    assert_eq!(app.post(&with_t(other, now() + 3000)).await.status, 200);
+}
+
+#[tokio::test]
+async fn any_of_several_keys_verifies() {
+    let app = spawn_app_with(AppOptions {
+        keys: vec!["oldKey", "newKey"],
+        ..Default::default()
+    })
+    .await;
+    let mut second = sample("push");
+    second["sequence"] = json!("2");
+    second["stream_id"] = json!("other");
+    assert_eq!(app.post(&signed_with(sample("push"), "oldKey")).await.status, 200);
+    assert_eq!(app.post(&signed_with(second, "newKey")).await.status, 200);
+    assert_eq!(app.post(&signed_with(sample("push"), "retiredKey")).await.status, 401);
+    let s = app.scrape().await;
+    assert_eq!(s.sum("tencent_css_active_streams", &[]), 2.0);
+}
+
+#[tokio::test]
+async fn insecure_mode_accepts_unsigned_callbacks() {
+    let app = spawn_app_with(AppOptions {
+        keys: vec![],
+        ..Default::default()
+    })
+    .await;
+    let mut body = sample("push");
+    body["t"] = json!(now() + 600);
+    body.as_object_mut().unwrap().remove("sign");
+    assert_eq!(app.post(&body).await.status, 200);
+}
+
+#[tokio::test]
+async fn body_over_64_kib_is_413() {
+    let app = spawn_app().await;
+    let mut body = signed(sample("push"));
+    body["padding"] = json!("x".repeat(64 * 1024));
+    let answer = app.post(&body).await;
+    assert_eq!(answer.status, 413, "{}", answer.body);
+    // Just under the limit is fine.
+    let mut body = signed(sample("push"));
+    let room = 64 * 1024 - body.to_string().len() - r#","padding":"""#.len();
+    body["padding"] = json!("x".repeat(room));
+    assert_eq!(body.to_string().len(), 64 * 1024);
+    assert_eq!(app.post(&body).await.status, 200);
+    assert_eq!(outcome(&app, "unknown", "malformed").await, 1.0);
+}
+
+#[tokio::test]
+async fn other_methods_are_405() {
+    let app = spawn_app().await;
+    for method in [reqwest::Method::GET, reqwest::Method::PUT, reqwest::Method::DELETE] {
+        let response = app
+            .http
+            .request(method.clone(), &app.callback_url)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 405, "{method}");
+        assert_eq!(response.headers()["allow"], "POST");
+    }
+    assert_eq!(outcome(&app, "unknown", "malformed").await, 3.0);
+}

@@ -1,0 +1,9 @@
+//! Black-box tests of the exporter: HTTP against the real server on port 0, the real binary
+//! where a process matters.
+
+mod callbacks;
+mod durability;
+mod helpers;
+mod metrics;
+mod startup;
+mod truth_rules;

@@ -1,0 +1,187 @@
+//! `/metrics` and the other read-only endpoints.
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn every_metric_and_label_after_the_sample_session() {
+    let app = spawn_app().await;
+    let mut push = sample("push");
+    push["event_time"] = serde_json::json!(now() - 2);
+    assert_eq!(app.post(&signed(push)).await.status, 200);
+    let mid = app.scrape().await;
+    assert_eq!(mid.value("tencent_css_active_streams", &[("domain", "test.domain.com"), ("area", "mainland")]), 1.0);
+    assert_eq!(app.post(&signed(sample("disconnect"))).await.status, 200);
+    let s = app.scrape().await;
+    let dm = [("domain", "test.domain.com"), ("area", "mainland")];
+
+    assert_eq!(s.get("tencent_css_active_streams", &dm), Some(0.0));
+    assert_eq!(s.get("tencent_css_pushes_total", &dm), Some(1.0));
+    assert_eq!(
+        s.get(
+            "tencent_css_disconnects_total",
+            &[dm[0], dm[1], ("errcode", "1"), ("reason", "client_stop")]
+        ),
+        Some(1.0)
+    );
+    // push_duration "128581" ms lands in the 5m bucket, not the 1m one.
+    let bucket = |le| s.get("tencent_css_push_duration_seconds_bucket", &[dm[0], dm[1], ("le", le)]);
+    assert_eq!(bucket("60"), Some(0.0));
+    assert_eq!(bucket("300"), Some(1.0));
+    assert_eq!(bucket("86400"), Some(1.0));
+    assert_eq!(bucket("+Inf"), Some(1.0));
+    assert_eq!(s.get("tencent_css_push_duration_seconds_sum", &dm), Some(128.581));
+    assert_eq!(s.get("tencent_css_push_duration_seconds_count", &dm), Some(1.0));
+    let les: Vec<_> = s
+        .matching("tencent_css_push_duration_seconds_bucket", &dm)
+        .map(|b| b.labels["le"].clone())
+        .collect();
+    assert_eq!(
+        les,
+        ["10", "30", "60", "300", "900", "1800", "3600", "7200", "14400", "28800", "86400", "+Inf"]
+    );
+
+    for event in ["push", "disconnect"] {
+        assert_eq!(
+            s.get("tencent_css_callbacks_total", &[("event", event), ("outcome", "accepted")]),
+            Some(1.0)
+        );
+    }
+    // The push's event_time was 2 s ago; the sample disconnect's is from 2018.
+    assert_eq!(s.get("tencent_css_callback_delay_seconds_count", &[]), Some(2.0));
+    assert_eq!(s.get("tencent_css_callback_delay_seconds_bucket", &[("le", "1")]), Some(0.0));
+    assert_eq!(s.get("tencent_css_callback_delay_seconds_bucket", &[("le", "5")]), Some(1.0));
+    let last = s.get("tencent_css_last_callback_timestamp_seconds", &[]).unwrap();
+    assert!((last - now() as f64).abs() < 5.0, "{last}");
+    assert_eq!(
+        s.get("tencent_css_exporter_build_info", &[("version", env!("CARGO_PKG_VERSION"))]),
+        Some(1.0)
+    );
+    assert!(s.get("process_resident_memory_bytes", &[]).unwrap() > 0.0);
+    assert!(s.get("process_start_time_seconds", &[]).is_some());
+
+    // Types and help are declared, and no stream id, IP or free text is a label.
+    for (family, kind) in [
+        ("tencent_css_active_streams", "gauge"),
+        ("tencent_css_pushes_total", "counter"),
+        ("tencent_css_disconnects_total", "counter"),
+        ("tencent_css_push_duration_seconds", "histogram"),
+        ("tencent_css_callbacks_total", "counter"),
+        ("tencent_css_callback_delay_seconds", "histogram"),
+        ("tencent_css_last_callback_timestamp_seconds", "gauge"),
+        ("tencent_css_exporter_build_info", "gauge"),
+    ] {
+        assert!(s.text.contains(&format!("# TYPE {family} {kind}\n")), "{family}");
+        assert!(s.text.contains(&format!("# HELP {family} ")), "{family}");
+    }
+    for leak in ["test_stream", "119.29.94.245", "100.121.160.92", "6674468118806626493", "stopped"] {
+        assert!(!s.text.contains(leak), "{leak} leaked into /metrics");
+    }
+}
+
+#[tokio::test]
+async fn errcodes_are_classified_and_bounded() {
+    let app = spawn_app().await;
+    for (i, code) in [8, 13, 7, 24, 18, 19, 22, 100_000].into_iter().enumerate() {
+        let body = disconnect("d.example", "s", &format!("q{i}"), 9, code);
+        assert_eq!(app.post(&signed(body)).await.status, 200);
+    }
+    let s = app.scrape().await;
+    let count = |code, reason| {
+        s.value(
+            "tencent_css_disconnects_total",
+            &[("area", "overseas"), ("errcode", code), ("reason", reason)],
+        )
+    };
+    assert_eq!(count("8", "no_data"), 1.0);
+    assert_eq!(count("13", "network"), 1.0);
+    assert_eq!(count("7", "protocol"), 1.0);
+    assert_eq!(count("24", "internal"), 1.0);
+    assert_eq!(count("18", "rejected"), 1.0);
+    assert_eq!(count("19", "rejected"), 1.0);
+    assert_eq!(count("22", "unknown"), 1.0);
+    assert_eq!(count("other", "unknown"), 1.0);
+}
+
+#[tokio::test]
+async fn callback_outcomes_exist_at_zero_from_the_start() {
+    let app = spawn_app().await;
+    let s = app.scrape().await;
+    for outcome in ["accepted", "duplicate", "bad_signature", "expired", "malformed", "error"] {
+        assert_eq!(
+            s.get("tencent_css_callbacks_total", &[("event", "push"), ("outcome", outcome)]),
+            Some(0.0),
+            "{outcome}"
+        );
+    }
+    assert_eq!(s.get("tencent_css_last_callback_timestamp_seconds", &[]), Some(0.0));
+}
+
+#[tokio::test]
+async fn metrics_can_move_to_a_separate_listener() {
+    let app = spawn_app_with(AppOptions {
+        separate_metrics: true,
+        ..Default::default()
+    })
+    .await;
+    assert_ne!(app.callback_addr, app.metrics_addr);
+    assert_eq!(app.post(&signed(sample("push"))).await.status, 200);
+    let s = app.scrape().await;
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let public = app.get(&format!("http://{}{path}", app.callback_addr)).await;
+        assert_eq!(public.status, 404, "{path} must not be on the callback listener");
+        let private = app.get(&format!("http://{}{path}", app.metrics_addr)).await;
+        assert_eq!(private.status, 200, "{path}");
+    }
+    let callback_on_metrics = app
+        .http
+        .post(format!("http://{}/callback", app.metrics_addr))
+        .body(signed(sample("push")).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(callback_on_metrics.status().as_u16(), 404);
+}
+
+#[tokio::test]
+async fn landing_health_and_readiness() {
+    let app = spawn_app().await;
+    let landing = app.get(&format!("http://{}/", app.callback_addr)).await;
+    assert_eq!(landing.status, 200);
+    for link in ["/metrics", "/healthz", "/readyz", "/callback"] {
+        assert!(landing.body.contains(link), "landing page lacks {link}");
+    }
+    assert_eq!(app.get(&format!("http://{}/healthz", app.callback_addr)).await.status, 200);
+    assert_eq!(app.ready().await.status, 200);
+}
+
+#[tokio::test]
+async fn simulate_moves_the_metrics_of_a_running_exporter() {
+    let app = spawn_app().await;
+    let url = app.callback_url.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        binary()
+            .env("CSS_CALLBACK_KEY", KEY)
+            .args(["simulate", "--target", &url, "--streams", "6", "--duration", "3s"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("push"), "{stdout}");
+    let s = app.scrape().await;
+    let pushes = s.sum("tencent_css_pushes_total", &[]);
+    let disconnects = s.sum("tencent_css_disconnects_total", &[]);
+    assert!(pushes >= 6.0, "{pushes}");
+    assert!(disconnects >= 1.0, "{disconnects}");
+    // Every stream is pushed again after each disconnect: all 6 are live at the end.
+    assert_eq!(s.sum("tencent_css_active_streams", &[]), 6.0);
+    assert_eq!(pushes - disconnects, 6.0);
+    assert!(s.matching("tencent_css_active_streams", &[("area", "overseas")]).count() > 0);
+    assert_eq!(
+        s.sum("tencent_css_callbacks_total", &[("outcome", "bad_signature")]),
+        0.0
+    );
+}

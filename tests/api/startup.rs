@@ -1,0 +1,110 @@
+//! The binary's configuration: keys, refusal to start, help, signals.
+
+use std::process::Stdio;
+
+use crate::helpers::*;
+
+#[test]
+fn refuses_to_start_without_a_key() {
+    let output = binary()
+        .args(["--web.listen-address", "127.0.0.1:0", "--storage.path", ":memory:"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("CSS_CALLBACK_KEY"), "{stderr}");
+}
+
+#[test]
+fn an_empty_key_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys");
+    std::fs::write(&file, "# no keys yet\n\n").unwrap();
+    let output = binary()
+        .args(["--storage.path", ":memory:", "--callback.key-file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn help_explains_every_flag_and_version_prints() {
+    let help = binary().arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--web.listen-address",
+        "--web.metrics-address",
+        "--web.callback-path",
+        "--callback.key-file",
+        "--callback.insecure-skip-verify",
+        "--callback.clock-skew",
+        "--callback.max-validity",
+        "--callback.dedup-window",
+        "--storage.path",
+        "--storage.sync",
+        "--log.level",
+        "--log.format",
+        "CSS_CALLBACK_KEY",
+        "CSS_EXPORTER_LISTEN_ADDRESS",
+        "CSS_EXPORTER_METRICS_ADDRESS",
+        "CSS_EXPORTER_CALLBACK_PATH",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+    let version = binary().arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[tokio::test]
+async fn key_file_keys_verify_and_are_never_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys");
+    std::fs::write(&file, "# rotation\nfileKeyA\nfileKeyB\n").unwrap();
+    let port = free_port();
+    let log = dir.path().join("log");
+    let child = binary()
+        .args(["--storage.path", ":memory:", "--log.level", "debug", "--log.format", "json"])
+        .arg("--web.listen-address")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--callback.key-file")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let client = Client::new(addr, addr);
+    let mut exporter = Exporter {
+        child,
+        client,
+        port,
+        args: vec![],
+    };
+    eventually(std::time::Duration::from_secs(20), "readiness", || async {
+        exporter.http.get(format!("{}/readyz", exporter.metrics_base)).send().await.is_ok()
+    })
+    .await;
+    let body = signed_with(sample("push"), "fileKeyB");
+    let sign = body["sign"].as_str().unwrap().to_string();
+    assert_eq!(exporter.post(&body).await.status, 200);
+    assert_eq!(exporter.post(&signed_with(sample("push"), "bogus")).await.status, 401);
+    assert!(exporter.terminate().success());
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("callback refused"), "{log}");
+    for secret in ["fileKeyA", "fileKeyB", sign.as_str()] {
+        assert!(!log.contains(secret), "{secret} was logged");
+    }
+    // JSON log lines.
+    assert!(log.lines().all(|l| l.starts_with('{')), "{log}");
+}
+
+#[tokio::test]
+async fn sigterm_finishes_and_exits_0() {
+    let mut exporter = Exporter::start(&["--storage.path", ":memory:"]).await;
+    assert_eq!(exporter.post(&signed(sample("push"))).await.status, 200);
+    let status = exporter.terminate();
+    assert_eq!(status.code(), Some(0));
+}

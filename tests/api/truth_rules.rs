@@ -1,0 +1,129 @@
+//! The truth rules for live streams, through the HTTP interface.
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+const ACTIVE: &str = "tencent_css_active_streams";
+const D: &str = "live.example.com";
+
+async fn accept(app: &TestApp, body: serde_json::Value) {
+    let answer = app.post(&signed(body)).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+}
+
+async fn live(app: &TestApp) -> f64 {
+    app.scrape().await.sum(ACTIVE, &[])
+}
+
+#[tokio::test]
+async fn push_then_disconnect_of_the_sample_session() {
+    let app = spawn_app().await;
+    accept(&app, sample("push")).await;
+    assert_eq!(live(&app).await, 1.0);
+    accept(&app, sample("disconnect")).await;
+    let s = app.scrape().await;
+    // The series stays, at 0.
+    assert_eq!(
+        s.get(ACTIVE, &[("domain", "test.domain.com"), ("area", "mainland")]),
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
+async fn push_arriving_after_its_own_disconnect_does_not_go_live() {
+    let app = spawn_app().await;
+    accept(&app, disconnect(D, "s1", "seq-1", 1, 1)).await;
+    accept(&app, push(D, "s1", "seq-1", 1)).await;
+    let s = app.scrape().await;
+    assert_eq!(s.sum(ACTIVE, &[]), 0.0);
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
+    assert_eq!(s.sum("tencent_css_disconnects_total", &[]), 1.0);
+}
+
+#[tokio::test]
+async fn new_session_replaces_one_that_never_disconnected() {
+    let app = spawn_app().await;
+    accept(&app, push(D, "s1", "seq-1", 1)).await;
+    accept(&app, push(D, "s1", "seq-2", 1)).await;
+    assert_eq!(live(&app).await, 1.0, "the stream is counted once");
+    accept(&app, disconnect(D, "s1", "seq-2", 1, 1)).await;
+    assert_eq!(live(&app).await, 0.0);
+}
+
+#[tokio::test]
+async fn disconnect_of_an_older_session_does_not_end_the_newer_one() {
+    let app = spawn_app().await;
+    accept(&app, push(D, "s1", "seq-1", 1)).await;
+    accept(&app, push(D, "s1", "seq-2", 1)).await;
+    accept(&app, disconnect(D, "s1", "seq-1", 1, 21)).await;
+    let s = app.scrape().await;
+    assert_eq!(s.sum(ACTIVE, &[]), 1.0);
+    assert_eq!(
+        s.value("tencent_css_disconnects_total", &[("errcode", "21"), ("reason", "operator")]),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn late_push_of_an_older_session_does_not_replace_the_live_one() {
+    let app = spawn_app().await;
+    let mut newer = push(D, "s1", "seq-2", 1);
+    newer["event_time"] = json!(now());
+    let mut older = push(D, "s1", "seq-1", 1);
+    older["event_time"] = json!(now() - 30);
+    accept(&app, newer).await;
+    accept(&app, older).await;
+    accept(&app, disconnect(D, "s1", "seq-1", 1, 1)).await;
+    assert_eq!(live(&app).await, 1.0, "seq-2 is still live");
+    accept(&app, disconnect(D, "s1", "seq-2", 1, 1)).await;
+    assert_eq!(live(&app).await, 0.0);
+}
+
+#[tokio::test]
+async fn retried_disconnect_is_counted_once() {
+    let app = spawn_app().await;
+    accept(&app, push(D, "s1", "seq-1", 1)).await;
+    let bye = disconnect(D, "s1", "seq-1", 1, 12);
+    for _ in 0..3 {
+        accept(&app, bye.clone()).await;
+    }
+    let s = app.scrape().await;
+    assert_eq!(s.sum("tencent_css_disconnects_total", &[]), 1.0);
+    assert_eq!(
+        s.value(
+            "tencent_css_callbacks_total",
+            &[("event", "disconnect"), ("outcome", "duplicate")]
+        ),
+        2.0
+    );
+    assert_eq!(s.sum("tencent_css_push_duration_seconds_count", &[]), 1.0);
+}
+
+#[tokio::test]
+async fn streams_are_app_appname_and_stream_id() {
+    let app = spawn_app().await;
+    let mut a = push(D, "s1", "seq-1", 1);
+    a["appname"] = json!("live");
+    let mut b = push(D, "s1", "seq-2", 1);
+    b["appname"] = json!("backup");
+    accept(&app, a).await;
+    accept(&app, b).await;
+    accept(&app, push("other.example.com", "s1", "seq-3", 1)).await;
+    assert_eq!(live(&app).await, 3.0);
+}
+
+#[tokio::test]
+async fn set_id_decides_the_area() {
+    let app = spawn_app().await;
+    for (i, set_id) in [1, 6, 7, 200, 0, 201].into_iter().enumerate() {
+        accept(&app, push(D, &format!("s{i}"), &format!("seq-{i}"), set_id)).await;
+    }
+    let mut no_set_id = push(D, "s9", "seq-9", 1);
+    no_set_id.as_object_mut().unwrap().remove("set_id");
+    accept(&app, no_set_id).await;
+    let s = app.scrape().await;
+    assert_eq!(s.value(ACTIVE, &[("domain", D), ("area", "mainland")]), 2.0);
+    assert_eq!(s.value(ACTIVE, &[("domain", D), ("area", "overseas")]), 2.0);
+    assert_eq!(s.value(ACTIVE, &[("domain", D), ("area", "unknown")]), 3.0);
+}
