@@ -38,6 +38,9 @@ pub enum Command {
     /// Send correctly signed push and disconnect callbacks to a running exporter, so the
     /// dashboard fills and a deployment can be checked end to end.
     Simulate(SimulateArgs),
+    /// Drive a running exporter with many correctly signed, unique callbacks and report the
+    /// request rate, latency percentiles and refused requests (capacity planning, benchmarks).
+    Load(LoadArgs),
 }
 
 /// How the exporter serves.
@@ -65,6 +68,19 @@ pub struct Config {
     )]
     pub callback_path: String,
 
+    /// Deadline for a client to send a request's headers; slower connections are closed.
+    #[arg(long = "web.read-header-timeout", env = "CSS_EXPORTER_READ_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Deadline for a whole callback request, body included (answered 408 past it); also how
+    /// long in-flight requests may take to finish at shutdown.
+    #[arg(long = "web.request-timeout", env = "CSS_EXPORTER_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Most connections served at once per listener; more wait in the accept queue.
+    #[arg(long = "web.max-connections", env = "CSS_EXPORTER_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
     #[command(flatten)]
     pub keys: KeySource,
 
@@ -86,6 +102,12 @@ pub struct Config {
     /// about 12 minutes).
     #[arg(long = "callback.dedup-window", env = "CSS_EXPORTER_DEDUP_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
     pub dedup_window: Duration,
+
+    /// Most push domains with series of their own; events of further domains are counted under
+    /// domain="_other" (and in tencent_css_domains_overflow_total), so a leaked key or a
+    /// misconfiguration cannot flood Prometheus with series.
+    #[arg(long = "metrics.max-domains", env = "CSS_EXPORTER_MAX_DOMAINS", default_value_t = crate::ledger::DEFAULT_MAX_DOMAINS)]
+    pub max_domains: usize,
 
     /// SQLite database holding the state; its folder is created. `:memory:` keeps the state in
     /// memory only (lost at exit).
@@ -157,6 +179,55 @@ pub struct SimulateArgs {
     /// How long to keep streams pushing, reconnecting and disconnecting.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
+
+    #[command(flatten)]
+    pub keys: KeySource,
+}
+
+/// `tencent-css-exporter load`.
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// Callback URL of the exporter, e.g. http://127.0.0.1:9877/callback.
+    #[arg(long)]
+    pub target: String,
+
+    /// Requests in flight at once, each on its own keep-alive connection.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+
+    /// How long to send for.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, conflicts_with = "requests")]
+    pub duration: Duration,
+
+    /// Send this many requests, then stop (instead of --duration).
+    #[arg(long)]
+    pub requests: Option<u64>,
+
+    /// Send this many requests a second on a fixed schedule, whatever the answers take (open
+    /// loop); latency then counts from when each request was due. Without it each connection
+    /// sends as soon as its previous request is answered (closed loop: the maximum rate).
+    #[arg(long)]
+    pub rate: Option<f64>,
+
+    /// Push domains to spread the streams over.
+    #[arg(long, default_value_t = 100)]
+    pub domains: usize,
+
+    /// Only push: every request starts a new live stream and none is disconnected.
+    #[arg(long)]
+    pub push_only: bool,
+
+    /// Process id of the exporter, to sample its resident memory (RSS) and open files.
+    #[arg(long)]
+    pub pid: Option<u32>,
+
+    /// Print the request rate this often while running (0s: never).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub progress: Duration,
+
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 
     #[command(flatten)]
     pub keys: KeySource,

@@ -4,15 +4,16 @@
 //! counted outcome in one place ([`CallbackError::into_response`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::Body;
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use tokio::time::{timeout_at, Instant};
 
 use crate::callback::{self, Callback, EventKind, Outcome, ParseError};
 use crate::ledger::{now_ms, Ledger, Unrecorded};
@@ -30,15 +31,15 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Where callbacks are posted; shown on the landing page.
     pub callback_path: Arc<str>,
+    /// Deadline for a whole callback request: reading the body and recording the event.
+    pub request_timeout: Duration,
 }
 
 /// The router for the callback listener; with `with_ops` it also serves `/metrics`, `/healthz`
 /// and `/readyz` (no separate metrics listener).
 pub fn callback_router(state: AppState, with_ops: bool) -> Router {
     let callback = post(receive).fallback(wrong_method);
-    let router = Router::new()
-        .route(&state.callback_path, callback)
-        .layer(DefaultBodyLimit::max(MAX_BODY));
+    let router = Router::new().route(&state.callback_path, callback);
     let router = if with_ops {
         router.merge(ops_routes())
     } else {
@@ -67,6 +68,8 @@ enum CallbackError {
     TooLarge,
     #[error("cannot read the body")]
     Unreadable,
+    #[error("body not received within the request timeout")]
+    SlowBody,
     #[error("only POST is accepted")]
     WrongMethod,
     #[error(transparent)]
@@ -109,6 +112,7 @@ impl CallbackError {
     fn status(&self) -> StatusCode {
         match self {
             CallbackError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            CallbackError::SlowBody => StatusCode::REQUEST_TIMEOUT,
             CallbackError::WrongMethod => StatusCode::METHOD_NOT_ALLOWED,
             CallbackError::Unreadable | CallbackError::Malformed(_) => StatusCode::BAD_REQUEST,
             CallbackError::Rejected { .. } => StatusCode::UNAUTHORIZED,
@@ -153,18 +157,21 @@ impl CallbackError {
     }
 }
 
-async fn receive(State(app): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn receive(State(app): State<AppState>, body: Body) -> Response {
     match handle(&app, body).await {
         Ok(()) => Json(json!({ "code": 0 })).into_response(),
         Err(e) => e.respond(&app.ledger),
     }
 }
 
-async fn handle(app: &AppState, body: Result<Bytes, BytesRejection>) -> Result<(), CallbackError> {
-    let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => CallbackError::TooLarge,
-        _ => CallbackError::Unreadable,
-    })?;
+async fn handle(app: &AppState, body: Body) -> Result<(), CallbackError> {
+    let deadline = Instant::now() + app.request_timeout;
+    let body = match timeout_at(deadline, axum::body::to_bytes(body, MAX_BODY)).await {
+        Err(_elapsed) => return Err(CallbackError::SlowBody),
+        Ok(Err(e)) if is_length_limit(&e) => return Err(CallbackError::TooLarge),
+        Ok(Err(_)) => return Err(CallbackError::Unreadable),
+        Ok(Ok(body)) => body,
+    };
     let callback = callback::parse(&body)?;
     if let Err(rejection) =
         app.verifier
@@ -175,7 +182,13 @@ async fn handle(app: &AppState, body: Result<Bytes, BytesRejection>) -> Result<(
             callback: Box::new(callback),
         });
     }
-    match app.ledger.record(callback.event.clone()).await {
+    let recorded = timeout_at(deadline, app.ledger.record(callback.event.clone()))
+        .await
+        .unwrap_or_else(|_elapsed| {
+            // The batch may still commit; Tencent's retry will then be a duplicate.
+            Err(Unrecorded("storage did not answer within the request timeout".into()))
+        });
+    match recorded {
         Ok(outcome) => {
             let s = callback.event.stream_event();
             tracing::debug!(
@@ -192,6 +205,17 @@ async fn handle(app: &AppState, body: Result<Bytes, BytesRejection>) -> Result<(
             callback: Box::new(callback),
         }),
     }
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 async fn wrong_method(State(app): State<AppState>) -> Response {

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 
 use crate::callback::{Event, EventKind, Outcome};
-use crate::state::{Change, Truth};
+use crate::state::{Change, Limits, Truth};
+
+/// `--metrics.max-domains` default.
+pub const DEFAULT_MAX_DOMAINS: usize = 10_000;
 use crate::store::{Store, StoreError};
 
 /// Largest batch written in one transaction; bounds the latency of the first request of a burst.
@@ -80,14 +83,26 @@ impl LedgerThread {
 }
 
 impl Ledger {
-    /// Loads the state from `store` and starts the ledger thread.
+    /// Loads the state from `store` and starts the ledger thread, with the default domain cap.
     pub fn start(
-        mut store: Box<dyn Store>,
+        store: Box<dyn Store>,
         dedup_window: Duration,
     ) -> Result<(Ledger, LedgerThread), StoreError> {
-        let dedup_ms = dedup_window.as_millis().min(i64::MAX as u128) as i64;
+        Self::start_with_limits(store, dedup_window, DEFAULT_MAX_DOMAINS)
+    }
+
+    /// Loads the state from `store` and starts the ledger thread.
+    pub fn start_with_limits(
+        mut store: Box<dyn Store>,
+        dedup_window: Duration,
+        max_domains: usize,
+    ) -> Result<(Ledger, LedgerThread), StoreError> {
+        let limits = Limits {
+            dedup_window_ms: dedup_window.as_millis().min(i64::MAX as u128) as i64,
+            max_domains,
+        };
         let snapshot = store.load()?;
-        let truth = Truth::restore(snapshot, dedup_ms, now_ms()).map_err(|reason| {
+        let truth = Truth::restore(snapshot, limits, now_ms()).map_err(|reason| {
             StoreError::Invalid {
                 path: "state".into(),
                 reason,

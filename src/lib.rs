@@ -18,8 +18,10 @@
 //!   answers the requests.
 //! - [`metrics`]: the Prometheus collector that renders the state at scrape time.
 //! - [`http`]: routes, status codes and logging of outcomes.
+//! - [`web`]: connection handling: header deadline, connection cap, graceful drain.
 //! - [`server`]: [`run`] wires the above to listeners and a shutdown signal.
 //! - [`config`]: flags and environment variables; [`simulate`]: the `simulate` subcommand.
+//! - [`load`]: the `load` subcommand, a load generator for benchmarks and capacity planning.
 
 pub mod area;
 pub mod callback;
@@ -27,11 +29,13 @@ pub mod config;
 pub mod errcode;
 pub mod http;
 pub mod ledger;
+pub mod load;
 pub mod metrics;
 pub mod server;
 pub mod signature;
 pub mod simulate;
 pub mod state;
 pub mod store;
+pub mod web;
 
 pub use server::{run, Listeners, RunError};

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tencent_css_exporter::config::{Cli, Command, Config, LogFormat, KEY_ENV};
-use tencent_css_exporter::{simulate, Listeners};
+use tencent_css_exporter::{load, simulate, Listeners};
 use tokio::net::TcpListener;
 
 fn main() -> ExitCode {
@@ -14,6 +14,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("simulate: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Load(args)) => match runtime.block_on(load::run(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("load: {e}");
                 ExitCode::FAILURE
             }
         },

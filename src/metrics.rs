@@ -21,9 +21,10 @@ const PUSH_DURATION: &str = "tencent_css_push_duration_seconds";
 const CALLBACKS: &str = "tencent_css_callbacks_total";
 const CALLBACK_DELAY: &str = "tencent_css_callback_delay_seconds";
 const LAST_CALLBACK: &str = "tencent_css_last_callback_timestamp_seconds";
+const DOMAINS_OVERFLOW: &str = "tencent_css_domains_overflow_total";
 
 /// Each family: name, help, type, label names.
-const FAMILIES: [(&str, &str, MetricType, &[&str]); 7] = [
+const FAMILIES: [(&str, &str, MetricType, &[&str]); 8] = [
     (ACTIVE_STREAMS, "Live streams now, by push domain and area.", MetricType::GAUGE, &["domain", "area"]),
     (PUSHES, "Push-started callbacks recorded.", MetricType::COUNTER, &["domain", "area"]),
     (DISCONNECTS, "Push-disconnected callbacks recorded, by error code and its cause class.", MetricType::COUNTER, &["domain", "area", "errcode", "reason"]),
@@ -31,6 +32,7 @@ const FAMILIES: [(&str, &str, MetricType, &[&str]); 7] = [
     (CALLBACKS, "Requests to the callback path, by event and outcome.", MetricType::COUNTER, &["event", "outcome"]),
     (CALLBACK_DELAY, "Receive time minus event_time of recorded push and disconnect callbacks.", MetricType::HISTOGRAM, &[]),
     (LAST_CALLBACK, "Unix time of the last recorded push or disconnect callback; 0 before the first.", MetricType::GAUGE, &[]),
+    (DOMAINS_OVERFLOW, "Push and disconnect events counted under domain=\"_other\" because --metrics.max-domains was reached.", MetricType::COUNTER, &[]),
 ];
 
 /// The (event, outcome) pairs that can happen, exposed from the start at 0 so that `rate()` and
@@ -200,6 +202,7 @@ impl Collector for StateCollector {
                 LAST_CALLBACK,
                 vec![gauge(&[], c.last_callback_ms as f64 / 1000.0)],
             ),
+            family(DOMAINS_OVERFLOW, vec![counter(&[], c.domains_overflow)]),
         ]
     }
 }

@@ -1,6 +1,6 @@
 //! Wiring: open the store, start the ledger, serve until shutdown, then drain.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -12,6 +12,7 @@ use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::signature::{Keys, Verifier};
 use crate::store::{self, StoreError};
+use crate::web::{self, Limits};
 
 /// The sockets the exporter serves on, bound by the caller (tests bind port 0).
 pub struct Listeners {
@@ -38,15 +39,16 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let (path, sync, window) = (
+    let (path, sync, window, max_domains) = (
         config.storage_path.clone(),
         config.storage_sync,
         config.dedup_window,
+        config.max_domains,
     );
     // Opening and loading read the whole database: keep it off the async workers.
     let (ledger, thread) = tokio::task::spawn_blocking(move || {
         let store = store::open(&path, sync)?;
-        Ledger::start(store, window)
+        Ledger::start_with_limits(store, window, max_domains)
     })
     .await
     .expect("store loading does not panic")?;
@@ -60,6 +62,7 @@ pub async fn run(
             config.max_validity.as_secs() as i64,
         )),
         callback_path: config.callback_path.as_str().into(),
+        request_timeout: config.request_timeout,
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -74,22 +77,23 @@ pub async fn run(
         }
     };
 
+    let limits = Limits {
+        header_read_timeout: config.header_read_timeout,
+        max_connections: config.max_connections,
+        drain_timeout: config.request_timeout,
+    };
     tracing::info!(
         address = %listeners.callback.local_addr()?,
         callback_path = %config.callback_path,
         "serving callbacks"
     );
-    let callback = axum::serve(
-        listeners.callback,
-        http::callback_router(state.clone(), listeners.metrics.is_none()),
-    )
-    .with_graceful_shutdown(stopped());
+    let callback_router = http::callback_router(state.clone(), listeners.metrics.is_none());
+    let callback = web::serve(listeners.callback, callback_router, limits, stopped());
     let result = match listeners.metrics {
         Some(metrics) => {
             tracing::info!(address = %metrics.local_addr()?, "serving metrics");
-            let metrics =
-                axum::serve(metrics, http::ops_router(state.clone())).with_graceful_shutdown(stopped());
-            tokio::try_join!(callback.into_future(), metrics.into_future()).map(drop)
+            let metrics = web::serve(metrics, http::ops_router(state.clone()), limits, stopped());
+            tokio::try_join!(callback, metrics).map(drop)
         }
         None => callback.await,
     };

@@ -71,6 +71,7 @@ pub enum Series {
     Callbacks(EventKind, Outcome),
     CallbackDelay,
     LastCallback,
+    DomainsOverflow,
 }
 
 /// The value of one series, as the store keeps it.
@@ -91,6 +92,7 @@ impl Series {
             Series::Callbacks(..) => "callbacks_total",
             Series::CallbackDelay => "callback_delay_seconds",
             Series::LastCallback => "last_callback_timestamp_seconds",
+            Series::DomainsOverflow => "domains_overflow_total",
         }
     }
 
@@ -102,7 +104,7 @@ impl Series {
             }
             Series::Disconnects(d, a, e) => vec![d.to_string(), a.as_str().into(), e.to_string()],
             Series::Callbacks(k, o) => vec![k.as_str().into(), o.as_str().into()],
-            Series::CallbackDelay | Series::LastCallback => vec![],
+            Series::CallbackDelay | Series::LastCallback | Series::DomainsOverflow => vec![],
         }
     }
 
@@ -123,6 +125,7 @@ impl Series {
             ),
             ("callback_delay_seconds", 0) => Series::CallbackDelay,
             ("last_callback_timestamp_seconds", 0) => Series::LastCallback,
+            ("domains_overflow_total", 0) => Series::DomainsOverflow,
             _ => return None,
         };
         Some(series)
@@ -159,6 +162,8 @@ pub struct Counters {
     pub callback_delay: Option<Histogram>,
     /// Receive time of the last accepted callback, unix milliseconds; 0 before the first.
     pub last_callback_ms: i64,
+    /// Events counted under the overflow domain because of the domain cap.
+    pub domains_overflow: u64,
 }
 
 impl Counters {
@@ -169,6 +174,7 @@ impl Counters {
                 self.disconnects.entry((d.clone(), *a, *e)).or_default()
             }
             Series::Callbacks(k, o) => self.callbacks.entry((*k, *o)).or_default(),
+            Series::DomainsOverflow => &mut self.domains_overflow,
             _ => return None,
         })
     }
@@ -234,6 +240,7 @@ impl Counters {
             Series::Pushes(d, a) => count(self.pushes.get(&(d.clone(), *a))),
             Series::Disconnects(d, a, e) => count(self.disconnects.get(&(d.clone(), *a, *e))),
             Series::Callbacks(k, o) => count(self.callbacks.get(&(*k, *o))),
+            Series::DomainsOverflow => Value::Count(self.domains_overflow),
             Series::PushDuration(d, a) => Value::Histogram(
                 self.push_duration
                     .get(&(d.clone(), *a))
@@ -315,6 +322,7 @@ mod tests {
             Series::Callbacks(EventKind::Other, Outcome::Ignored),
             Series::CallbackDelay,
             Series::LastCallback,
+            Series::DomainsOverflow,
         ] {
             assert_eq!(Series::decode(s.metric(), &s.labels()), Some(s));
         }

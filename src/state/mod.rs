@@ -63,27 +63,52 @@ pub struct Truth {
     /// to walk every live stream.
     live: HashMap<(Domain, Area), u64>,
     counters: Counters,
-    /// Interned domains, so a million sessions of one domain share one string.
+    /// Domains that have series of their own, interned so a million sessions of one domain
+    /// share one string. Only grows, up to `max_domains`.
     domains: HashSet<Domain>,
     /// How long a delivered event is remembered, in milliseconds.
     dedup_window_ms: i64,
+    /// Cardinality cap: events of further domains are counted under [`OTHER_DOMAIN`].
+    max_domains: usize,
+    /// The overflow warning is logged once a process.
+    overflow_warned: bool,
+}
+
+/// The `domain` label of events whose domain is beyond the cap.
+pub const OTHER_DOMAIN: &str = "_other";
+
+/// Settings of the state.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// How long a delivered event is remembered, in milliseconds.
+    pub dedup_window_ms: i64,
+    /// Most domains with series of their own.
+    pub max_domains: usize,
 }
 
 impl Truth {
-    pub fn new(dedup_window_ms: i64) -> Self {
+    pub fn new(limits: Limits) -> Self {
         Truth {
             sessions: HashMap::new(),
             delivered: Delivered::default(),
             live: HashMap::new(),
             counters: Counters::default(),
             domains: HashSet::new(),
-            dedup_window_ms,
+            dedup_window_ms: limits.dedup_window_ms,
+            max_domains: limits.max_domains,
+            overflow_warned: false,
         }
     }
 
     /// Rebuilds the state a store loaded. Delivered keys already expired at `now_ms` are dropped.
-    pub fn restore(snapshot: Snapshot, dedup_window_ms: i64, now_ms: i64) -> Result<Self, String> {
-        let mut truth = Truth::new(dedup_window_ms);
+    pub fn restore(snapshot: Snapshot, limits: Limits, now_ms: i64) -> Result<Self, String> {
+        let mut truth = Truth::new(limits);
+        // Series first: every domain with series of its own keeps them, whatever the cap says
+        // now, and sessions are then indexed under the same labels as before.
+        for (series, value) in snapshot.series {
+            let series = truth.intern_series(series);
+            truth.counters.restore(&series, value)?;
+        }
         for (stream, session) in snapshot.sessions {
             truth.set_session(&stream, Some(session));
         }
@@ -93,10 +118,6 @@ impl Truth {
             if expires_ms > now_ms {
                 truth.delivered.insert(key, expires_ms);
             }
-        }
-        for (series, value) in snapshot.series {
-            let series = truth.intern_series(series);
-            truth.counters.restore(&series, value)?;
         }
         Ok(truth)
     }
@@ -158,12 +179,16 @@ impl Truth {
 
         self.delivered
             .insert(key.clone(), now_ms.saturating_add(self.dedup_window_ms));
+        let (domain, overflow) = self.admit(&stream_event.stream.app);
         let session = match effect {
             Effect::Keep => None,
             Effect::Start(s) => Some(self.set_session(&stream_event.stream, Some(s))),
             Effect::End => Some(self.set_session(&stream_event.stream, None)),
         };
-        let mut deltas = self.count_event(event, stream_event, now_ms);
+        let mut deltas = self.count_event(event, stream_event, domain, now_ms);
+        if overflow {
+            deltas.push(self.counters.inc(Series::DomainsOverflow));
+        }
         deltas.push(
             self.counters
                 .inc(Series::Callbacks(kind, Outcome::Accepted)),
@@ -186,8 +211,13 @@ impl Truth {
         }
     }
 
-    fn count_event(&mut self, event: &Event, s: &StreamEvent, now_ms: i64) -> Vec<Delta> {
-        let domain = self.domain(&s.stream.app);
+    fn count_event(
+        &mut self,
+        event: &Event,
+        s: &StreamEvent,
+        domain: Domain,
+        now_ms: i64,
+    ) -> Vec<Delta> {
         let mut deltas = Vec::with_capacity(5);
         match event {
             Event::Push(_) => deltas.push(self.counters.inc(Series::Pushes(domain, s.area))),
@@ -286,20 +316,49 @@ impl Truth {
         before
     }
 
+    /// The `domain` label of `app`: itself once admitted, else [`OTHER_DOMAIN`].
     fn domain(&mut self, app: &str) -> Domain {
+        match self.domains.get(app) {
+            Some(d) => d.clone(),
+            None => self.intern(OTHER_DOMAIN),
+        }
+    }
+
+    /// Admits `app` as a domain of its own if the cap allows; returns its label and whether it
+    /// overflowed.
+    fn admit(&mut self, app: &str) -> (Domain, bool) {
         if let Some(d) = self.domains.get(app) {
+            return (d.clone(), false);
+        }
+        // The overflow label itself does not take a place under the cap.
+        let admitted = self.domains.len() - self.domains.contains(OTHER_DOMAIN) as usize;
+        if admitted < self.max_domains {
+            return (self.intern(app), false);
+        }
+        if !self.overflow_warned {
+            self.overflow_warned = true;
+            tracing::warn!(
+                max_domains = self.max_domains,
+                "domain cap reached: events of further domains are counted under domain=\"{OTHER_DOMAIN}\" (see --metrics.max-domains)"
+            );
+        }
+        (self.intern(OTHER_DOMAIN), true)
+    }
+
+    fn intern(&mut self, name: &str) -> Domain {
+        if let Some(d) = self.domains.get(name) {
             return d.clone();
         }
-        let d: Domain = app.into();
+        let d: Domain = name.into();
         self.domains.insert(d.clone());
         d
     }
 
     fn intern_series(&mut self, series: Series) -> Series {
         match series {
-            Series::Pushes(d, a) => Series::Pushes(self.domain(&d), a),
-            Series::PushDuration(d, a) => Series::PushDuration(self.domain(&d), a),
-            Series::Disconnects(d, a, e) => Series::Disconnects(self.domain(&d), a, e),
+            Series::Pushes(d, a) => Series::Pushes(self.intern(&d), a),
+            Series::PushDuration(d, a) => Series::PushDuration(self.intern(&d), a),
+            Series::Disconnects(d, a, e) => Series::Disconnects(self.intern(&d), a, e),
             other => other,
         }
     }

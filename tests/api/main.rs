@@ -4,6 +4,7 @@
 mod callbacks;
 mod durability;
 mod helpers;
+mod hostile;
 mod metrics;
 mod startup;
 mod truth_rules;

@@ -1,0 +1,184 @@
+//! Slow and abusive clients, and the cap on domain cardinality.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::*;
+
+fn args(extra: &[&str]) -> Vec<String> {
+    ["--storage.path", ":memory:"]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// Reads until the peer closes the connection (whatever it answered before); false on timeout.
+async fn closed_within(stream: &mut TcpStream, timeout: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_do_not_delay_a_real_callback_and_get_closed() {
+    let app = spawn_app_with(AppOptions {
+        args: args(&["--web.read-header-timeout", "3s", "--web.request-timeout", "4s"]),
+        ..Default::default()
+    })
+    .await;
+    let addr = app.callback_addr;
+    let mut idle = Vec::new();
+    let mut no_body = Vec::new();
+    for _ in 0..150 {
+        idle.push(TcpStream::connect(addr).await.unwrap());
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /callback HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{")
+            .await
+            .unwrap();
+        no_body.push(s);
+    }
+    // Slowloris: headers trickled a byte at a time, forever.
+    let mut trickle = Vec::new();
+    for _ in 0..150 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        trickle.push(tokio::spawn(async move {
+            let started = Instant::now();
+            for byte in b"POST /callback HTTP/1.1\r\nHost: x\r\nX-Slow: ".iter().cycle() {
+                if s.write_all(&[*byte]).await.is_err() {
+                    return Some(started.elapsed());
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            None
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // 450 abusive connections are open; a real callback is still served at once.
+    let started = Instant::now();
+    let answer = app.post(&signed(sample("push"))).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the real callback waited {:?}, as long as the slow clients' deadlines",
+        started.elapsed()
+    );
+
+    // And every abusive connection is closed by the server.
+    for s in idle.iter_mut() {
+        assert!(closed_within(s, Duration::from_secs(10)).await, "idle connection left open");
+    }
+    for s in no_body.iter_mut() {
+        assert!(closed_within(s, Duration::from_secs(10)).await, "bodiless request left open");
+    }
+    for t in trickle {
+        let closed_after = t.await.unwrap().expect("trickling connection left open");
+        assert!(closed_after < Duration::from_secs(10), "{closed_after:?}");
+    }
+    let s = app.scrape().await;
+    // Bodiless requests are answered 408 and counted as malformed callbacks.
+    assert_eq!(
+        s.value("tencent_css_callbacks_total", &[("event", "unknown"), ("outcome", "malformed")]),
+        150.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_queues_new_connections_until_a_slot_frees() {
+    let app = spawn_app_with(AppOptions {
+        args: args(&["--web.max-connections", "20", "--web.read-header-timeout", "1s"]),
+        ..Default::default()
+    })
+    .await;
+    let mut hogs = Vec::new();
+    for _ in 0..20 {
+        hogs.push(TcpStream::connect(app.callback_addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // All slots are taken: the callback waits in the accept queue until the idle connections
+    // hit their header deadline, then it is served.
+    let fresh = Client {
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap(),
+        ..app.client.clone()
+    };
+    let started = Instant::now();
+    let answer = fresh.post(&signed(sample("push"))).await;
+    assert_eq!(answer.status, 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "served at once: the cap did not hold ({:?})",
+        started.elapsed()
+    );
+    for s in hogs.iter_mut() {
+        assert!(closed_within(s, Duration::from_secs(5)).await);
+    }
+}
+
+#[tokio::test]
+async fn domains_past_the_cap_are_counted_under_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("exporter.db").display().to_string();
+    let flags = ["--metrics.max-domains", "3", "--storage.path", &db];
+    let app = spawn_app_with(AppOptions {
+        args: flags.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    })
+    .await;
+    for i in 0..6 {
+        let domain = format!("d{i}.example.com");
+        let answer = app.post(&signed(push(&domain, "s", &format!("q{i}"), 1))).await;
+        assert_eq!(answer.status, 200, "events beyond the cap are still recorded");
+    }
+    let bye = signed(disconnect("d5.example.com", "s", "q5", 1, 8));
+    assert_eq!(app.post(&bye).await.status, 200);
+    let s = app.scrape().await;
+    let domains: std::collections::BTreeSet<_> = s
+        .matching("tencent_css_pushes_total", &[])
+        .map(|x| x.labels["domain"].clone())
+        .collect();
+    assert_eq!(
+        domains.into_iter().collect::<Vec<_>>(),
+        ["_other", "d0.example.com", "d1.example.com", "d2.example.com"]
+    );
+    let other = [("domain", "_other"), ("area", "mainland")];
+    assert_eq!(s.value("tencent_css_pushes_total", &other), 3.0);
+    assert_eq!(s.value("tencent_css_active_streams", &other), 2.0);
+    assert_eq!(
+        s.value("tencent_css_disconnects_total", &[("domain", "_other"), ("errcode", "8")]),
+        1.0
+    );
+    assert_eq!(s.get("tencent_css_domains_overflow_total", &[]), Some(4.0));
+    assert_eq!(s.sum("tencent_css_active_streams", &[]), 5.0);
+
+    // After a restart the same labels hold, and an admitted domain keeps its own series.
+    app.stop().await.unwrap();
+    let app = spawn_app_with(AppOptions {
+        args: flags.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(app.post(&signed(disconnect("d4.example.com", "s", "q4", 1, 1))).await.status, 200);
+    assert_eq!(app.post(&signed(push("d1.example.com", "t", "q9", 1))).await.status, 200);
+    let s = app.scrape().await;
+    assert_eq!(s.value("tencent_css_active_streams", &other), 1.0);
+    assert_eq!(
+        s.value("tencent_css_pushes_total", &[("domain", "d1.example.com")]),
+        2.0
+    );
+    assert_eq!(s.get("tencent_css_domains_overflow_total", &[]), Some(5.0));
+}
