@@ -6,6 +6,7 @@
 //! value that cannot be read is treated as absent. Only what accounting needs is required.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::de::{self, Deserializer, IgnoredAny, Visitor};
 use serde::Deserialize;
@@ -106,14 +107,15 @@ impl Outcome {
     }
 }
 
-/// A stream, as the truth rules identify it.
+/// A stream, as the truth rules identify it. Compact because a million of them may be live:
+/// the state shares one `app` and `appname` string between all streams that have it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamKey {
     /// Push domain (`app`); also the `domain` label.
-    pub app: String,
+    pub app: Arc<str>,
     /// Push path (`appname`), often `live`; empty when Tencent leaves it out.
-    pub appname: String,
-    pub stream_id: String,
+    pub appname: Arc<str>,
+    pub stream_id: Box<str>,
 }
 
 impl fmt::Display for StreamKey {
@@ -236,13 +238,14 @@ pub fn parse(body: &[u8]) -> Result<Callback, ParseError> {
         EventKind::Push | EventKind::Disconnect => {
             let session = StreamEvent {
                 stream: StreamKey {
-                    app: wire.app.ok_or(missing("app"))?,
-                    appname: wire.appname.unwrap_or_default(),
+                    app: wire.app.ok_or(missing("app"))?.into(),
+                    appname: wire.appname.unwrap_or_default().into(),
                     // `channel_id` carries the same value; older payloads may have only one.
                     stream_id: wire
                         .stream_id
                         .or(wire.channel_id)
-                        .ok_or(missing("stream_id"))?,
+                        .ok_or(missing("stream_id"))?
+                        .into(),
                 },
                 sequence: wire.sequence.ok_or(missing("sequence"))?,
                 event_time: wire.event_time,
@@ -383,7 +386,7 @@ mod tests {
         .unwrap();
         let Event::Push(s) = cb.event else { panic!() };
         assert_eq!(cb.t, 1700000000);
-        assert_eq!(s.stream.stream_id, "42");
+        assert_eq!(&*s.stream.stream_id, "42");
         assert_eq!(s.sequence, "6674468118806626493");
         assert_eq!(s.area, Area::Overseas);
         assert_eq!(s.event_time, Some(1699999000));
@@ -405,8 +408,8 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(session.stream.stream_id, "s", "channel_id stands in for stream_id");
-        assert_eq!(session.stream.appname, "");
+        assert_eq!(&*session.stream.stream_id, "s", "channel_id stands in for stream_id");
+        assert_eq!(&*session.stream.appname, "");
         assert_eq!(session.area, Area::Unknown);
         assert_eq!(errcode, 0);
         assert_eq!(push_duration_ms, None);

@@ -122,11 +122,11 @@ impl CallbackError {
     }
 
     /// Counts (unless the ledger already did), logs and answers.
-    fn respond(self, ledger: &Ledger) -> Response {
+    async fn respond(self, ledger: &Ledger) -> Response {
         let (kind, outcome, status) = (self.kind(), self.outcome(), self.status());
         // Storage errors are counted by the ledger itself, in the batch that failed.
         if outcome != Outcome::Error {
-            ledger.count(kind, outcome);
+            ledger.count(kind, outcome).await;
         }
         let stream = match &self {
             CallbackError::Rejected { callback, .. } | CallbackError::Unrecorded { callback, .. } => {
@@ -160,7 +160,7 @@ impl CallbackError {
 async fn receive(State(app): State<AppState>, body: Body) -> Response {
     match handle(&app, body).await {
         Ok(()) => Json(json!({ "code": 0 })).into_response(),
-        Err(e) => e.respond(&app.ledger),
+        Err(e) => e.respond(&app.ledger).await,
     }
 }
 
@@ -219,7 +219,7 @@ fn is_length_limit(e: &axum::Error) -> bool {
 }
 
 async fn wrong_method(State(app): State<AppState>) -> Response {
-    CallbackError::WrongMethod.respond(&app.ledger)
+    CallbackError::WrongMethod.respond(&app.ledger).await
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {

@@ -57,8 +57,13 @@ enum Command {
         event: Event,
         reply: oneshot::Sender<Result<Outcome, Unrecorded>>,
     },
-    /// A callback that changes nothing but its count (rejected ones); not waited for.
-    Count { kind: EventKind, outcome: Outcome },
+    /// A callback that changes nothing but its count (rejected ones). Answered once counted in
+    /// memory, so a scrape after the answer sees it; stored with the next batch that commits.
+    Count {
+        kind: EventKind,
+        outcome: Outcome,
+        done: oneshot::Sender<()>,
+    },
     /// Store what is queued and stop.
     Close,
 }
@@ -152,9 +157,12 @@ impl Ledger {
         let _ = self.tx.send(Command::Close);
     }
 
-    /// Counts a callback that changes nothing else.
-    pub fn count(&self, kind: EventKind, outcome: Outcome) {
-        let _ = self.tx.send(Command::Count { kind, outcome });
+    /// Counts a callback that changes nothing else; resolves once the count is visible.
+    pub async fn count(&self, kind: EventKind, outcome: Outcome) {
+        let (done, counted) = oneshot::channel();
+        if self.tx.send(Command::Count { kind, outcome, done }).is_ok() {
+            let _ = counted.await;
+        }
     }
 }
 
@@ -216,18 +224,30 @@ impl Worker {
         let mut truth = self.shared.truth.write().unwrap_or_else(|e| e.into_inner());
         let mut changes = std::mem::take(&mut self.unsaved);
         let mut replies = Vec::with_capacity(batch.len());
+        let mut counted = Vec::new();
         for cmd in batch {
             match cmd {
                 Command::Record { event, reply } => {
                     changes.push(truth.apply(&event, now));
                     replies.push((event.kind(), changes.len() - 1, reply));
                 }
-                Command::Count { kind, outcome } => changes.push(truth.count(kind, outcome)),
+                Command::Count {
+                    kind,
+                    outcome,
+                    done,
+                } => {
+                    changes.push(truth.count(kind, outcome));
+                    counted.push(done);
+                }
                 Command::Close => {}
             }
         }
         let commit = truth.commit_of(&changes);
-        match self.store.write(&commit) {
+        let result = self.store.write(&commit);
+        for done in counted {
+            let _ = done.send(());
+        }
+        match result {
             Ok(()) => {
                 drop(truth);
                 self.healthy();

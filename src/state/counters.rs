@@ -26,6 +26,10 @@ pub const CALLBACK_DELAY_BOUNDS_MS: [u64; 12] = [
     100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 180_000, 600_000, 900_000,
 ];
 
+/// Largest value a histogram takes, in milliseconds (a year): anything longer is nonsense from
+/// the sender and must not overflow the stored sum.
+pub const MAX_OBSERVATION_MS: u64 = 365 * 24 * 3_600_000;
+
 /// A histogram with fixed bounds: one count per bucket plus the overflow bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Histogram {
@@ -204,6 +208,7 @@ impl Counters {
     }
 
     pub fn observe(&mut self, series: Series, ms: u64) -> Delta {
+        let ms = ms.min(MAX_OBSERVATION_MS);
         if let Some((h, bounds)) = self.histogram(&series) {
             h.observe(bounds, ms);
         }

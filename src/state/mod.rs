@@ -63,9 +63,11 @@ pub struct Truth {
     /// to walk every live stream.
     live: HashMap<(Domain, Area), u64>,
     counters: Counters,
-    /// Domains that have series of their own, interned so a million sessions of one domain
-    /// share one string. Only grows, up to `max_domains`.
+    /// Domains that have series of their own. Only grows, up to `max_domains`.
     domains: HashSet<Domain>,
+    /// Every `app` and `appname` seen in a live session, so a million sessions of one domain
+    /// share one string.
+    names: HashSet<std::sync::Arc<str>>,
     /// How long a delivered event is remembered, in milliseconds.
     dedup_window_ms: i64,
     /// Cardinality cap: events of further domains are counted under [`OTHER_DOMAIN`].
@@ -94,6 +96,7 @@ impl Truth {
             live: HashMap::new(),
             counters: Counters::default(),
             domains: HashSet::new(),
+            names: HashSet::new(),
             dedup_window_ms: limits.dedup_window_ms,
             max_domains: limits.max_domains,
             overflow_warned: false,
@@ -305,7 +308,17 @@ impl Truth {
             *self.live.entry((domain.clone(), s.area)).or_default() += 1;
         }
         let before = match session {
-            Some(s) => self.sessions.insert(stream.clone(), s),
+            Some(s) => match self.sessions.get_mut(stream) {
+                Some(current) => Some(std::mem::replace(current, s)),
+                None => {
+                    let key = StreamKey {
+                        app: self.name(&stream.app),
+                        appname: self.name(&stream.appname),
+                        stream_id: stream.stream_id.clone(),
+                    };
+                    self.sessions.insert(key, s)
+                }
+            },
             None => self.sessions.remove(stream),
         };
         if let Some(b) = &before {
@@ -343,6 +356,14 @@ impl Truth {
             );
         }
         (self.intern(OTHER_DOMAIN), true)
+    }
+
+    fn name(&mut self, name: &std::sync::Arc<str>) -> std::sync::Arc<str> {
+        if let Some(n) = self.names.get(name) {
+            return n.clone();
+        }
+        self.names.insert(name.clone());
+        name.clone()
     }
 
     fn intern(&mut self, name: &str) -> Domain {

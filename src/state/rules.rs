@@ -3,11 +3,61 @@
 //! Everything here is decided from the event and a few facts about the current state, without
 //! I/O, so the rules can be tested exhaustively and replayed identically after a restart.
 
+use std::fmt;
+
+/// A push session id. Tencent's are decimal 64-bit numbers, kept as a number when they are one
+/// (no allocation for a million live sessions), as text otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Sequence {
+    Number(u64),
+    Text(Box<str>),
+}
+
+impl From<&str> for Sequence {
+    fn from(s: &str) -> Self {
+        // Only the canonical decimal form becomes a number, so the text round-trips exactly.
+        let canonical = !s.is_empty()
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && (s == "0" || !s.starts_with('0'));
+        match s.parse() {
+            Ok(n) if canonical => Sequence::Number(n),
+            _ => Sequence::Text(s.into()),
+        }
+    }
+}
+
+impl fmt::Display for Sequence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Sequence::Number(n) => write!(f, "{n}"),
+            Sequence::Text(s) => f.write_str(s),
+        }
+    }
+}
+
+impl PartialEq<str> for Sequence {
+    fn eq(&self, other: &str) -> bool {
+        *self == Sequence::from(other)
+    }
+}
+
+impl PartialEq<String> for Sequence {
+    fn eq(&self, other: &String) -> bool {
+        *self == Sequence::from(other.as_str())
+    }
+}
+
+impl PartialEq<&str> for Sequence {
+    fn eq(&self, other: &&str) -> bool {
+        *self == Sequence::from(*other)
+    }
+}
+
 /// A stream's live push session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     /// The push session id; only a disconnect with the same id ends it.
-    pub sequence: String,
+    pub sequence: Sequence,
     /// The area the session was pushed in (its `area` label while live).
     pub area: crate::area::Area,
     /// When the session started (unix seconds): the push's `event_time`, or when it was received.
@@ -52,7 +102,7 @@ pub fn push(sequence: &str, since: i64, area: crate::area::Area, facts: Facts) -
     }
     let effect = match facts.current {
         // Re-delivered after the dedup window forgot it: the stream is already live under it.
-        Some(current) if current.sequence == sequence => Effect::Keep,
+        Some(current) if current.sequence == *sequence => Effect::Keep,
         // A late push of a session older than the live one must not replace it.
         Some(current) if since < current.since => Effect::Keep,
         // The session already ended before its push arrived: it replaced whatever was live
@@ -60,7 +110,7 @@ pub fn push(sequence: &str, since: i64, area: crate::area::Area, facts: Facts) -
         Some(_) if facts.disconnect_seen => Effect::End,
         None if facts.disconnect_seen => Effect::Keep,
         _ => Effect::Start(Session {
-            sequence: sequence.to_owned(),
+            sequence: sequence.into(),
             area,
             since,
         }),
@@ -74,7 +124,7 @@ pub fn disconnect(sequence: &str, facts: Facts) -> Decision {
         return Decision::Duplicate;
     }
     let effect = match facts.current {
-        Some(current) if current.sequence == sequence => Effect::End,
+        Some(current) if current.sequence == *sequence => Effect::End,
         // An older (or unknown) session ending says nothing about the live one.
         _ => Effect::Keep,
     };
@@ -100,6 +150,20 @@ mod tests {
             already_delivered: false,
             disconnect_seen: false,
         }
+    }
+
+    #[test]
+    fn sequences_are_numbers_when_canonical_and_round_trip() {
+        for text in ["6674468118806626493", "0", "18446744073709551615"] {
+            assert!(matches!(Sequence::from(text), Sequence::Number(_)), "{text}");
+            assert_eq!(Sequence::from(text).to_string(), text);
+        }
+        for text in ["007", "", "abc", "18446744073709551616", "-1", "1 "] {
+            assert!(matches!(Sequence::from(text), Sequence::Text(_)), "{text:?}");
+            assert_eq!(Sequence::from(text).to_string(), text);
+        }
+        assert_ne!(Sequence::from("7"), Sequence::from("07"));
+        assert!(Sequence::from("42") == "42");
     }
 
     #[test]

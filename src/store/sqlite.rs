@@ -13,7 +13,7 @@ use super::{Store, StoreError};
 use crate::area::Area;
 use crate::callback::{EventKind, StreamKey};
 use crate::state::counters::{Histogram, Series, Value};
-use crate::state::rules::Session;
+use crate::state::rules::{Sequence, Session};
 use crate::state::{Commit, DeliveryKey, Snapshot};
 
 /// The schema this release writes; stored in `PRAGMA user_version`.
@@ -209,12 +209,12 @@ impl Store for SqliteStore {
                 };
                 snapshot.sessions.push((
                     StreamKey {
-                        app: r.get(0)?,
-                        appname: r.get(1)?,
-                        stream_id: r.get(2)?,
+                        app: r.get::<_, String>(0)?.into(),
+                        appname: r.get::<_, String>(1)?.into(),
+                        stream_id: r.get::<_, String>(2)?.into(),
                     },
                     Session {
-                        sequence: r.get(3)?,
+                        sequence: Sequence::from(r.get_ref(3)?.as_str()?),
                         area,
                         since: r.get(5)?,
                     },
@@ -278,17 +278,17 @@ impl Store for SqliteStore {
                 for (stream, session) in &commit.sessions {
                     match session {
                         Some(s) => upsert.execute(params![
-                            stream.app,
-                            stream.appname,
-                            stream.stream_id,
-                            s.sequence,
+                            &*stream.app,
+                            &*stream.appname,
+                            &*stream.stream_id,
+                            s.sequence.to_string(),
                             s.area.as_str(),
                             s.since
                         ])?,
                         None => delete.execute(params![
-                            stream.app,
-                            stream.appname,
-                            stream.stream_id
+                            &*stream.app,
+                            &*stream.appname,
+                            &*stream.stream_id
                         ])?,
                     };
                 }
@@ -297,7 +297,11 @@ impl Store for SqliteStore {
                      VALUES (?1, ?2, ?3)",
                 )?;
                 for (key, expires_ms) in &commit.delivered {
-                    delivered.execute(params![&*key.sequence, key.event_type(), expires_ms])?;
+                    delivered.execute(params![
+                        key.sequence.to_string(),
+                        key.event_type(),
+                        expires_ms
+                    ])?;
                 }
                 let mut series = tx.prepare_cached(
                     "INSERT OR REPLACE INTO series (metric, labels, value, sum_ms, buckets)
@@ -324,7 +328,7 @@ impl Store for SqliteStore {
 
 fn encode_value(value: &Value) -> (i64, Option<i64>, Option<String>) {
     match value {
-        Value::Count(n) => (*n as i64, None, None),
+        Value::Count(n) => (i64::try_from(*n).unwrap_or(i64::MAX), None, None),
         Value::TimestampMs(ms) => (*ms, None, None),
         Value::Histogram(h) => {
             let buckets = h
@@ -333,7 +337,8 @@ fn encode_value(value: &Value) -> (i64, Option<i64>, Option<String>) {
                 .map(u64::to_string)
                 .collect::<Vec<_>>()
                 .join(",");
-            (h.count() as i64, Some(h.sum_ms as i64), Some(buckets))
+            let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            (clamp(h.count()), Some(clamp(h.sum_ms)), Some(buckets))
         }
     }
 }
