@@ -2,6 +2,7 @@
 //! where a process matters.
 
 mod callbacks;
+mod dashboards;
 mod durability;
 mod helpers;
 mod hostile;
