@@ -147,7 +147,9 @@ pub enum Event {
         push_duration_ms: Option<i64>,
     },
     /// A valid event we acknowledge and ignore.
-    Other { event_type: i64 },
+    Other {
+        event_type: i64,
+    },
 }
 
 impl Event {
@@ -368,7 +370,10 @@ mod tests {
         else {
             panic!("not a disconnect: {:?}", cb.event)
         };
-        assert_eq!(session.stream.to_string(), "test.domain.com/live/test_stream");
+        assert_eq!(
+            session.stream.to_string(),
+            "test.domain.com/live/test_stream"
+        );
         assert_eq!(session.sequence, "6674468118806626493");
         assert_eq!(session.area, Area::Mainland);
         assert_eq!(session.event_time, Some(1545115919));
@@ -408,7 +413,10 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(&*session.stream.stream_id, "s", "channel_id stands in for stream_id");
+        assert_eq!(
+            &*session.stream.stream_id, "s",
+            "channel_id stands in for stream_id"
+        );
         assert_eq!(&*session.stream.appname, "");
         assert_eq!(session.area, Area::Unknown);
         assert_eq!(errcode, 0);
@@ -424,18 +432,23 @@ mod tests {
 
     #[test]
     fn missing_required_fields_name_the_field_and_event() {
-        let err = parse_json(json!({"event_type": 1, "t": 5, "app": "d", "stream_id": "s"}))
-            .unwrap_err();
+        let err =
+            parse_json(json!({"event_type": 1, "t": 5, "app": "d", "stream_id": "s"})).unwrap_err();
         assert!(matches!(
             err,
-            ParseError::Missing { kind: EventKind::Push, field: "sequence" }
+            ParseError::Missing {
+                kind: EventKind::Push,
+                field: "sequence"
+            }
         ));
         let err = parse_json(json!({"t": 5})).unwrap_err();
         assert_eq!(err.kind(), EventKind::Unknown);
         let err = parse_json(json!({"event_type": 0, "app": "d"})).unwrap_err();
         assert!(matches!(err, ParseError::Missing { field: "t", .. }));
-        let err = parse_json(json!({"event_type": 1, "t": 1, "app": "", "stream_id": "s", "sequence": "q"}))
-            .unwrap_err();
+        let err = parse_json(
+            json!({"event_type": 1, "t": 1, "app": "", "stream_id": "s", "sequence": "q"}),
+        )
+        .unwrap_err();
         assert!(matches!(err, ParseError::Missing { field: "app", .. }));
     }
 

@@ -78,14 +78,21 @@ pub struct Config {
     pub request_timeout: Duration,
 
     /// Most connections served at once per listener; more wait in the accept queue.
-    #[arg(long = "web.max-connections", env = "CSS_EXPORTER_MAX_CONNECTIONS", default_value_t = 1024)]
+    #[arg(
+        long = "web.max-connections",
+        env = "CSS_EXPORTER_MAX_CONNECTIONS",
+        default_value_t = 1024
+    )]
     pub max_connections: usize,
 
     #[command(flatten)]
     pub keys: KeySource,
 
     /// Accept callbacks without checking their sign (only when the Tencent template has no key).
-    #[arg(long = "callback.insecure-skip-verify", env = "CSS_EXPORTER_INSECURE_SKIP_VERIFY")]
+    #[arg(
+        long = "callback.insecure-skip-verify",
+        env = "CSS_EXPORTER_INSECURE_SKIP_VERIFY"
+    )]
     pub insecure_skip_verify: bool,
 
     /// How far a callback's `t` may be in the past (our clock ahead of Tencent's) before it is
@@ -118,17 +125,44 @@ pub struct Config {
     )]
     pub storage_path: String,
 
+    /// Redis holding the state instead of SQLite, shared by several replicas behind a load
+    /// balancer: redis://[:password@]host:port/db, or rediss:// for TLS.
+    #[arg(long = "storage.redis-url", env = "CSS_EXPORTER_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key, so several exporters can share one Redis.
+    #[arg(
+        long = "storage.redis-prefix",
+        env = "CSS_EXPORTER_REDIS_PREFIX",
+        default_value = "tencent_css:"
+    )]
+    pub redis_prefix: String,
+
     /// `normal` survives a crash of the process; `full` also survives power loss (fsync on
     /// every commit).
-    #[arg(long = "storage.sync", env = "CSS_EXPORTER_STORAGE_SYNC", value_enum, default_value = "normal")]
+    #[arg(
+        long = "storage.sync",
+        env = "CSS_EXPORTER_STORAGE_SYNC",
+        value_enum,
+        default_value = "normal"
+    )]
     pub storage_sync: SyncMode,
 
     /// Log level: error, warn, info, debug or trace (or a tracing filter directive).
-    #[arg(long = "log.level", env = "CSS_EXPORTER_LOG_LEVEL", default_value = "info")]
+    #[arg(
+        long = "log.level",
+        env = "CSS_EXPORTER_LOG_LEVEL",
+        default_value = "info"
+    )]
     pub log_level: String,
 
     /// Log format.
-    #[arg(long = "log.format", env = "CSS_EXPORTER_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long = "log.format",
+        env = "CSS_EXPORTER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
 }
 

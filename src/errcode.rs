@@ -121,7 +121,24 @@ mod tests {
         for code in [18, 19] {
             assert_eq!(reason(code), "rejected", "errcode {code}");
         }
-        for code in [0, 22, 25, 26, 27, 28, 29, 30, 31, 32, 34, 36, 999, -1, 1000, i64::MAX] {
+        for code in [
+            0,
+            22,
+            25,
+            26,
+            27,
+            28,
+            29,
+            30,
+            31,
+            32,
+            34,
+            36,
+            999,
+            -1,
+            1000,
+            i64::MAX,
+        ] {
             assert_eq!(reason(code), "unknown", "errcode {code}");
         }
     }

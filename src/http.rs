@@ -16,8 +16,9 @@ use serde_json::json;
 use tokio::time::{timeout_at, Instant};
 
 use crate::callback::{self, Callback, EventKind, Outcome, ParseError};
-use crate::ledger::{now_ms, Ledger, Unrecorded};
+use crate::ledger::{now_ms, Unrecorded};
 use crate::metrics::Metrics;
+use crate::recorder::Recorder;
 use crate::signature::{Rejection, Verifier};
 
 /// Largest accepted callback body. Real ones are well under 2 KiB.
@@ -26,7 +27,7 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    pub ledger: Ledger,
+    pub recorder: Recorder,
     pub verifier: Arc<Verifier>,
     pub metrics: Arc<Metrics>,
     /// Where callbacks are posted; shown on the landing page.
@@ -90,9 +91,8 @@ impl CallbackError {
     fn kind(&self) -> EventKind {
         match self {
             CallbackError::Malformed(e) => e.kind(),
-            CallbackError::Rejected { callback, .. } | CallbackError::Unrecorded { callback, .. } => {
-                callback.event.kind()
-            }
+            CallbackError::Rejected { callback, .. }
+            | CallbackError::Unrecorded { callback, .. } => callback.event.kind(),
             _ => EventKind::Unknown,
         }
     }
@@ -122,16 +122,18 @@ impl CallbackError {
     }
 
     /// Counts (unless the ledger already did), logs and answers.
-    async fn respond(self, ledger: &Ledger) -> Response {
+    async fn respond(self, recorder: &Recorder) -> Response {
         let (kind, outcome, status) = (self.kind(), self.outcome(), self.status());
         // Storage errors are counted by the ledger itself, in the batch that failed.
         if outcome != Outcome::Error {
-            ledger.count(kind, outcome).await;
+            recorder.count(kind, outcome).await;
         }
         let stream = match &self {
-            CallbackError::Rejected { callback, .. } | CallbackError::Unrecorded { callback, .. } => {
-                callback.event.stream_event().map(|s| (s.stream.to_string(), s.sequence.clone()))
-            }
+            CallbackError::Rejected { callback, .. }
+            | CallbackError::Unrecorded { callback, .. } => callback
+                .event
+                .stream_event()
+                .map(|s| (s.stream.to_string(), s.sequence.clone())),
             _ => None,
         };
         let (stream, sequence) = stream.unzip();
@@ -160,7 +162,7 @@ impl CallbackError {
 async fn receive(State(app): State<AppState>, body: Body) -> Response {
     match handle(&app, body).await {
         Ok(()) => Json(json!({ "code": 0 })).into_response(),
-        Err(e) => e.respond(&app.ledger).await,
+        Err(e) => e.respond(&app.recorder).await,
     }
 }
 
@@ -173,20 +175,23 @@ async fn handle(app: &AppState, body: Body) -> Result<(), CallbackError> {
         Ok(Ok(body)) => body,
     };
     let callback = callback::parse(&body)?;
-    if let Err(rejection) =
-        app.verifier
-            .verify(callback.t, callback.sign.as_deref(), now_ms().div_euclid(1000))
-    {
+    if let Err(rejection) = app.verifier.verify(
+        callback.t,
+        callback.sign.as_deref(),
+        now_ms().div_euclid(1000),
+    ) {
         return Err(CallbackError::Rejected {
             rejection,
             callback: Box::new(callback),
         });
     }
-    let recorded = timeout_at(deadline, app.ledger.record(callback.event.clone()))
+    let recorded = timeout_at(deadline, app.recorder.record(callback.event.clone()))
         .await
         .unwrap_or_else(|_elapsed| {
             // The batch may still commit; Tencent's retry will then be a duplicate.
-            Err(Unrecorded("storage did not answer within the request timeout".into()))
+            Err(Unrecorded(
+                "storage did not answer within the request timeout".into(),
+            ))
         });
     match recorded {
         Ok(outcome) => {
@@ -219,23 +224,20 @@ fn is_length_limit(e: &axum::Error) -> bool {
 }
 
 async fn wrong_method(State(app): State<AppState>) -> Response {
-    CallbackError::WrongMethod.respond(&app.ledger).await
+    CallbackError::WrongMethod.respond(&app.recorder).await
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
+    app.recorder.refresh().await;
     let body = tokio::task::spawn_blocking(move || app.metrics.render()).await;
     match body {
-        Ok(body) => (
-            [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
-            body,
-        )
-            .into_response(),
+        Ok(body) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 
 async fn readyz(State(app): State<AppState>) -> Response {
-    match app.ledger.shared().fault() {
+    match app.recorder.fault() {
         None => (StatusCode::OK, "ready\n").into_response(),
         Some(fault) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -36,6 +36,13 @@ pub struct Shared {
     pub fault: Mutex<Option<String>>,
 }
 
+impl crate::metrics::ViewSource for Shared {
+    /// Copies out under the read lock, so a scrape holds the ledger up only for the copy.
+    fn view(&self) -> crate::state::View {
+        self.truth.read().unwrap_or_else(|e| e.into_inner()).view()
+    }
+}
+
 impl Shared {
     pub fn fault(&self) -> Option<String> {
         self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -107,12 +114,11 @@ impl Ledger {
             max_domains,
         };
         let snapshot = store.load()?;
-        let truth = Truth::restore(snapshot, limits, now_ms()).map_err(|reason| {
-            StoreError::Invalid {
+        let truth =
+            Truth::restore(snapshot, limits, now_ms()).map_err(|reason| StoreError::Invalid {
                 path: "state".into(),
                 reason,
-            }
-        })?;
+            })?;
         tracing::info!(
             live_streams = truth.live_total(),
             delivered_keys = truth.delivered_len(),
@@ -160,7 +166,15 @@ impl Ledger {
     /// Counts a callback that changes nothing else; resolves once the count is visible.
     pub async fn count(&self, kind: EventKind, outcome: Outcome) {
         let (done, counted) = oneshot::channel();
-        if self.tx.send(Command::Count { kind, outcome, done }).is_ok() {
+        if self
+            .tx
+            .send(Command::Count {
+                kind,
+                outcome,
+                done,
+            })
+            .is_ok()
+        {
             let _ = counted.await;
         }
     }
@@ -206,7 +220,8 @@ impl Worker {
             if Instant::now() >= next_purge {
                 self.purge();
                 let healthy = self.shared.fault().is_none();
-                next_purge = Instant::now() + if healthy {
+                next_purge = Instant::now()
+                    + if healthy {
                         self.purge_every
                     } else {
                         PROBE_EVERY.min(self.purge_every)

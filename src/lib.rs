@@ -16,6 +16,8 @@
 //! - [`store`]: where the state is kept; in memory or in SQLite behind one interface.
 //! - [`ledger`]: the single thread that applies events, commits them in batches and only then
 //!   answers the requests.
+//! - [`redis`]: the same truth rules applied atomically in Redis, for several replicas;
+//!   [`recorder`] is the one interface the HTTP side sees over both.
 //! - [`metrics`]: the Prometheus collector that renders the state at scrape time.
 //! - [`http`]: routes, status codes and logging of outcomes.
 //! - [`web`]: connection handling: header deadline, connection cap, graceful drain.
@@ -31,6 +33,8 @@ pub mod http;
 pub mod ledger;
 pub mod load;
 pub mod metrics;
+pub mod recorder;
+pub mod redis;
 pub mod server;
 pub mod signature;
 pub mod simulate;

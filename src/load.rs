@@ -2,8 +2,9 @@
 //!
 //! Every request is a new event, so nothing is a duplicate: stream `k` is pushed under a session
 //! of its own and then disconnected (`--push-only` leaves it live), spread over `--domains` push
-//! domains, both areas and a mix of disconnect codes. Each of `--concurrency` connections is kept
-//! alive and sends one request at a time.
+//! domains, both areas and a mix of disconnect codes. Session sequences are scattered 64-bit
+//! numbers like Tencent's, not in arrival order, so the store's indexes see realistic inserts.
+//! Each of `--concurrency` connections is kept alive and sends one request at a time.
 //!
 //! Without `--rate` every connection sends its next request as soon as the previous one is
 //! answered (closed loop): the rate reached is the exporter's maximum. With `--rate` requests are
@@ -70,7 +71,8 @@ struct Plan {
     /// Seconds between two scheduled requests (open loop).
     interval: Option<f64>,
     start: Instant,
-    /// Added to the stream number to make the session `sequence`; random per run.
+    /// Added to the stream number, then scattered by [`mix`] (a bijection, so still unique), to
+    /// make the session `sequence`; random per run.
     sequence_base: u64,
     run_id: u32,
     /// Next stream to claim.
@@ -124,7 +126,7 @@ fn unix_secs() -> i64 {
         .unwrap_or(0)
 }
 
-/// A cheap, well-mixed hash of the stream number, to pick its errcode and duration.
+/// splitmix64's finalizer: a bijection on u64 that scatters consecutive numbers.
 fn mix(k: u64) -> u64 {
     let mut x = k.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -170,7 +172,7 @@ impl Bodies {
             r#"{{"app":"push{domain}.load.example.com","appid":12345678,"appname":"live","channel_id":"load_{run:08x}_{k}","stream_id":"load_{run:08x}_{k}","event_type":{event_type},"event_time":{now},"sequence":"{sequence}","set_id":{set_id},"node":"100.121.160.92","user_ip":"119.29.94.245","stream_param":"","#,
             run = plan.run_id,
             event_type = u8::from(push),
-            sequence = plan.sequence_base.wrapping_add(k),
+            sequence = mix(plan.sequence_base.wrapping_add(k)),
         );
         if push {
             body.push_str(r#""errcode":0,"errmsg":"ok","#);

@@ -40,7 +40,9 @@ async fn serve(config: Config) -> ExitCode {
     let keys = match (keys.is_empty(), config.insecure_skip_verify) {
         (false, _) => Some(keys),
         (true, true) => {
-            tracing::warn!("no callback key: accepting unsigned callbacks (--callback.insecure-skip-verify)");
+            tracing::warn!(
+                "no callback key: accepting unsigned callbacks (--callback.insecure-skip-verify)"
+            );
             None
         }
         (true, false) => {

@@ -11,8 +11,15 @@ use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 use prometheus::{Encoder, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::callback::{EventKind, Outcome};
-use crate::ledger::Shared;
 use crate::state::counters::{Histogram, CALLBACK_DELAY_BOUNDS_MS, PUSH_DURATION_BOUNDS_MS};
+use crate::state::View;
+
+/// Where the rendered numbers come from: the local state, or a shared store's copy.
+pub trait ViewSource: Send + Sync + 'static {
+    /// The numbers to render now. Called at every scrape: must be quick and must not block on
+    /// the network.
+    fn view(&self) -> View;
+}
 
 const ACTIVE_STREAMS: &str = "tencent_css_active_streams";
 const PUSHES: &str = "tencent_css_pushes_total";
@@ -50,31 +57,33 @@ fn possible_callbacks() -> impl Iterator<Item = (EventKind, Outcome)> {
         .chain(std::iter::once((Unknown, Malformed)))
 }
 
-/// Renders the event metrics from the shared state at each scrape.
+/// Renders the event metrics from the state at each scrape.
 pub struct StateCollector {
-    shared: Arc<Shared>,
+    source: Arc<dyn ViewSource>,
     descs: Vec<Desc>,
 }
 
 impl StateCollector {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(source: Arc<dyn ViewSource>) -> Self {
         let descs = FAMILIES
             .iter()
             .map(|(name, help, _, labels)| {
                 let labels = labels.iter().map(|l| l.to_string()).collect();
-                Desc::new(name.to_string(), help.to_string(), labels, Default::default())
-                    .expect("valid metric description")
+                Desc::new(
+                    name.to_string(),
+                    help.to_string(),
+                    labels,
+                    Default::default(),
+                )
+                .expect("valid metric description")
             })
             .collect();
-        StateCollector { shared, descs }
+        StateCollector { source, descs }
     }
 }
 
 fn family(name: &str, metrics: Vec<proto::Metric>) -> MetricFamily {
-    let (_, help, kind, _) = FAMILIES
-        .iter()
-        .find(|f| f.0 == name)
-        .expect("known family");
+    let (_, help, kind, _) = FAMILIES.iter().find(|f| f.0 == name).expect("known family");
     let mut mf = MetricFamily::default();
     mf.set_name(name.to_string());
     mf.set_help(help.to_string());
@@ -139,12 +148,7 @@ impl Collector for StateCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        // Copy out under the read lock and render after releasing it, so a scrape holds the
-        // ledger up only for the copy.
-        let (live, c) = {
-            let truth = self.shared.truth.read().unwrap_or_else(|e| e.into_inner());
-            (truth.live_streams(), truth.counters().clone())
-        };
+        let View { live, counters: c } = self.source.view();
         let active = live
             .iter()
             .map(|((d, a), n)| gauge(&[("domain", d), ("area", a.as_str())], *n as f64))
@@ -172,7 +176,11 @@ impl Collector for StateCollector {
             .push_duration
             .iter()
             .map(|((d, a), h)| {
-                histogram(&[("domain", d), ("area", a.as_str())], h, &PUSH_DURATION_BOUNDS_MS)
+                histogram(
+                    &[("domain", d), ("area", a.as_str())],
+                    h,
+                    &PUSH_DURATION_BOUNDS_MS,
+                )
             })
             .collect();
         let callbacks = possible_callbacks()
@@ -213,10 +221,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(source: Arc<dyn ViewSource>) -> Self {
         let registry = Registry::new();
         registry
-            .register(Box::new(StateCollector::new(shared)))
+            .register(Box::new(StateCollector::new(source)))
             .expect("state metrics register once");
         let build_info = IntGaugeVec::new(
             Opts::new(

@@ -1,14 +1,20 @@
-//! Wiring: open the store, start the ledger, serve until shutdown, then drain.
+//! Wiring: open the store (or Redis), start the ledger, serve until shutdown, then drain.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::http::{self, AppState};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, LedgerThread};
+use crate::recorder::Recorder;
+use crate::redis::RedisLedger;
+
+/// How long to wait for Redis at start before giving up.
+const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 use crate::metrics::Metrics;
 use crate::signature::{Keys, Verifier};
 use crate::store::{self, StoreError};
@@ -26,6 +32,8 @@ pub struct Listeners {
 pub enum RunError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Redis(String),
     #[error("serving HTTP: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -39,23 +47,10 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let (path, sync, window, max_domains) = (
-        config.storage_path.clone(),
-        config.storage_sync,
-        config.dedup_window,
-        config.max_domains,
-    );
-    // Opening and loading read the whole database: keep it off the async workers.
-    let (ledger, thread) = tokio::task::spawn_blocking(move || {
-        let store = store::open(&path, sync)?;
-        Ledger::start_with_limits(store, window, max_domains)
-    })
-    .await
-    .expect("store loading does not panic")?;
-
+    let (recorder, thread) = open_recorder(config).await?;
     let state = AppState {
-        metrics: Arc::new(Metrics::new(ledger.shared().clone())),
-        ledger,
+        metrics: Arc::new(Metrics::new(recorder.view_source())),
+        recorder,
         verifier: Arc::new(Verifier::new(
             keys,
             config.clock_skew.as_secs() as i64,
@@ -99,10 +94,40 @@ pub async fn run(
     };
 
     tracing::info!("stopped accepting; storing what is queued");
-    state.ledger.close();
+    if let Recorder::Local(ledger) = &state.recorder {
+        ledger.close();
+    }
     drop(state);
-    tokio::task::spawn_blocking(move || thread.join())
-        .await
-        .expect("joining the ledger does not panic");
+    if let Some(thread) = thread {
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .expect("joining the ledger does not panic");
+    }
     result.map_err(RunError::Serve)
+}
+
+/// Redis when `--storage.redis-url` is set, else the local ledger on `--storage.path`.
+async fn open_recorder(config: &Config) -> Result<(Recorder, Option<LedgerThread>), RunError> {
+    let (window, max_domains) = (config.dedup_window, config.max_domains);
+    if let Some(url) = &config.redis_url {
+        let redis = RedisLedger::connect(
+            url,
+            &config.redis_prefix,
+            window,
+            max_domains,
+            REDIS_CONNECT_TIMEOUT,
+        )
+        .await
+        .map_err(RunError::Redis)?;
+        return Ok((Recorder::Redis(redis), None));
+    }
+    let (path, sync) = (config.storage_path.clone(), config.storage_sync);
+    // Opening and loading read the whole database: keep it off the async workers.
+    let (ledger, thread) = tokio::task::spawn_blocking(move || {
+        let store = store::open(&path, sync)?;
+        Ledger::start_with_limits(store, window, max_domains)
+    })
+    .await
+    .expect("store loading does not panic")?;
+    Ok((Recorder::Local(ledger), Some(thread)))
 }

@@ -153,12 +153,21 @@ mod tests {
         let t = now + 600;
         assert_eq!(v.verify(t, Some(&sign("old", t)), now), Ok(()));
         assert_eq!(v.verify(t, Some(&sign("new", t)), now), Ok(()));
-        assert_eq!(v.verify(t, Some(&sign("new", t).to_uppercase()), now), Ok(()));
-        assert_eq!(v.verify(t, Some(&sign("other", t)), now), Err(Rejection::BadSignature));
+        assert_eq!(
+            v.verify(t, Some(&sign("new", t).to_uppercase()), now),
+            Ok(())
+        );
+        assert_eq!(
+            v.verify(t, Some(&sign("other", t)), now),
+            Err(Rejection::BadSignature)
+        );
         assert_eq!(v.verify(t, None, now), Err(Rejection::BadSignature));
         assert_eq!(v.verify(t, Some(""), now), Err(Rejection::BadSignature));
         // A sign for another t does not carry over.
-        assert_eq!(v.verify(t, Some(&sign("new", t + 1)), now), Err(Rejection::BadSignature));
+        assert_eq!(
+            v.verify(t, Some(&sign("new", t + 1)), now),
+            Err(Rejection::BadSignature)
+        );
     }
 
     #[test]

@@ -14,7 +14,11 @@ use serde_json::{json, Value};
 use crate::config::SimulateArgs;
 use crate::signature::sign;
 
-const DOMAINS: [&str; 3] = ["push.live-a.example.com", "push.live-b.example.com", "push.games.example.net"];
+const DOMAINS: [&str; 3] = [
+    "push.live-a.example.com",
+    "push.live-b.example.com",
+    "push.games.example.net",
+];
 
 /// (errcode, weight): mostly clients stopping, some operator actions, a tail of faults.
 const ERRCODES: [(i64, u32); 9] = [

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::area::Area;
-use crate::callback::{EventKind, Outcome};
+use crate::callback::{Event, EventKind, Outcome};
 use crate::errcode::ErrCode;
 
 /// A push domain (`app`), shared between the sessions and the series that name it.
@@ -136,6 +136,61 @@ impl Series {
     }
 }
 
+/// One thing an event counts, before it is applied anywhere (to [`Counters`] in memory, or to a
+/// shared store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Count {
+    /// A counter series goes up by one.
+    Inc(Series),
+    /// A histogram series observes a value, in milliseconds (already capped).
+    Observe(Series, u64),
+    /// The last-accepted timestamp moves to this time (unix milliseconds), if later.
+    Touch(i64),
+}
+
+/// Everything an accepted push or disconnect counts: its own counter, its histograms, the
+/// accepted callback, the last-callback time and, when its domain is over the cap, the overflow.
+pub fn tally(event: &Event, domain: Domain, overflow: bool, now_ms: i64) -> Vec<Count> {
+    let mut counts = Vec::with_capacity(6);
+    let Some(s) = event.stream_event() else {
+        return counts;
+    };
+    match event {
+        Event::Push(_) => counts.push(Count::Inc(Series::Pushes(domain, s.area))),
+        Event::Disconnect {
+            errcode,
+            push_duration_ms,
+            ..
+        } => {
+            let errcode = ErrCode::new(*errcode);
+            counts.push(Count::Inc(Series::Disconnects(
+                domain.clone(),
+                s.area,
+                errcode,
+            )));
+            if let Some(ms) = push_duration_ms {
+                let ms = (*ms).clamp(0, MAX_OBSERVATION_MS as i64) as u64;
+                counts.push(Count::Observe(Series::PushDuration(domain, s.area), ms));
+            }
+        }
+        Event::Other { .. } => {}
+    }
+    if let Some(event_time) = s.event_time {
+        let delay_ms = now_ms.saturating_sub(event_time.saturating_mul(1000));
+        let delay_ms = delay_ms.clamp(0, MAX_OBSERVATION_MS as i64) as u64;
+        counts.push(Count::Observe(Series::CallbackDelay, delay_ms));
+    }
+    counts.push(Count::Inc(Series::Callbacks(
+        event.kind(),
+        Outcome::Accepted,
+    )));
+    if overflow {
+        counts.push(Count::Inc(Series::DomainsOverflow));
+    }
+    counts.push(Count::Touch(now_ms));
+    counts
+}
+
 /// One change to the counters, kept so a failed batch can be undone exactly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delta {
@@ -145,6 +200,22 @@ pub enum Delta {
     Observe(Series, u64),
     /// The last-accepted timestamp moved; holds the value before.
     Timestamp { before: i64 },
+}
+
+impl Series {
+    /// Bucket bounds (milliseconds) of a histogram series; `None` for the others.
+    pub fn bounds(&self) -> Option<&'static [u64]> {
+        match self {
+            Series::PushDuration(..) => Some(&PUSH_DURATION_BOUNDS_MS),
+            Series::CallbackDelay => Some(&CALLBACK_DELAY_BOUNDS_MS),
+            _ => None,
+        }
+    }
+
+    /// Index of the bucket `ms` falls in (the last one is above every bound).
+    pub fn bucket(&self, ms: u64) -> usize {
+        Histogram::bucket(self.bounds().unwrap_or(&[]), ms)
+    }
 }
 
 impl Delta {
@@ -213,6 +284,15 @@ impl Counters {
             h.observe(bounds, ms);
         }
         Delta::Observe(series, ms)
+    }
+
+    /// Applies what an event counts; the returned delta undoes it.
+    pub fn apply(&mut self, count: Count) -> Delta {
+        match count {
+            Count::Inc(series) => self.inc(series),
+            Count::Observe(series, ms) => self.observe(series, ms),
+            Count::Touch(now_ms) => self.touch(now_ms),
+        }
     }
 
     /// Moves the last-accepted timestamp forward (never back: delivery order is not time order).
@@ -300,7 +380,7 @@ mod tests {
     fn revert_undoes_exactly() {
         let mut c = Counters::default();
         let d: Domain = "a.example".into();
-        let deltas = vec![
+        let deltas = [
             c.inc(Series::Pushes(d.clone(), Area::Mainland)),
             c.observe(Series::PushDuration(d.clone(), Area::Mainland), 123_456),
             c.observe(Series::CallbackDelay, 7),

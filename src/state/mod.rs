@@ -12,11 +12,10 @@ pub mod rules;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::area::Area;
-use crate::callback::{Event, EventKind, Outcome, StreamEvent, StreamKey};
-use crate::errcode::ErrCode;
+use crate::callback::{Event, EventKind, Outcome, StreamKey};
 use counters::{Counters, Delta, Domain, Series, Value};
-pub use delivered::DeliveryKey;
 use delivered::Delivered;
+pub use delivered::DeliveryKey;
 use rules::{Decision, Effect, Facts, Session};
 
 /// What applying one event changed: enough to persist it and to undo it.
@@ -52,6 +51,28 @@ pub struct Snapshot {
     pub sessions: Vec<(StreamKey, Session)>,
     pub delivered: Vec<(DeliveryKey, i64)>,
     pub series: Vec<(Series, Value)>,
+}
+
+/// What `/metrics` renders: live streams per (domain, area) and every counter.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub live: BTreeMap<(Domain, Area), u64>,
+    pub counters: Counters,
+}
+
+impl View {
+    /// Every (domain, area) that ever had a push is listed, at 0 when nothing is live, so a
+    /// series that drops to 0 stays visible, also after a restart.
+    pub fn live_streams<'a>(
+        live: impl IntoIterator<Item = (&'a (Domain, Area), &'a u64)>,
+        counters: &Counters,
+    ) -> BTreeMap<(Domain, Area), u64> {
+        let mut all: BTreeMap<_, _> = counters.pushes.keys().map(|k| (k.clone(), 0)).collect();
+        for (key, n) in live {
+            *all.entry(key.clone()).or_default() += n;
+        }
+        all
+    }
 }
 
 /// The live picture and the counters: the single source of every metric.
@@ -129,14 +150,17 @@ impl Truth {
         &self.counters
     }
 
-    /// Live streams per (domain, area). Every (domain, area) that ever had a push is listed, at 0
-    /// when nothing is live, so a series that drops to 0 stays visible, also after a restart.
+    /// Live streams per (domain, area); see [`View::live_streams`].
     pub fn live_streams(&self) -> BTreeMap<(Domain, Area), u64> {
-        let mut live: BTreeMap<_, _> = self.counters.pushes.keys().map(|k| (k.clone(), 0)).collect();
-        for (key, n) in &self.live {
-            *live.entry(key.clone()).or_default() += n;
+        View::live_streams(&self.live, &self.counters)
+    }
+
+    /// A copy of what the metrics show.
+    pub fn view(&self) -> View {
+        View {
+            live: self.live_streams(),
+            counters: self.counters.clone(),
         }
-        live
     }
 
     pub fn live_total(&self) -> usize {
@@ -165,19 +189,10 @@ impl Truth {
                     now_ms,
                 ),
         };
-        let now_secs = now_ms.div_euclid(1000);
-        let decision = match event {
-            Event::Push(s) => rules::push(
-                &s.sequence,
-                s.event_time.unwrap_or(now_secs),
-                s.area,
-                facts,
-            ),
-            _ => rules::disconnect(&stream_event.sequence, facts),
-        };
+        let decision = rules::decide(event, facts, now_ms.div_euclid(1000));
         let effect = match decision {
-            Decision::Duplicate => return self.count(kind, Outcome::Duplicate),
-            Decision::Accept(effect) => effect,
+            Some(Decision::Accept(effect)) => effect,
+            _ => return self.count(kind, Outcome::Duplicate),
         };
 
         self.delivered
@@ -188,14 +203,10 @@ impl Truth {
             Effect::Start(s) => Some(self.set_session(&stream_event.stream, Some(s))),
             Effect::End => Some(self.set_session(&stream_event.stream, None)),
         };
-        let mut deltas = self.count_event(event, stream_event, domain, now_ms);
-        if overflow {
-            deltas.push(self.counters.inc(Series::DomainsOverflow));
-        }
-        deltas.push(
-            self.counters
-                .inc(Series::Callbacks(kind, Outcome::Accepted)),
-        );
+        let deltas = counters::tally(event, domain, overflow, now_ms)
+            .into_iter()
+            .map(|count| self.counters.apply(count))
+            .collect();
         Change {
             outcome: Outcome::Accepted,
             delivered: Some(key),
@@ -212,42 +223,6 @@ impl Truth {
             session: None,
             deltas: vec![self.counters.inc(Series::Callbacks(kind, outcome))],
         }
-    }
-
-    fn count_event(
-        &mut self,
-        event: &Event,
-        s: &StreamEvent,
-        domain: Domain,
-        now_ms: i64,
-    ) -> Vec<Delta> {
-        let mut deltas = Vec::with_capacity(5);
-        match event {
-            Event::Push(_) => deltas.push(self.counters.inc(Series::Pushes(domain, s.area))),
-            Event::Disconnect {
-                errcode,
-                push_duration_ms,
-                ..
-            } => {
-                let errcode = ErrCode::new(*errcode);
-                deltas.push(self.counters.inc(Series::Disconnects(
-                    domain.clone(),
-                    s.area,
-                    errcode,
-                )));
-                if let Some(ms) = push_duration_ms {
-                    let series = Series::PushDuration(domain, s.area);
-                    deltas.push(self.counters.observe(series, *ms as u64));
-                }
-            }
-            Event::Other { .. } => {}
-        }
-        if let Some(event_time) = s.event_time {
-            let delay_ms = now_ms.saturating_sub(event_time.saturating_mul(1000)).max(0);
-            deltas.push(self.counters.observe(Series::CallbackDelay, delay_ms as u64));
-        }
-        deltas.push(self.counters.touch(now_ms));
-        deltas
     }
 
     /// Reverses a change; changes of a batch are undone last first.

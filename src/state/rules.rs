@@ -13,15 +13,22 @@ pub enum Sequence {
     Text(Box<str>),
 }
 
-impl From<&str> for Sequence {
-    fn from(s: &str) -> Self {
-        // Only the canonical decimal form becomes a number, so the text round-trips exactly.
+impl Sequence {
+    /// The number a canonical decimal string stands for; only that form becomes a number, so
+    /// the text round-trips exactly.
+    fn canonical_number(s: &str) -> Option<u64> {
         let canonical = !s.is_empty()
             && s.bytes().all(|b| b.is_ascii_digit())
             && (s == "0" || !s.starts_with('0'));
-        match s.parse() {
-            Ok(n) if canonical => Sequence::Number(n),
-            _ => Sequence::Text(s.into()),
+        canonical.then(|| s.parse().ok()).flatten()
+    }
+}
+
+impl From<&str> for Sequence {
+    fn from(s: &str) -> Self {
+        match Sequence::canonical_number(s) {
+            Some(n) => Sequence::Number(n),
+            None => Sequence::Text(s.into()),
         }
     }
 }
@@ -37,19 +44,22 @@ impl fmt::Display for Sequence {
 
 impl PartialEq<str> for Sequence {
     fn eq(&self, other: &str) -> bool {
-        *self == Sequence::from(other)
+        match self {
+            Sequence::Number(n) => Sequence::canonical_number(other) == Some(*n),
+            Sequence::Text(t) => **t == *other,
+        }
     }
 }
 
 impl PartialEq<String> for Sequence {
     fn eq(&self, other: &String) -> bool {
-        *self == Sequence::from(other.as_str())
+        *self == *other.as_str()
     }
 }
 
 impl PartialEq<&str> for Sequence {
     fn eq(&self, other: &&str) -> bool {
-        *self == Sequence::from(*other)
+        *self == **other
     }
 }
 
@@ -93,6 +103,22 @@ pub enum Decision {
     Duplicate,
     /// A new event: counted, with this effect on the live set.
     Accept(Effect),
+}
+
+/// The decision for a push or disconnect (`None` for other events). A push without
+/// `event_time` started `now_secs`.
+pub fn decide(event: &crate::callback::Event, facts: Facts, now_secs: i64) -> Option<Decision> {
+    use crate::callback::Event;
+    match event {
+        Event::Push(s) => Some(push(
+            &s.sequence,
+            s.event_time.unwrap_or(now_secs),
+            s.area,
+            facts,
+        )),
+        Event::Disconnect { session, .. } => Some(disconnect(&session.sequence, facts)),
+        Event::Other { .. } => None,
+    }
 }
 
 /// A push of session `sequence` that started at `since`.
@@ -155,15 +181,23 @@ mod tests {
     #[test]
     fn sequences_are_numbers_when_canonical_and_round_trip() {
         for text in ["6674468118806626493", "0", "18446744073709551615"] {
-            assert!(matches!(Sequence::from(text), Sequence::Number(_)), "{text}");
+            assert!(
+                matches!(Sequence::from(text), Sequence::Number(_)),
+                "{text}"
+            );
             assert_eq!(Sequence::from(text).to_string(), text);
         }
         for text in ["007", "", "abc", "18446744073709551616", "-1", "1 "] {
-            assert!(matches!(Sequence::from(text), Sequence::Text(_)), "{text:?}");
+            assert!(
+                matches!(Sequence::from(text), Sequence::Text(_)),
+                "{text:?}"
+            );
             assert_eq!(Sequence::from(text).to_string(), text);
         }
         assert_ne!(Sequence::from("7"), Sequence::from("07"));
-        assert!(Sequence::from("42") == "42");
+        assert!(Sequence::Number(42) == "42");
+        assert!(Sequence::Number(42) != "042");
+        assert!(Sequence::Text("042".into()) == "042");
     }
 
     #[test]
@@ -198,20 +232,32 @@ mod tests {
             disconnect_seen: true,
             ..facts(None)
         };
-        assert_eq!(push("a", 10, Area::Mainland, f), Decision::Accept(Effect::Keep));
+        assert_eq!(
+            push("a", 10, Area::Mainland, f),
+            Decision::Accept(Effect::Keep)
+        );
         let old = session("z", 5);
         let f = Facts {
             disconnect_seen: true,
             ..facts(Some(&old))
         };
-        assert_eq!(push("a", 10, Area::Mainland, f), Decision::Accept(Effect::End));
+        assert_eq!(
+            push("a", 10, Area::Mainland, f),
+            Decision::Accept(Effect::End)
+        );
     }
 
     #[test]
     fn disconnect_ends_only_its_own_session() {
         let live = session("b", 20);
-        assert_eq!(disconnect("b", facts(Some(&live))), Decision::Accept(Effect::End));
-        assert_eq!(disconnect("a", facts(Some(&live))), Decision::Accept(Effect::Keep));
+        assert_eq!(
+            disconnect("b", facts(Some(&live))),
+            Decision::Accept(Effect::End)
+        );
+        assert_eq!(
+            disconnect("a", facts(Some(&live))),
+            Decision::Accept(Effect::Keep)
+        );
         assert_eq!(disconnect("a", facts(None)), Decision::Accept(Effect::Keep));
     }
 

@@ -196,9 +196,8 @@ impl Store for SqliteStore {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
         let rows = self.with_conn(|conn| {
             let mut snapshot = Snapshot::default();
-            let mut stmt = conn.prepare(
-                "SELECT app, appname, stream_id, sequence, area, since FROM sessions",
-            )?;
+            let mut stmt = conn
+                .prepare("SELECT app, appname, stream_id, sequence, area, since FROM sessions")?;
             let mut rows = stmt.query([])?;
             let mut bad_area = Vec::new();
             while let Some(r) = rows.next()? {
@@ -220,7 +219,8 @@ impl Store for SqliteStore {
                     },
                 ));
             }
-            let mut stmt = conn.prepare("SELECT sequence, event_type, expires_ms FROM delivered")?;
+            let mut stmt =
+                conn.prepare("SELECT sequence, event_type, expires_ms FROM delivered")?;
             let mut rows = stmt.query([])?;
             while let Some(r) = rows.next()? {
                 let sequence: String = r.get(0)?;

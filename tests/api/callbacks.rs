@@ -28,7 +28,9 @@ async fn body_is_json_whatever_the_content_type() {
     assert_eq!(app.post_raw(body, "text/plain").await.status, 200);
     let body = signed(sample("disconnect")).to_string().into_bytes();
     assert_eq!(
-        app.post_raw(body, "application/x-www-form-urlencoded").await.status,
+        app.post_raw(body, "application/x-www-form-urlencoded")
+            .await
+            .status,
         200
     );
 }
@@ -43,8 +45,14 @@ async fn retries_are_acknowledged_and_counted_once() {
     // A retry may carry a fresh t and sign: still the same event.
     assert_eq!(app.post(&signed(sample("push"))).await.status, 200);
     let s = app.scrape().await;
-    assert_eq!(s.value(CALLBACKS, &[("event", "push"), ("outcome", "accepted")]), 1.0);
-    assert_eq!(s.value(CALLBACKS, &[("event", "push"), ("outcome", "duplicate")]), 3.0);
+    assert_eq!(
+        s.value(CALLBACKS, &[("event", "push"), ("outcome", "accepted")]),
+        1.0
+    );
+    assert_eq!(
+        s.value(CALLBACKS, &[("event", "push"), ("outcome", "duplicate")]),
+        3.0
+    );
     assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
     assert_eq!(s.sum("tencent_css_active_streams", &[]), 1.0);
 }
@@ -55,11 +63,18 @@ async fn other_event_types_are_acknowledged_and_ignored() {
     for event_type in [100, 200, 314, 321, 999] {
         let body = signed(json!({"event_type": event_type, "stream_id": "x"}));
         let answer = app.post(&body).await;
-        assert_eq!(answer.status, 200, "event_type {event_type}: {}", answer.body);
+        assert_eq!(
+            answer.status, 200,
+            "event_type {event_type}: {}",
+            answer.body
+        );
         assert_eq!(answer.body, r#"{"code":0}"#);
     }
     let s = app.scrape().await;
-    assert_eq!(s.value(CALLBACKS, &[("event", "other"), ("outcome", "ignored")]), 5.0);
+    assert_eq!(
+        s.value(CALLBACKS, &[("event", "other"), ("outcome", "ignored")]),
+        5.0
+    );
     assert_eq!(s.sum("tencent_css_pushes_total", &[]), 0.0);
 }
 
@@ -77,7 +92,10 @@ async fn string_typed_numbers_are_accepted() {
     assert_eq!(answer.status, 200, "{}", answer.body);
     let s = app.scrape().await;
     assert_eq!(
-        s.value("tencent_css_pushes_total", &[("domain", "test.domain.com"), ("area", "mainland")]),
+        s.value(
+            "tencent_css_pushes_total",
+            &[("domain", "test.domain.com"), ("area", "mainland")]
+        ),
         1.0
     );
 }
@@ -106,8 +124,14 @@ async fn missing_required_fields_is_400_and_changes_nothing() {
         assert!(answer.body.contains(field), "{}", answer.body);
     }
     let s = app.scrape().await;
-    assert_eq!(s.value(CALLBACKS, &[("event", "push"), ("outcome", "malformed")]), 4.0);
-    assert_eq!(s.value(CALLBACKS, &[("event", "unknown"), ("outcome", "malformed")]), 1.0);
+    assert_eq!(
+        s.value(CALLBACKS, &[("event", "push"), ("outcome", "malformed")]),
+        4.0
+    );
+    assert_eq!(
+        s.value(CALLBACKS, &[("event", "unknown"), ("outcome", "malformed")]),
+        1.0
+    );
     assert_eq!(s.sum("tencent_css_pushes_total", &[]), 0.0);
     assert_eq!(s.sum("tencent_css_active_streams", &[]), 0.0);
 }
@@ -127,7 +151,13 @@ async fn bad_or_missing_sign_is_401() {
         assert_eq!(answer.status, 401, "{body}");
     }
     let s = app.scrape().await;
-    assert_eq!(s.value(CALLBACKS, &[("event", "push"), ("outcome", "bad_signature")]), 4.0);
+    assert_eq!(
+        s.value(
+            CALLBACKS,
+            &[("event", "push"), ("outcome", "bad_signature")]
+        ),
+        4.0
+    );
     assert_eq!(s.sum("tencent_css_pushes_total", &[]), 0.0);
 }
 
@@ -154,10 +184,16 @@ async fn expired_and_future_t_are_401() {
     assert_eq!(app.post(&expired).await.status, 401);
     assert_eq!(app.post(&future).await.status, 401);
     let s = app.scrape().await;
-    assert_eq!(s.value(CALLBACKS, &[("event", "push"), ("outcome", "expired")]), 2.0);
+    assert_eq!(
+        s.value(CALLBACKS, &[("event", "push"), ("outcome", "expired")]),
+        2.0
+    );
     assert_eq!(s.sum("tencent_css_pushes_total", &[]), 0.0);
     // Just inside the window both ways.
-    assert_eq!(app.post(&with_t(sample("push"), now() - 30)).await.status, 200);
+    assert_eq!(
+        app.post(&with_t(sample("push"), now() - 30)).await.status,
+        200
+    );
     let mut other = sample("push");
     other["sequence"] = json!("2");
     assert_eq!(app.post(&with_t(other, now() + 800)).await.status, 200);
@@ -177,7 +213,10 @@ async fn window_flags_change_the_window() {
         ..Default::default()
     })
     .await;
-    assert_eq!(app.post(&with_t(sample("push"), now() - 300)).await.status, 200);
+    assert_eq!(
+        app.post(&with_t(sample("push"), now() - 300)).await.status,
+        200
+    );
     let mut other = sample("push");
     other["sequence"] = json!("2");
     assert_eq!(app.post(&with_t(other, now() + 3000)).await.status, 200);
@@ -193,9 +232,19 @@ async fn any_of_several_keys_verifies() {
     let mut second = sample("push");
     second["sequence"] = json!("2");
     second["stream_id"] = json!("other");
-    assert_eq!(app.post(&signed_with(sample("push"), "oldKey")).await.status, 200);
+    assert_eq!(
+        app.post(&signed_with(sample("push"), "oldKey"))
+            .await
+            .status,
+        200
+    );
     assert_eq!(app.post(&signed_with(second, "newKey")).await.status, 200);
-    assert_eq!(app.post(&signed_with(sample("push"), "retiredKey")).await.status, 401);
+    assert_eq!(
+        app.post(&signed_with(sample("push"), "retiredKey"))
+            .await
+            .status,
+        401
+    );
     let s = app.scrape().await;
     assert_eq!(s.sum("tencent_css_active_streams", &[]), 2.0);
 }
@@ -232,7 +281,11 @@ async fn body_over_64_kib_is_413() {
 #[tokio::test]
 async fn other_methods_are_405() {
     let app = spawn_app().await;
-    for method in [reqwest::Method::GET, reqwest::Method::PUT, reqwest::Method::DELETE] {
+    for method in [
+        reqwest::Method::GET,
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+    ] {
         let response = app
             .http
             .request(method.clone(), &app.callback_url)

@@ -28,7 +28,11 @@ fn sessions(n: usize) -> Vec<Session> {
     (0..n)
         .map(|i| {
             let domain = format!("d{}.example.com", i % 4);
-            let (set_id, area) = if i % 3 == 0 { (9, "overseas") } else { (2, "mainland") };
+            let (set_id, area) = if i % 3 == 0 {
+                (9, "overseas")
+            } else {
+                (2, "mainland")
+            };
             let (stream, seq) = (format!("stream{i}"), format!("{}", 9_000_000 + i));
             let errcode = match i % 4 {
                 0 => None,
@@ -92,7 +96,12 @@ fn observed(s: &Scrape) -> Expected {
             .collect(),
         disconnects: pick("tencent_css_disconnects_total")
             .into_iter()
-            .map(|(l, v)| ((l["domain"].clone(), l["area"].clone(), l["errcode"].clone()), v))
+            .map(|(l, v)| {
+                (
+                    (l["domain"].clone(), l["area"].clone(), l["errcode"].clone()),
+                    v,
+                )
+            })
             .collect(),
     }
 }
@@ -103,12 +112,19 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event() {
     let mut exporter = Exporter::start_on(free_port(), db_args(&dir)).await;
     let sessions = Arc::new(sessions(2000));
     // Per session: (push answer, disconnect answer): Some(true) = 200, Some(false) = no 200.
-    let answers = Arc::new(Mutex::new(vec![(None::<bool>, None::<bool>); sessions.len()]));
+    let answers = Arc::new(Mutex::new(vec![
+        (None::<bool>, None::<bool>);
+        sessions.len()
+    ]));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut workers = Vec::new();
     for _ in 0..16 {
-        let (client, sessions, answers, next) =
-            (exporter.client.clone(), sessions.clone(), answers.clone(), next.clone());
+        let (client, sessions, answers, next) = (
+            exporter.client.clone(),
+            sessions.clone(),
+            answers.clone(),
+            next.clone(),
+        );
         workers.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -140,12 +156,18 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event() {
         .iter()
         .map(|(p, d)| (p.is_some(), d.is_some()))
         .collect();
-    let n_acked = acked.iter().map(|(p, d)| *p as usize + *d as usize).sum::<usize>();
+    let n_acked = acked
+        .iter()
+        .map(|(p, d)| *p as usize + *d as usize)
+        .sum::<usize>();
     let n_unanswered = answers
         .iter()
         .map(|(p, d)| (*p == Some(false)) as usize + (*d == Some(false)) as usize)
         .sum::<usize>();
-    assert!(n_acked > 500, "too little traffic before the kill: {n_acked}");
+    assert!(
+        n_acked > 500,
+        "too little traffic before the kill: {n_acked}"
+    );
     assert!(n_unanswered > 0, "the kill hit no request in flight");
 
     let mut exporter = Exporter::start_on(exporter.port, exporter.args.clone()).await;
@@ -178,7 +200,10 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event() {
     }
     let s = exporter.scrape().await;
     assert_eq!(observed(&s), expected(&sessions, &sent));
-    let n_sent = sent.iter().map(|(p, d)| *p as usize + *d as usize).sum::<usize>();
+    let n_sent = sent
+        .iter()
+        .map(|(p, d)| *p as usize + *d as usize)
+        .sum::<usize>();
     assert_eq!(n_sent, n_acked + n_unanswered);
     assert_eq!(
         s.sum("tencent_css_callbacks_total", &[("outcome", "accepted")]),
@@ -200,17 +225,47 @@ async fn sigterm_restart_keeps_every_metric() {
     let d = "restart.example.com";
     for (i, code) in [1, 8, 12, 18, 21].into_iter().enumerate() {
         let (stream, seq) = (format!("s{i}"), format!("q{i}"));
-        assert_eq!(exporter.post(&signed(push(d, &stream, &seq, 1 + i as i64 * 40))).await.status, 200);
-        assert_eq!(exporter.post(&signed(disconnect(d, &stream, &seq, 1, code))).await.status, 200);
+        assert_eq!(
+            exporter
+                .post(&signed(push(d, &stream, &seq, 1 + i as i64 * 40)))
+                .await
+                .status,
+            200
+        );
+        assert_eq!(
+            exporter
+                .post(&signed(disconnect(d, &stream, &seq, 1, code)))
+                .await
+                .status,
+            200
+        );
     }
     for i in 0..3 {
         let body = signed(push(d, &format!("live{i}"), &format!("L{i}"), 9));
         assert_eq!(exporter.post(&body).await.status, 200);
         assert_eq!(exporter.post(&body).await.status, 200, "duplicate");
     }
-    assert_eq!(exporter.post(&signed_with(sample("push"), "forged")).await.status, 401);
-    assert_eq!(exporter.post(&signed(serde_json::json!({"event_type": 100}))).await.status, 200);
-    assert_eq!(exporter.post_raw(b"garbage".to_vec(), "text/plain").await.status, 400);
+    assert_eq!(
+        exporter
+            .post(&signed_with(sample("push"), "forged"))
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        exporter
+            .post(&signed(serde_json::json!({"event_type": 100})))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        exporter
+            .post_raw(b"garbage".to_vec(), "text/plain")
+            .await
+            .status,
+        400
+    );
     let before = exporter.scrape().await;
     assert_eq!(before.sum("tencent_css_active_streams", &[]), 3.0);
 
@@ -225,7 +280,10 @@ async fn sigterm_restart_keeps_every_metric() {
     let s = exporter.scrape().await;
     assert_eq!(s.sum("tencent_css_pushes_total", &[]), 8.0);
     assert_eq!(
-        s.value("tencent_css_callbacks_total", &[("event", "push"), ("outcome", "duplicate")]),
+        s.value(
+            "tencent_css_callbacks_total",
+            &[("event", "push"), ("outcome", "duplicate")]
+        ),
         4.0
     );
     exporter.terminate();
@@ -292,17 +350,26 @@ async fn locked_database_answers_503_then_recovers() {
     assert_eq!(ready.status, 503);
     assert!(ready.body.contains("locked"), "{}", ready.body);
     let s = app.scrape().await;
-    assert_eq!(s.sum("tencent_css_active_streams", &[]), 1.0, "nothing changed");
+    assert_eq!(
+        s.sum("tencent_css_active_streams", &[]),
+        1.0,
+        "nothing changed"
+    );
     assert_eq!(s.sum("tencent_css_disconnects_total", &[]), 0.0);
     assert_eq!(
-        s.value("tencent_css_callbacks_total", &[("event", "disconnect"), ("outcome", "error")]),
+        s.value(
+            "tencent_css_callbacks_total",
+            &[("event", "disconnect"), ("outcome", "error")]
+        ),
         1.0
     );
 
     blocker.execute_batch("ROLLBACK;").unwrap();
-    eventually(Duration::from_secs(10), "readiness after the lock is gone", || async {
-        app.ready().await.status == 200
-    })
+    eventually(
+        Duration::from_secs(10),
+        "readiness after the lock is gone",
+        || async { app.ready().await.status == 200 },
+    )
     .await;
     // Tencent's retry now goes through, once.
     assert_eq!(app.post(&bye).await.status, 200);
@@ -347,7 +414,11 @@ async fn read_only_database_answers_503_until_writable_again() {
     let start = || {
         let mut cmd = binary();
         cmd.env("CSS_CALLBACK_KEY", KEY)
-            .args(["--web.listen-address", &format!("127.0.0.1:{port}"), "--storage.path"])
+            .args([
+                "--web.listen-address",
+                &format!("127.0.0.1:{port}"),
+                "--storage.path",
+            ])
             .arg(&db);
         unprivileged(&mut cmd);
         let addr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -362,7 +433,12 @@ async fn read_only_database_answers_503_until_writable_again() {
         let client = e.client.clone();
         async move {
             eventually(Duration::from_secs(20), "exporter up", || async {
-                client.http.get(format!("{}/healthz", client.metrics_base)).send().await.is_ok()
+                client
+                    .http
+                    .get(format!("{}/healthz", client.metrics_base))
+                    .send()
+                    .await
+                    .is_ok()
             })
             .await
         }
@@ -370,7 +446,13 @@ async fn read_only_database_answers_503_until_writable_again() {
     // A first run creates the database and records a live stream.
     let mut exporter = start();
     wait_up(&exporter).await;
-    assert_eq!(exporter.post(&signed(push("ro.example.com", "s", "q1", 1))).await.status, 200);
+    assert_eq!(
+        exporter
+            .post(&signed(push("ro.example.com", "s", "q1", 1)))
+            .await
+            .status,
+        200
+    );
     assert_eq!(exporter.terminate().code(), Some(0));
 
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap();
@@ -386,16 +468,30 @@ async fn read_only_database_answers_503_until_writable_again() {
     let ready = exporter.ready().await;
     assert_eq!(ready.status, 503);
     assert!(ready.body.contains("readonly"), "{}", ready.body);
-    assert_eq!(exporter.scrape().await.sum("tencent_css_active_streams", &[]), 1.0);
+    assert_eq!(
+        exporter
+            .scrape()
+            .await
+            .sum("tencent_css_active_streams", &[]),
+        1.0
+    );
 
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
     let client = exporter.client.clone();
-    eventually(Duration::from_secs(10), "recovery once writable", || async {
-        client.ready().await.status == 200
-    })
+    eventually(
+        Duration::from_secs(10),
+        "recovery once writable",
+        || async { client.ready().await.status == 200 },
+    )
     .await;
     assert_eq!(exporter.post(&bye).await.status, 200);
-    assert_eq!(exporter.scrape().await.sum("tencent_css_active_streams", &[]), 0.0);
+    assert_eq!(
+        exporter
+            .scrape()
+            .await
+            .sum("tencent_css_active_streams", &[]),
+        0.0
+    );
     assert_eq!(exporter.terminate().code(), Some(0));
 }
 
@@ -428,6 +524,9 @@ async fn expired_delivery_keys_are_purged_from_the_database() {
     }
     // 600 unique events went in, but never much more than the last window's worth is kept.
     assert!(peak <= 300, "delivered keys grew to {peak}");
-    eventually(Duration::from_secs(10), "all keys purged", || async { count() == 0 }).await;
+    eventually(Duration::from_secs(10), "all keys purged", || async {
+        count() == 0
+    })
+    .await;
     app.stop().await.unwrap();
 }

@@ -118,7 +118,10 @@ impl Scrape {
     /// The value of the series `name` whose labels include all of `labels`; panics if several.
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let found: Vec<_> = self.matching(name, labels).collect();
-        assert!(found.len() <= 1, "{name} {labels:?} is ambiguous: {found:?}");
+        assert!(
+            found.len() <= 1,
+            "{name} {labels:?} is ambiguous: {found:?}"
+        );
         found.first().map(|s| s.value)
     }
 
@@ -297,14 +300,9 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     let (stop, stopped) = oneshot::channel::<()>();
     let config = cli.config;
     let task = tokio::spawn(async move {
-        tencent_css_exporter::run(
-            &config,
-            keys,
-            Listeners { callback, metrics },
-            async move {
-                let _ = stopped.await;
-            },
-        )
+        tencent_css_exporter::run(&config, keys, Listeners { callback, metrics }, async move {
+            let _ = stopped.await;
+        })
         .await
     });
     let client = Client::new(callback_addr, metrics_addr);
@@ -451,7 +449,10 @@ impl Exporter {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "exporter did not stop on SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "exporter did not stop on SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -474,5 +475,98 @@ where
     while !check().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether an outside program is on the PATH. In CI (`CI=true`) a missing one fails the test;
+/// elsewhere the test is skipped with a printed reason.
+pub fn require_program(program: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{program} is required in CI but is not installed");
+        }
+        eprintln!("skipping: {program} is not installed");
+    }
+    found
+}
+
+/// A `redis-server` of the test's own, on a free port, with an append-only file written on
+/// every command so that a restart keeps everything acknowledged.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// `None` (after printing why) when redis-server is missing outside CI.
+    pub async fn start() -> Option<RedisServer> {
+        if !require_program("redis-server") {
+            return None;
+        }
+        let mut server = RedisServer {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        server.spawn().await;
+        Some(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not come up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the server (its data stays in the append-only file).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

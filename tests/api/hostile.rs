@@ -31,7 +31,12 @@ async fn closed_within(stream: &mut TcpStream, timeout: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_do_not_delay_a_real_callback_and_get_closed() {
     let app = spawn_app_with(AppOptions {
-        args: args(&["--web.read-header-timeout", "3s", "--web.request-timeout", "4s"]),
+        args: args(&[
+            "--web.read-header-timeout",
+            "3s",
+            "--web.request-timeout",
+            "4s",
+        ]),
         ..Default::default()
     })
     .await;
@@ -52,7 +57,10 @@ async fn slow_clients_do_not_delay_a_real_callback_and_get_closed() {
         let mut s = TcpStream::connect(addr).await.unwrap();
         trickle.push(tokio::spawn(async move {
             let started = Instant::now();
-            for byte in b"POST /callback HTTP/1.1\r\nHost: x\r\nX-Slow: ".iter().cycle() {
+            for byte in b"POST /callback HTTP/1.1\r\nHost: x\r\nX-Slow: "
+                .iter()
+                .cycle()
+            {
                 if s.write_all(&[*byte]).await.is_err() {
                     return Some(started.elapsed());
                 }
@@ -78,10 +86,16 @@ async fn slow_clients_do_not_delay_a_real_callback_and_get_closed() {
 
     // And every abusive connection is closed by the server.
     for s in idle.iter_mut() {
-        assert!(closed_within(s, Duration::from_secs(10)).await, "idle connection left open");
+        assert!(
+            closed_within(s, Duration::from_secs(10)).await,
+            "idle connection left open"
+        );
     }
     for s in no_body.iter_mut() {
-        assert!(closed_within(s, Duration::from_secs(10)).await, "bodiless request left open");
+        assert!(
+            closed_within(s, Duration::from_secs(10)).await,
+            "bodiless request left open"
+        );
     }
     for t in trickle {
         let closed_after = t.await.unwrap().expect("trickling connection left open");
@@ -90,7 +104,10 @@ async fn slow_clients_do_not_delay_a_real_callback_and_get_closed() {
     let s = app.scrape().await;
     // Bodiless requests are answered 408 and counted as malformed callbacks.
     assert_eq!(
-        s.value("tencent_css_callbacks_total", &[("event", "unknown"), ("outcome", "malformed")]),
+        s.value(
+            "tencent_css_callbacks_total",
+            &[("event", "unknown"), ("outcome", "malformed")]
+        ),
         150.0
     );
 }
@@ -98,7 +115,12 @@ async fn slow_clients_do_not_delay_a_real_callback_and_get_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cap_queues_new_connections_until_a_slot_frees() {
     let app = spawn_app_with(AppOptions {
-        args: args(&["--web.max-connections", "20", "--web.read-header-timeout", "1s"]),
+        args: args(&[
+            "--web.max-connections",
+            "20",
+            "--web.read-header-timeout",
+            "1s",
+        ]),
         ..Default::default()
     })
     .await;
@@ -141,8 +163,13 @@ async fn domains_past_the_cap_are_counted_under_other() {
     .await;
     for i in 0..6 {
         let domain = format!("d{i}.example.com");
-        let answer = app.post(&signed(push(&domain, "s", &format!("q{i}"), 1))).await;
-        assert_eq!(answer.status, 200, "events beyond the cap are still recorded");
+        let answer = app
+            .post(&signed(push(&domain, "s", &format!("q{i}"), 1)))
+            .await;
+        assert_eq!(
+            answer.status, 200,
+            "events beyond the cap are still recorded"
+        );
     }
     let bye = signed(disconnect("d5.example.com", "s", "q5", 1, 8));
     assert_eq!(app.post(&bye).await.status, 200);
@@ -153,13 +180,21 @@ async fn domains_past_the_cap_are_counted_under_other() {
         .collect();
     assert_eq!(
         domains.into_iter().collect::<Vec<_>>(),
-        ["_other", "d0.example.com", "d1.example.com", "d2.example.com"]
+        [
+            "_other",
+            "d0.example.com",
+            "d1.example.com",
+            "d2.example.com"
+        ]
     );
     let other = [("domain", "_other"), ("area", "mainland")];
     assert_eq!(s.value("tencent_css_pushes_total", &other), 3.0);
     assert_eq!(s.value("tencent_css_active_streams", &other), 2.0);
     assert_eq!(
-        s.value("tencent_css_disconnects_total", &[("domain", "_other"), ("errcode", "8")]),
+        s.value(
+            "tencent_css_disconnects_total",
+            &[("domain", "_other"), ("errcode", "8")]
+        ),
         1.0
     );
     assert_eq!(s.get("tencent_css_domains_overflow_total", &[]), Some(4.0));
@@ -172,8 +207,18 @@ async fn domains_past_the_cap_are_counted_under_other() {
         ..Default::default()
     })
     .await;
-    assert_eq!(app.post(&signed(disconnect("d4.example.com", "s", "q4", 1, 1))).await.status, 200);
-    assert_eq!(app.post(&signed(push("d1.example.com", "t", "q9", 1))).await.status, 200);
+    assert_eq!(
+        app.post(&signed(disconnect("d4.example.com", "s", "q4", 1, 1)))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        app.post(&signed(push("d1.example.com", "t", "q9", 1)))
+            .await
+            .status,
+        200
+    );
     let s = app.scrape().await;
     assert_eq!(s.value("tencent_css_active_streams", &other), 1.0);
     assert_eq!(

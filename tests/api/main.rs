@@ -7,5 +7,6 @@ mod durability;
 mod helpers;
 mod hostile;
 mod metrics;
+mod replicas;
 mod startup;
 mod truth_rules;

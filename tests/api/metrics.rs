@@ -9,7 +9,13 @@ async fn every_metric_and_label_after_the_sample_session() {
     push["event_time"] = serde_json::json!(now() - 2);
     assert_eq!(app.post(&signed(push)).await.status, 200);
     let mid = app.scrape().await;
-    assert_eq!(mid.value("tencent_css_active_streams", &[("domain", "test.domain.com"), ("area", "mainland")]), 1.0);
+    assert_eq!(
+        mid.value(
+            "tencent_css_active_streams",
+            &[("domain", "test.domain.com"), ("area", "mainland")]
+        ),
+        1.0
+    );
     assert_eq!(app.post(&signed(sample("disconnect"))).await.status, 200);
     let s = app.scrape().await;
     let dm = [("domain", "test.domain.com"), ("area", "mainland")];
@@ -24,36 +30,67 @@ async fn every_metric_and_label_after_the_sample_session() {
         Some(1.0)
     );
     // push_duration "128581" ms lands in the 5m bucket, not the 1m one.
-    let bucket = |le| s.get("tencent_css_push_duration_seconds_bucket", &[dm[0], dm[1], ("le", le)]);
+    let bucket = |le| {
+        s.get(
+            "tencent_css_push_duration_seconds_bucket",
+            &[dm[0], dm[1], ("le", le)],
+        )
+    };
     assert_eq!(bucket("60"), Some(0.0));
     assert_eq!(bucket("300"), Some(1.0));
     assert_eq!(bucket("86400"), Some(1.0));
     assert_eq!(bucket("+Inf"), Some(1.0));
-    assert_eq!(s.get("tencent_css_push_duration_seconds_sum", &dm), Some(128.581));
-    assert_eq!(s.get("tencent_css_push_duration_seconds_count", &dm), Some(1.0));
+    assert_eq!(
+        s.get("tencent_css_push_duration_seconds_sum", &dm),
+        Some(128.581)
+    );
+    assert_eq!(
+        s.get("tencent_css_push_duration_seconds_count", &dm),
+        Some(1.0)
+    );
     let les: Vec<_> = s
         .matching("tencent_css_push_duration_seconds_bucket", &dm)
         .map(|b| b.labels["le"].clone())
         .collect();
     assert_eq!(
         les,
-        ["10", "30", "60", "300", "900", "1800", "3600", "7200", "14400", "28800", "86400", "+Inf"]
+        [
+            "10", "30", "60", "300", "900", "1800", "3600", "7200", "14400", "28800", "86400",
+            "+Inf"
+        ]
     );
 
     for event in ["push", "disconnect"] {
         assert_eq!(
-            s.get("tencent_css_callbacks_total", &[("event", event), ("outcome", "accepted")]),
+            s.get(
+                "tencent_css_callbacks_total",
+                &[("event", event), ("outcome", "accepted")]
+            ),
             Some(1.0)
         );
     }
     // The push's event_time was 2 s ago; the sample disconnect's is from 2018.
-    assert_eq!(s.get("tencent_css_callback_delay_seconds_count", &[]), Some(2.0));
-    assert_eq!(s.get("tencent_css_callback_delay_seconds_bucket", &[("le", "1")]), Some(0.0));
-    assert_eq!(s.get("tencent_css_callback_delay_seconds_bucket", &[("le", "5")]), Some(1.0));
-    let last = s.get("tencent_css_last_callback_timestamp_seconds", &[]).unwrap();
+    assert_eq!(
+        s.get("tencent_css_callback_delay_seconds_count", &[]),
+        Some(2.0)
+    );
+    assert_eq!(
+        s.get("tencent_css_callback_delay_seconds_bucket", &[("le", "1")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        s.get("tencent_css_callback_delay_seconds_bucket", &[("le", "5")]),
+        Some(1.0)
+    );
+    let last = s
+        .get("tencent_css_last_callback_timestamp_seconds", &[])
+        .unwrap();
     assert!((last - now() as f64).abs() < 5.0, "{last}");
     assert_eq!(
-        s.get("tencent_css_exporter_build_info", &[("version", env!("CARGO_PKG_VERSION"))]),
+        s.get(
+            "tencent_css_exporter_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
         Some(1.0)
     );
     assert!(s.get("process_resident_memory_bytes", &[]).unwrap() > 0.0);
@@ -70,10 +107,19 @@ async fn every_metric_and_label_after_the_sample_session() {
         ("tencent_css_last_callback_timestamp_seconds", "gauge"),
         ("tencent_css_exporter_build_info", "gauge"),
     ] {
-        assert!(s.text.contains(&format!("# TYPE {family} {kind}\n")), "{family}");
+        assert!(
+            s.text.contains(&format!("# TYPE {family} {kind}\n")),
+            "{family}"
+        );
         assert!(s.text.contains(&format!("# HELP {family} ")), "{family}");
     }
-    for leak in ["test_stream", "119.29.94.245", "100.121.160.92", "6674468118806626493", "stopped"] {
+    for leak in [
+        "test_stream",
+        "119.29.94.245",
+        "100.121.160.92",
+        "6674468118806626493",
+        "stopped",
+    ] {
         assert!(!s.text.contains(leak), "{leak} leaked into /metrics");
     }
 }
@@ -106,14 +152,27 @@ async fn errcodes_are_classified_and_bounded() {
 async fn callback_outcomes_exist_at_zero_from_the_start() {
     let app = spawn_app().await;
     let s = app.scrape().await;
-    for outcome in ["accepted", "duplicate", "bad_signature", "expired", "malformed", "error"] {
+    for outcome in [
+        "accepted",
+        "duplicate",
+        "bad_signature",
+        "expired",
+        "malformed",
+        "error",
+    ] {
         assert_eq!(
-            s.get("tencent_css_callbacks_total", &[("event", "push"), ("outcome", outcome)]),
+            s.get(
+                "tencent_css_callbacks_total",
+                &[("event", "push"), ("outcome", outcome)]
+            ),
             Some(0.0),
             "{outcome}"
         );
     }
-    assert_eq!(s.get("tencent_css_last_callback_timestamp_seconds", &[]), Some(0.0));
+    assert_eq!(
+        s.get("tencent_css_last_callback_timestamp_seconds", &[]),
+        Some(0.0)
+    );
 }
 
 #[tokio::test]
@@ -128,8 +187,13 @@ async fn metrics_can_move_to_a_separate_listener() {
     let s = app.scrape().await;
     assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
     for path in ["/metrics", "/healthz", "/readyz"] {
-        let public = app.get(&format!("http://{}{path}", app.callback_addr)).await;
-        assert_eq!(public.status, 404, "{path} must not be on the callback listener");
+        let public = app
+            .get(&format!("http://{}{path}", app.callback_addr))
+            .await;
+        assert_eq!(
+            public.status, 404,
+            "{path} must not be on the callback listener"
+        );
         let private = app.get(&format!("http://{}{path}", app.metrics_addr)).await;
         assert_eq!(private.status, 200, "{path}");
     }
@@ -151,7 +215,12 @@ async fn landing_health_and_readiness() {
     for link in ["/metrics", "/healthz", "/readyz", "/callback"] {
         assert!(landing.body.contains(link), "landing page lacks {link}");
     }
-    assert_eq!(app.get(&format!("http://{}/healthz", app.callback_addr)).await.status, 200);
+    assert_eq!(
+        app.get(&format!("http://{}/healthz", app.callback_addr))
+            .await
+            .status,
+        200
+    );
     assert_eq!(app.ready().await.status, 200);
 }
 
@@ -162,14 +231,26 @@ async fn simulate_moves_the_metrics_of_a_running_exporter() {
     let output = tokio::task::spawn_blocking(move || {
         binary()
             .env("CSS_CALLBACK_KEY", KEY)
-            .args(["simulate", "--target", &url, "--streams", "6", "--duration", "3s"])
+            .args([
+                "simulate",
+                "--target",
+                &url,
+                "--streams",
+                "6",
+                "--duration",
+                "3s",
+            ])
             .output()
             .unwrap()
     })
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("push"), "{stdout}");
     let s = app.scrape().await;
     let pushes = s.sum("tencent_css_pushes_total", &[]);
@@ -179,9 +260,16 @@ async fn simulate_moves_the_metrics_of_a_running_exporter() {
     // Every stream is pushed again after each disconnect: all 6 are live at the end.
     assert_eq!(s.sum("tencent_css_active_streams", &[]), 6.0);
     assert_eq!(pushes - disconnects, 6.0);
-    assert!(s.matching("tencent_css_active_streams", &[("area", "overseas")]).count() > 0);
+    assert!(
+        s.matching("tencent_css_active_streams", &[("area", "overseas")])
+            .count()
+            > 0
+    );
     assert_eq!(
-        s.sum("tencent_css_callbacks_total", &[("outcome", "bad_signature")]),
+        s.sum(
+            "tencent_css_callbacks_total",
+            &[("outcome", "bad_signature")]
+        ),
         0.0
     );
 }

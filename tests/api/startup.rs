@@ -7,7 +7,12 @@ use crate::helpers::*;
 #[test]
 fn refuses_to_start_without_a_key() {
     let output = binary()
-        .args(["--web.listen-address", "127.0.0.1:0", "--storage.path", ":memory:"])
+        .args([
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--storage.path",
+            ":memory:",
+        ])
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -66,7 +71,14 @@ async fn key_file_keys_verify_and_are_never_logged() {
     let port = free_port();
     let log = dir.path().join("log");
     let child = binary()
-        .args(["--storage.path", ":memory:", "--log.level", "debug", "--log.format", "json"])
+        .args([
+            "--storage.path",
+            ":memory:",
+            "--log.level",
+            "debug",
+            "--log.format",
+            "json",
+        ])
         .arg("--web.listen-address")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--callback.key-file")
@@ -84,13 +96,24 @@ async fn key_file_keys_verify_and_are_never_logged() {
         args: vec![],
     };
     eventually(std::time::Duration::from_secs(20), "readiness", || async {
-        exporter.http.get(format!("{}/readyz", exporter.metrics_base)).send().await.is_ok()
+        exporter
+            .http
+            .get(format!("{}/readyz", exporter.metrics_base))
+            .send()
+            .await
+            .is_ok()
     })
     .await;
     let body = signed_with(sample("push"), "fileKeyB");
     let sign = body["sign"].as_str().unwrap().to_string();
     assert_eq!(exporter.post(&body).await.status, 200);
-    assert_eq!(exporter.post(&signed_with(sample("push"), "bogus")).await.status, 401);
+    assert_eq!(
+        exporter
+            .post(&signed_with(sample("push"), "bogus"))
+            .await
+            .status,
+        401
+    );
     assert!(exporter.terminate().success());
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("callback refused"), "{log}");

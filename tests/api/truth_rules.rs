@@ -25,7 +25,10 @@ async fn push_then_disconnect_of_the_sample_session() {
     let s = app.scrape().await;
     // The series stays, at 0.
     assert_eq!(
-        s.get(ACTIVE, &[("domain", "test.domain.com"), ("area", "mainland")]),
+        s.get(
+            ACTIVE,
+            &[("domain", "test.domain.com"), ("area", "mainland")]
+        ),
         Some(0.0)
     );
 }
@@ -60,7 +63,10 @@ async fn disconnect_of_an_older_session_does_not_end_the_newer_one() {
     let s = app.scrape().await;
     assert_eq!(s.sum(ACTIVE, &[]), 1.0);
     assert_eq!(
-        s.value("tencent_css_disconnects_total", &[("errcode", "21"), ("reason", "operator")]),
+        s.value(
+            "tencent_css_disconnects_total",
+            &[("errcode", "21"), ("reason", "operator")]
+        ),
         1.0
     );
 }

@@ -1,0 +1,56 @@
+//! Where verified callbacks are recorded: the local ledger (memory or SQLite, one process) or
+//! Redis (the truth shared by several replicas). The HTTP side sees one interface.
+
+use std::sync::Arc;
+
+use crate::callback::{Event, EventKind, Outcome};
+use crate::ledger::{Ledger, Unrecorded};
+use crate::metrics::ViewSource;
+use crate::redis::RedisLedger;
+
+/// The recording backend.
+#[derive(Clone)]
+pub enum Recorder {
+    Local(Ledger),
+    Redis(Arc<RedisLedger>),
+}
+
+impl Recorder {
+    /// Records a verified event; resolves once it is durable (or could not be made so).
+    pub async fn record(&self, event: Event) -> Result<Outcome, Unrecorded> {
+        match self {
+            Recorder::Local(l) => l.record(event).await,
+            Recorder::Redis(r) => r.record(event).await,
+        }
+    }
+
+    /// Counts a callback that changes nothing else; resolves once the count is visible.
+    pub async fn count(&self, kind: EventKind, outcome: Outcome) {
+        match self {
+            Recorder::Local(l) => l.count(kind, outcome).await,
+            Recorder::Redis(r) => r.count(kind, outcome).await,
+        }
+    }
+
+    /// Why recording is failing, while it is (for `/readyz`).
+    pub fn fault(&self) -> Option<String> {
+        match self {
+            Recorder::Local(l) => l.shared().fault(),
+            Recorder::Redis(r) => r.fault(),
+        }
+    }
+
+    /// Brings the numbers to render up to date before a scrape.
+    pub async fn refresh(&self) {
+        if let Recorder::Redis(r) = self {
+            r.refresh().await;
+        }
+    }
+
+    pub fn view_source(&self) -> Arc<dyn ViewSource> {
+        match self {
+            Recorder::Local(l) => l.shared().clone(),
+            Recorder::Redis(r) => r.clone(),
+        }
+    }
+}

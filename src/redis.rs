@@ -1,0 +1,490 @@
+//! Redis as the shared truth of several replicas behind a load balancer.
+//!
+//! A push may land on one replica and its disconnect on another, a retry on either: so the
+//! live sessions, the delivered-event keys and every counter live in Redis, and each event is
+//! one atomic transition there. The transition is decided by the very same truth rules as the
+//! local ledger ([`crate::state::rules`]), with optimistic concurrency: read the facts, decide,
+//! then apply with a Lua script that first checks the facts are still true (otherwise read
+//! again). A 200 is only sent once Redis acknowledged the script.
+//!
+//! Keys, under `--storage.redis-prefix` (default `tencent_css:`):
+//! - `session:<json [app, appname, stream_id]>`: hash `seq`, `area`, `since`, `live` (its field
+//!   in the `live` hash);
+//! - `delivered:<sequence>:<event_type>`: a delivered event, expiring after the dedup window;
+//! - `live`: hash `<domain>\x1f<area>` → live streams;
+//! - `counters`: hash `<metric>\x1f<labels json>[\x1fb<bucket>|\x1fsum]` → counter values;
+//! - `last_callback_ms`: the last accepted callback time; `domains`: the admitted domains.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisResult, Script};
+
+use crate::area::Area;
+use crate::callback::{Event, EventKind, Outcome, StreamKey};
+use crate::ledger::{now_ms, Unrecorded};
+use crate::metrics::ViewSource;
+use crate::state::counters::{tally, Count, Counters, Domain, Histogram, Series, Value};
+use crate::state::rules::{self, Decision, Effect, Facts, Sequence, Session};
+use crate::state::{View, OTHER_DOMAIN};
+
+/// Separates the parts of a hash field; cannot occur in JSON-encoded labels.
+const SEP: char = '\x1f';
+/// How long a scrape may show numbers old by.
+const VIEW_MAX_AGE: Duration = Duration::from_secs(1);
+/// How often a failing Redis is probed, so readiness recovers without waiting for traffic.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Transitions retried after a concurrent change of the same stream, before giving up (503).
+const MAX_ATTEMPTS: usize = 16;
+
+/// Applies one accepted event if the facts it was decided on still hold. Returns 1 when applied,
+/// 0 when another replica changed the stream in between (the caller decides again).
+const APPLY: &str = r#"
+local session, delivered, disconnect, live, counters, last = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local current = redis.call('HGET', session, 'seq') or ''
+if current ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', delivered) == 1 then return 0 end
+if tostring(redis.call('EXISTS', disconnect)) ~= ARGV[2] then return 0 end
+redis.call('SET', delivered, '1', 'PX', ARGV[3])
+local effect = ARGV[4]
+if effect ~= 'keep' then
+  if current ~= '' then
+    redis.call('HINCRBY', live, redis.call('HGET', session, 'live'), -1)
+  end
+  if effect == 'start' then
+    redis.call('HSET', session, 'seq', ARGV[5], 'area', ARGV[6], 'since', ARGV[7], 'live', ARGV[8])
+    redis.call('HINCRBY', live, ARGV[8], 1)
+  else
+    redis.call('DEL', session)
+  end
+end
+local n = tonumber(ARGV[9])
+for i = 1, n do
+  redis.call('HINCRBY', counters, ARGV[8 + 2 * i], ARGV[9 + 2 * i])
+end
+local now = tonumber(ARGV[10 + 2 * n])
+if now > tonumber(redis.call('GET', last) or '0') then redis.call('SET', last, now) end
+return 1
+"#;
+
+/// Admits a domain under the cap: 1 if it has (or now has) series of its own, 0 if over the cap.
+const ADMIT: &str = r#"
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('SADD', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"#;
+
+/// The stream's session (`seq`, `area`, `since`), whether the event was delivered, and whether
+/// its session's disconnect was.
+type StoredFacts = ((Option<String>, Option<String>, Option<i64>), bool, bool);
+
+/// Key names under the prefix.
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn session(&self, stream: &StreamKey) -> String {
+        let id = serde_json::to_string(&[&*stream.app, &*stream.appname, &*stream.stream_id])
+            .expect("strings serialize");
+        format!("{}session:{id}", self.prefix)
+    }
+
+    fn delivered(&self, sequence: &str, kind: EventKind) -> String {
+        let event_type = crate::state::DeliveryKey::new(sequence, kind).event_type();
+        format!("{}delivered:{sequence}:{event_type}", self.prefix)
+    }
+
+    fn named(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+}
+
+/// A counter field of the `counters` hash.
+fn field(series: &Series, part: Option<&str>) -> String {
+    let labels = serde_json::to_string(&series.labels()).expect("strings serialize");
+    match part {
+        Some(part) => format!("{}{SEP}{labels}{SEP}{part}", series.metric()),
+        None => format!("{}{SEP}{labels}", series.metric()),
+    }
+}
+
+/// The hash increments of what an event counts, and the time it moves the last callback to.
+fn increments(counts: Vec<Count>) -> (Vec<(String, i64)>, i64) {
+    let mut fields = Vec::with_capacity(counts.len() + 2);
+    let mut touched = 0;
+    for count in counts {
+        match count {
+            Count::Inc(series) => fields.push((field(&series, None), 1)),
+            Count::Observe(series, ms) => {
+                let bucket = format!("b{}", series.bucket(ms));
+                fields.push((field(&series, Some(&bucket)), 1));
+                fields.push((field(&series, Some("sum")), ms as i64));
+            }
+            Count::Touch(at) => touched = at,
+        }
+    }
+    (fields, touched)
+}
+
+/// Records events in Redis.
+pub struct RedisLedger {
+    conn: ConnectionManager,
+    keys: Keys,
+    apply: Script,
+    admit: Script,
+    /// How long a delivered event is remembered (the TTL of its key), in milliseconds.
+    dedup_window_ms: i64,
+    max_domains: usize,
+    /// Domains known to be admitted; admission never ends, so remembering it is safe.
+    admitted: Mutex<HashSet<Domain>>,
+    /// Why Redis is failing, while it is.
+    fault: Mutex<Option<String>>,
+    /// Counts made while Redis was unreachable (errors, rejections), added once it is back.
+    pending: Mutex<HashMap<String, i64>>,
+    /// The numbers last read from Redis, and when.
+    view: Mutex<(Option<Instant>, View)>,
+}
+
+impl RedisLedger {
+    /// Connects (waiting up to `connect_timeout` for Redis to answer) and starts the probe that
+    /// clears a fault once Redis is back.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        dedup_window: Duration,
+        max_domains: usize,
+        connect_timeout: Duration,
+    ) -> Result<Arc<Self>, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("redis URL: {e}"))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(5))
+            .set_number_of_retries(1);
+        let deadline = Instant::now() + connect_timeout;
+        let conn = loop {
+            match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+                Ok(conn) => break conn,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "waiting for redis");
+                    tokio::time::sleep(PROBE_EVERY).await;
+                }
+                Err(e) => return Err(format!("cannot reach redis: {e}")),
+            }
+        };
+        let ledger = Arc::new(RedisLedger {
+            conn,
+            keys: Keys {
+                prefix: prefix.to_owned(),
+            },
+            apply: Script::new(APPLY),
+            admit: Script::new(ADMIT),
+            dedup_window_ms: dedup_window.as_millis().min(i64::MAX as u128) as i64,
+            max_domains,
+            admitted: Mutex::new(HashSet::new()),
+            fault: Mutex::new(None),
+            pending: Mutex::new(HashMap::new()),
+            view: Mutex::new((None, View::default())),
+        });
+        tracing::info!(prefix, "recording in redis");
+        let weak = Arc::downgrade(&ledger);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                let Some(ledger) = weak.upgrade() else { return };
+                if ledger.fault().is_some() || !lock(&ledger.pending).is_empty() {
+                    ledger.probe().await;
+                }
+            }
+        });
+        Ok(ledger)
+    }
+
+    pub fn fault(&self) -> Option<String> {
+        lock(&self.fault).clone()
+    }
+
+    pub async fn record(&self, event: Event) -> Result<Outcome, Unrecorded> {
+        let kind = event.kind();
+        let result = match &event {
+            Event::Other { .. } => self
+                .incr(vec![(
+                    field(&Series::Callbacks(kind, Outcome::Ignored), None),
+                    1,
+                )])
+                .await
+                .map(|()| Outcome::Ignored),
+            _ => self.transition(&event).await,
+        };
+        match result {
+            Ok(outcome) => {
+                self.healthy();
+                Ok(outcome)
+            }
+            Err(e) => {
+                let message = format!("redis: {e}");
+                self.failing(&message);
+                self.keep(field(&Series::Callbacks(kind, Outcome::Error), None));
+                Err(Unrecorded(message))
+            }
+        }
+    }
+
+    /// Counts a rejected callback; kept for later if Redis is unreachable.
+    pub async fn count(&self, kind: EventKind, outcome: Outcome) {
+        let f = field(&Series::Callbacks(kind, outcome), None);
+        if self.incr(vec![(f.clone(), 1)]).await.is_err() {
+            self.keep(f);
+        }
+    }
+
+    /// Reads the numbers again if the copy is older than [`VIEW_MAX_AGE`]; keeps the old copy
+    /// while Redis is unreachable.
+    pub async fn refresh(&self) {
+        let fresh = lock(&self.view)
+            .0
+            .is_some_and(|at| at.elapsed() < VIEW_MAX_AGE);
+        if fresh {
+            return;
+        }
+        match self.read_view().await {
+            Ok(view) => *lock(&self.view) = (Some(Instant::now()), view),
+            Err(e) => tracing::warn!(error = %e, "cannot read the metrics from redis"),
+        }
+    }
+
+    /// Decides the event by the truth rules on the facts read from Redis, then applies it if
+    /// the facts still hold; again if another replica got in between.
+    async fn transition(&self, event: &Event) -> RedisResult<Outcome> {
+        let (kind, s) = match event {
+            Event::Push(s) => (EventKind::Push, s),
+            Event::Disconnect { session, .. } => (EventKind::Disconnect, session),
+            Event::Other { .. } => unreachable!("other events are not transitions"),
+        };
+        let mut conn = self.conn.clone();
+        let session_key = self.keys.session(&s.stream);
+        let delivered_key = self.keys.delivered(&s.sequence, kind);
+        let disconnect_key = self.keys.delivered(&s.sequence, EventKind::Disconnect);
+        for _ in 0..MAX_ATTEMPTS {
+            let now = now_ms();
+            let ((seq, area, since), delivered, disconnected): StoredFacts = redis::pipe()
+                .hget(&session_key, &["seq", "area", "since"])
+                .exists(&delivered_key)
+                .exists(&disconnect_key)
+                .query_async(&mut conn)
+                .await?;
+            let current = seq.as_deref().map(|seq| Session {
+                sequence: Sequence::from(seq),
+                area: area
+                    .as_deref()
+                    .and_then(Area::from_label)
+                    .unwrap_or(Area::Unknown),
+                since: since.unwrap_or(0),
+            });
+            let facts = Facts {
+                current: current.as_ref(),
+                already_delivered: delivered,
+                disconnect_seen: kind == EventKind::Push && disconnected,
+            };
+            let effect = match rules::decide(event, facts, now.div_euclid(1000)) {
+                Some(Decision::Accept(effect)) => effect,
+                _ => {
+                    let duplicate = field(&Series::Callbacks(kind, Outcome::Duplicate), None);
+                    self.incr(vec![(duplicate, 1)]).await?;
+                    return Ok(Outcome::Duplicate);
+                }
+            };
+            let (domain, overflow) = self.admit(&s.stream.app).await?;
+            let (fields, touched) = increments(tally(event, domain.clone(), overflow, now));
+            let mut invocation = self.apply.prepare_invoke();
+            invocation
+                .key(&session_key)
+                .key(&delivered_key)
+                .key(&disconnect_key)
+                .key(self.keys.named("live"))
+                .key(self.keys.named("counters"))
+                .key(self.keys.named("last_callback_ms"))
+                .arg(seq.as_deref().unwrap_or(""))
+                .arg(if disconnected { "1" } else { "0" })
+                .arg(self.dedup_window_ms.max(1));
+            match &effect {
+                Effect::Keep => invocation.arg("keep").arg("").arg("").arg("").arg(""),
+                Effect::End => invocation.arg("end").arg("").arg("").arg("").arg(""),
+                Effect::Start(new) => {
+                    let live = format!("{domain}{SEP}{}", new.area.as_str());
+                    invocation
+                        .arg("start")
+                        .arg(new.sequence.to_string())
+                        .arg(new.area.as_str())
+                        .arg(new.since)
+                        .arg(live)
+                }
+            };
+            // A session that moves between areas or domain labels keeps its own `live` field,
+            // so the decrement always matches the increment it was counted with.
+            invocation.arg(fields.len());
+            for (f, n) in &fields {
+                invocation.arg(f).arg(*n);
+            }
+            invocation.arg(touched);
+            let applied: i64 = invocation.invoke_async(&mut conn).await?;
+            if applied == 1 {
+                return Ok(Outcome::Accepted);
+            }
+        }
+        Err(redis::RedisError::from((
+            redis::ErrorKind::TryAgain,
+            "stream changed concurrently too many times",
+        )))
+    }
+
+    /// The `domain` label of `app` under the shared cap, and whether it overflowed.
+    async fn admit(&self, app: &str) -> RedisResult<(Domain, bool)> {
+        if let Some(d) = lock(&self.admitted).get(app) {
+            return Ok((d.clone(), false));
+        }
+        let admitted: i64 = self
+            .admit
+            .key(self.keys.named("domains"))
+            .arg(app)
+            .arg(self.max_domains)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        if admitted == 1 {
+            let d: Domain = app.into();
+            lock(&self.admitted).insert(d.clone());
+            Ok((d, false))
+        } else {
+            Ok((OTHER_DOMAIN.into(), true))
+        }
+    }
+
+    async fn incr(&self, fields: Vec<(String, i64)>) -> RedisResult<()> {
+        let mut pipe = redis::pipe();
+        let counters = self.keys.named("counters");
+        for (f, n) in &fields {
+            pipe.hincr(&counters, f, *n).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone()).await
+    }
+
+    /// Keeps a count for when Redis is back.
+    fn keep(&self, field: String) {
+        *lock(&self.pending).entry(field).or_default() += 1;
+    }
+
+    /// Checks Redis and adds the counts kept while it was away.
+    async fn probe(&self) {
+        let pending: Vec<(String, i64)> = lock(&self.pending).drain().collect();
+        let result = match redis::cmd("PING")
+            .query_async::<String>(&mut self.conn.clone())
+            .await
+        {
+            Ok(_) if pending.is_empty() => Ok(()),
+            Ok(_) => self.incr(pending.clone()).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => self.healthy(),
+            Err(e) => {
+                let mut kept = lock(&self.pending);
+                for (f, n) in pending {
+                    *kept.entry(f).or_default() += n;
+                }
+                drop(kept);
+                self.failing(&format!("redis: {e}"));
+            }
+        }
+    }
+
+    async fn read_view(&self) -> RedisResult<View> {
+        let mut conn = self.conn.clone();
+        let (counters, live, last): (HashMap<String, i64>, HashMap<String, i64>, Option<i64>) =
+            redis::pipe()
+                .hgetall(self.keys.named("counters"))
+                .hgetall(self.keys.named("live"))
+                .get(self.keys.named("last_callback_ms"))
+                .query_async(&mut conn)
+                .await?;
+        let mut c = Counters::default();
+        let mut histograms: BTreeMap<Series, Histogram> = BTreeMap::new();
+        for (f, n) in counters {
+            let mut parts = f.split(SEP);
+            let (Some(metric), Some(labels)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let Some(series) = serde_json::from_str::<Vec<String>>(labels)
+                .ok()
+                .and_then(|l| Series::decode(metric, &l))
+            else {
+                continue;
+            };
+            let n = n.max(0) as u64;
+            match (parts.next(), series.bounds()) {
+                (None, None) => {
+                    let _ = c.restore(&series, Value::Count(n));
+                }
+                (Some(part), Some(bounds)) => {
+                    let h = histograms.entry(series).or_insert_with(|| Histogram {
+                        counts: vec![0; bounds.len() + 1],
+                        sum_ms: 0,
+                    });
+                    match part.strip_prefix('b').and_then(|b| b.parse::<usize>().ok()) {
+                        Some(i) if i < h.counts.len() => h.counts[i] = n,
+                        _ if part == "sum" => h.sum_ms = n,
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (series, h) in histograms {
+            let _ = c.restore(&series, Value::Histogram(h));
+        }
+        c.last_callback_ms = last.unwrap_or(0);
+        let live: BTreeMap<(Domain, Area), u64> = live
+            .into_iter()
+            .filter_map(|(f, n)| {
+                let (domain, area) = f.split_once(SEP)?;
+                Some((
+                    (Domain::from(domain), Area::from_label(area)?),
+                    n.max(0) as u64,
+                ))
+            })
+            .collect();
+        Ok(View {
+            live: View::live_streams(&live, &c),
+            counters: c,
+        })
+    }
+
+    fn healthy(&self) {
+        let was = lock(&self.fault).take();
+        if let Some(was) = was {
+            tracing::info!(was = %was, "redis recovered");
+        }
+    }
+
+    fn failing(&self, message: &str) {
+        let mut fault = lock(&self.fault);
+        if fault.as_deref() != Some(message) {
+            tracing::error!(error = %message, "redis failing: callbacks are refused with 503 until it recovers");
+        }
+        *fault = Some(message.to_owned());
+    }
+}
+
+impl ViewSource for RedisLedger {
+    fn view(&self) -> View {
+        lock(&self.view).1.clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,304 @@
+//! Several replicas sharing one truth in Redis.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+async fn replica(redis: &RedisServer) -> Exporter {
+    Exporter::start_on(free_port(), vec!["--storage.redis-url".into(), redis.url()]).await
+}
+
+/// Waits out the replicas' cache of Redis (a second) and returns their numbers, which must be
+/// the same on both.
+async fn agreed(a: &Exporter, b: &Exporter) -> Scrape {
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut last = None;
+    for _ in 0..60 {
+        let (sa, sb) = (a.scrape().await, b.scrape().await);
+        if sa.exporter_samples() == sb.exporter_samples() {
+            return sa;
+        }
+        last = Some((sa.exporter_samples(), sb.exporter_samples()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("replicas disagree: {last:?}");
+}
+
+async fn ok(e: &Exporter, body: Value) {
+    let answer = e.post(&signed(body)).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+}
+
+#[tokio::test]
+async fn replicas_share_sessions_retries_and_counters() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let (a, b) = (replica(&redis).await, replica(&redis).await);
+    let d = "ha.example.com";
+
+    // Push on A, its disconnect on B.
+    ok(&a, push(d, "s1", "q1", 1)).await;
+    ok(&b, disconnect(d, "s1", "q1", 1, 1)).await;
+    // A retry of the same push, to A then to B: counted once.
+    let retry = push(d, "s2", "q2", 9);
+    ok(&a, retry.clone()).await;
+    ok(&b, retry.clone()).await;
+    ok(&a, retry).await;
+    // One stream's events alternating replicas: replaced session, older disconnect, then the
+    // newer one; and a disconnect that overtakes its push.
+    ok(&a, push(d, "s3", "q3a", 1)).await;
+    ok(&b, push(d, "s3", "q3b", 1)).await;
+    ok(&a, disconnect(d, "s3", "q3a", 1, 21)).await;
+    let s = agreed(&a, &b).await;
+    assert_eq!(
+        s.value(
+            "tencent_css_active_streams",
+            &[("domain", d), ("area", "mainland")]
+        ),
+        1.0
+    );
+    ok(&b, disconnect(d, "s3", "q3b", 1, 12)).await;
+    ok(&a, disconnect(d, "s4", "q4", 1, 8)).await;
+    ok(&b, push(d, "s4", "q4", 1)).await;
+
+    let s = agreed(&a, &b).await;
+    let mainland = [("domain", d), ("area", "mainland")];
+    let overseas = [("domain", d), ("area", "overseas")];
+    assert_eq!(s.get("tencent_css_active_streams", &mainland), Some(0.0));
+    assert_eq!(s.get("tencent_css_active_streams", &overseas), Some(1.0));
+    assert_eq!(s.value("tencent_css_pushes_total", &mainland), 4.0);
+    assert_eq!(s.value("tencent_css_pushes_total", &overseas), 1.0);
+    assert_eq!(s.sum("tencent_css_disconnects_total", &[]), 4.0);
+    assert_eq!(
+        s.value(
+            "tencent_css_disconnects_total",
+            &[("errcode", "21"), ("reason", "operator")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        s.value(
+            "tencent_css_callbacks_total",
+            &[("event", "push"), ("outcome", "duplicate")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        s.sum("tencent_css_callbacks_total", &[("outcome", "accepted")]),
+        9.0
+    );
+    assert_eq!(s.sum("tencent_css_push_duration_seconds_count", &[]), 4.0);
+    assert!(
+        s.get("tencent_css_last_callback_timestamp_seconds", &[])
+            .unwrap()
+            > 0.0
+    );
+
+    // Rejections on either replica are counted once, globally.
+    assert_eq!(
+        a.post(&signed_with(sample("push"), "forged")).await.status,
+        401
+    );
+    let s = agreed(&a, &b).await;
+    assert_eq!(
+        s.value(
+            "tencent_css_callbacks_total",
+            &[("event", "push"), ("outcome", "bad_signature")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn replicas_share_the_domain_cap() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let start = |redis: &RedisServer| {
+        Exporter::start_on(
+            free_port(),
+            vec![
+                "--storage.redis-url".into(),
+                redis.url(),
+                "--metrics.max-domains".into(),
+                "2".into(),
+            ],
+        )
+    };
+    let (a, b) = (start(&redis).await, start(&redis).await);
+    ok(&a, push("one.example.com", "s", "1", 1)).await;
+    ok(&b, push("two.example.com", "s", "2", 1)).await;
+    ok(&a, push("three.example.com", "s", "3", 1)).await;
+    ok(&b, push("four.example.com", "s", "4", 1)).await;
+    let s = agreed(&a, &b).await;
+    assert_eq!(
+        s.value("tencent_css_pushes_total", &[("domain", "_other")]),
+        2.0
+    );
+    assert_eq!(s.get("tencent_css_domains_overflow_total", &[]), Some(2.0));
+}
+
+/// The sessions of the fault tests: a push and (for most) a disconnect each.
+fn events(n: usize) -> Vec<(String, String, Value)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let domain = format!("d{}.example.com", i % 3);
+        let (stream, seq) = (format!("s{i}"), format!("{}", 5_000_000 + i));
+        let set_id = if i % 2 == 0 { 1 } else { 50 };
+        out.push((
+            domain.clone(),
+            "push".to_string(),
+            push(&domain, &stream, &seq, set_id),
+        ));
+        if i % 5 != 0 {
+            let code = [1, 12, 18, 21][i % 4];
+            out.push((
+                domain.clone(),
+                code.to_string(),
+                disconnect(&domain, &stream, &seq, set_id, code),
+            ));
+        }
+    }
+    out
+}
+
+/// What the metrics must say once every event is recorded exactly once.
+fn check_exact(s: &Scrape, n: usize) {
+    let all = events(n);
+    let pushes = all.iter().filter(|e| e.1 == "push").count() as f64;
+    let disconnects = all.len() as f64 - pushes;
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), pushes);
+    assert_eq!(s.sum("tencent_css_disconnects_total", &[]), disconnects);
+    assert_eq!(
+        s.sum("tencent_css_active_streams", &[]),
+        pushes - disconnects
+    );
+    assert_eq!(
+        s.sum("tencent_css_callbacks_total", &[("outcome", "accepted")]),
+        all.len() as f64
+    );
+    for domain in ["d0.example.com", "d1.example.com", "d2.example.com"] {
+        let p = all
+            .iter()
+            .filter(|e| e.0 == domain && e.1 == "push")
+            .count() as f64;
+        assert_eq!(
+            s.sum("tencent_css_pushes_total", &[("domain", domain)]),
+            p,
+            "{domain}"
+        );
+        for code in ["1", "12", "18", "21"] {
+            let d = all.iter().filter(|e| e.0 == domain && e.1 == code).count() as f64;
+            assert_eq!(
+                s.sum(
+                    "tencent_css_disconnects_total",
+                    &[("domain", domain), ("errcode", code)]
+                ),
+                d,
+                "{domain} {code}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_killed_under_load_loses_nothing_acknowledged() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let (mut a, b) = (replica(&redis).await, replica(&redis).await);
+    const N: usize = 1500;
+    let events = Arc::new(events(N));
+    let next = Arc::new(AtomicUsize::new(0));
+    let retried = Arc::new(Mutex::new(0usize));
+    let mut workers = Vec::new();
+    for w in 0..12 {
+        let (ca, cb) = (a.client.clone(), b.client.clone());
+        let (events, next, retried) = (events.clone(), next.clone(), retried.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some((_, _, body)) = events.get(i) else { return };
+                // Half the workers go through A, which dies: like a load balancer, they then
+                // send Tencent's retry to B.
+                let first = if w % 2 == 0 { &ca } else { &cb };
+                let first_ok = matches!(first.try_post(&signed(body.clone())).await, Ok(r) if r.status == 200);
+                if !first_ok {
+                    *retried.lock().unwrap() += 1;
+                    loop {
+                        if matches!(cb.try_post(&signed(body.clone())).await, Ok(r) if r.status == 200) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }));
+    }
+    eventually(Duration::from_secs(60), "traffic", || async {
+        next.load(Ordering::SeqCst) > events.len() / 3
+    })
+    .await;
+    a.crash();
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert!(*retried.lock().unwrap() > 0, "the kill hit no request");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let s = b.scrape().await;
+    check_exact(&s, N);
+    // Events A recorded but could not answer were recognised when retried on B.
+    let duplicates = s.sum("tencent_css_callbacks_total", &[("outcome", "duplicate")]);
+    assert!(duplicates <= *retried.lock().unwrap() as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_means_503_then_both_replicas_recover() {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let (a, b) = (replica(&redis).await, replica(&redis).await);
+    const N: usize = 40;
+    let events = events(N);
+    let (before, after) = events.split_at(events.len() / 2);
+    for (i, (_, _, body)) in before.iter().enumerate() {
+        ok(if i % 2 == 0 { &a } else { &b }, body.clone()).await;
+    }
+
+    redis.stop();
+    for (i, (_, _, body)) in after.iter().enumerate().take(4) {
+        let r = if i % 2 == 0 { &a } else { &b };
+        let answer = r.post(&signed(body.clone())).await;
+        assert_eq!(answer.status, 503, "{}", answer.body);
+    }
+    for r in [&a, &b] {
+        let ready = r.ready().await;
+        assert_eq!(ready.status, 503);
+        assert!(ready.body.contains("redis"), "{}", ready.body);
+    }
+
+    redis.restart().await;
+    for r in [&a, &b] {
+        eventually(
+            Duration::from_secs(15),
+            "readiness after redis is back",
+            || async { r.ready().await.status == 200 },
+        )
+        .await;
+    }
+    // Tencent retries what got 503, and sends the rest.
+    for (i, (_, _, body)) in after.iter().enumerate() {
+        ok(if i % 2 == 0 { &b } else { &a }, body.clone()).await;
+    }
+    let s = agreed(&a, &b).await;
+    check_exact(&s, N);
+    assert_eq!(
+        s.sum("tencent_css_callbacks_total", &[("outcome", "error")]),
+        4.0
+    );
+}
