@@ -44,7 +44,8 @@ pub fn callback_router(state: AppState, with_ops: bool) -> Router {
     let router = if with_ops {
         router.merge(ops_routes())
     } else {
-        router.route("/", get(landing))
+        // Metrics live on their own listener: say so instead of linking to nothing.
+        router.route("/", get(|State(app): State<AppState>| landing(app, false)))
     };
     router.with_state(state)
 }
@@ -56,7 +57,7 @@ pub fn ops_router(state: AppState) -> Router {
 
 fn ops_routes() -> Router<AppState> {
     Router::new()
-        .route("/", get(landing))
+        .route("/", get(|State(app): State<AppState>| landing(app, true)))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -247,7 +248,16 @@ async fn readyz(State(app): State<AppState>) -> Response {
     }
 }
 
-async fn landing(State(app): State<AppState>) -> Html<String> {
+async fn landing(app: AppState, with_ops: bool) -> Html<String> {
+    let links = if with_ops {
+        "<ul>
+<li><a href=\"/metrics\">Metrics</a></li>
+<li><a href=\"/healthz\">Health</a></li>
+<li><a href=\"/readyz\">Readiness</a></li>
+</ul>"
+    } else {
+        "<p>Metrics, health and readiness are served on the separate metrics address.</p>"
+    };
     Html(format!(
         "<!doctype html>
 <html><head><title>Tencent CSS Exporter</title></head>
@@ -255,11 +265,7 @@ async fn landing(State(app): State<AppState>) -> Html<String> {
 <h1>Tencent CSS Exporter</h1>
 <p>Version {version}. Receives Tencent Cloud CSS push and disconnect callbacks on
 <code>POST {path}</code> and exports live streams for Prometheus.</p>
-<ul>
-<li><a href=\"/metrics\">Metrics</a></li>
-<li><a href=\"/healthz\">Health</a></li>
-<li><a href=\"/readyz\">Readiness</a></li>
-</ul>
+{links}
 </body></html>
 ",
         version = env!("CARGO_PKG_VERSION"),
