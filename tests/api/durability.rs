@@ -289,17 +289,22 @@ async fn sigterm_restart_keeps_every_metric() {
     exporter.terminate();
 }
 
+/// Runs the binary on `db` until it exits (it is expected to refuse to start).
+fn start_refused(db: &std::path::Path) -> std::process::Output {
+    binary()
+        .env("CSS_CALLBACK_KEY", KEY)
+        .args(["--web.listen-address", "127.0.0.1:0", "--storage.path"])
+        .arg(db)
+        .output()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn corrupt_database_at_start_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("exporter.db");
     std::fs::write(&db, vec![0x5a; 8192]).unwrap();
-    let output = binary()
-        .env("CSS_CALLBACK_KEY", KEY)
-        .args(["--web.listen-address", "127.0.0.1:0", "--storage.path"])
-        .arg(&db)
-        .output()
-        .unwrap();
+    let output = start_refused(&db);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&db.display().to_string()), "{stderr}");
@@ -316,12 +321,7 @@ async fn database_of_a_newer_release_is_refused() {
         .unwrap()
         .execute_batch("PRAGMA user_version = 99;")
         .unwrap();
-    let output = binary()
-        .env("CSS_CALLBACK_KEY", KEY)
-        .args(["--web.listen-address", "127.0.0.1:0", "--storage.path"])
-        .arg(&db)
-        .output()
-        .unwrap();
+    let output = start_refused(&db);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("schema version 99"), "{stderr}");

@@ -237,6 +237,26 @@ impl Client {
     pub async fn ready(&self) -> Answer {
         self.get(&format!("{}/readyz", self.metrics_base)).await
     }
+
+    /// Waits until `/healthz` answers; `exited` tells if the process behind it died meanwhile.
+    pub async fn wait_healthy(&self, mut exited: impl FnMut() -> Option<std::process::ExitStatus>) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let health = self
+                .http
+                .get(format!("{}/healthz", self.metrics_base))
+                .send()
+                .await;
+            if health.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            if let Some(status) = exited() {
+                panic!("exporter exited at start: {status}");
+            }
+            assert!(Instant::now() < deadline, "exporter did not come up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// The exporter running in this process on port 0.
@@ -319,21 +339,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
 
 impl TestApp {
     async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(r) = self
-                .http
-                .get(format!("{}/healthz", self.metrics_base))
-                .send()
-                .await
-            {
-                if r.status().is_success() {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "exporter did not come up");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.client.wait_healthy(|| None).await;
     }
 
     /// Graceful shutdown; returns what `run` returned.
@@ -406,24 +412,8 @@ impl Exporter {
     }
 
     async fn wait_serving(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = self
-                .http
-                .get(format!("{}/healthz", self.metrics_base))
-                .send()
-                .await
-            {
-                if r.status().is_success() {
-                    return;
-                }
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("exporter exited at start: {status}");
-            }
-            assert!(Instant::now() < deadline, "exporter did not come up");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let client = self.client.clone();
+        client.wait_healthy(|| self.child.try_wait().unwrap()).await;
     }
 
     pub fn signal(&self, signal: &str) {
