@@ -316,6 +316,39 @@ impl Counters {
             }
             Delta::Timestamp { before } => self.last_callback_ms = *before,
         }
+        self.forget_if_empty(&delta.series());
+    }
+
+    /// A series back at zero after an undo was created by the undone event: drop it, so a
+    /// failed batch leaves no series behind (a (domain, area) that never had a push recorded
+    /// must not appear).
+    fn forget_if_empty(&mut self, series: &Series) {
+        match series {
+            Series::Pushes(d, a) => {
+                let key = (d.clone(), *a);
+                if self.pushes.get(&key) == Some(&0) {
+                    self.pushes.remove(&key);
+                }
+            }
+            Series::Disconnects(d, a, e) => {
+                let key = (d.clone(), *a, *e);
+                if self.disconnects.get(&key) == Some(&0) {
+                    self.disconnects.remove(&key);
+                }
+            }
+            Series::PushDuration(d, a) => {
+                let key = (d.clone(), *a);
+                if self.push_duration.get(&key).is_some_and(|h| h.count() == 0) {
+                    self.push_duration.remove(&key);
+                }
+            }
+            Series::Callbacks(k, o) => {
+                if self.callbacks.get(&(*k, *o)) == Some(&0) {
+                    self.callbacks.remove(&(*k, *o));
+                }
+            }
+            Series::CallbackDelay | Series::LastCallback | Series::DomainsOverflow => {}
+        }
     }
 
     /// The current value of a series, for the store.
@@ -390,8 +423,9 @@ mod tests {
         for delta in deltas.iter().rev() {
             c.revert(delta);
         }
-        assert_eq!(c.pushes[&(d.clone(), Area::Mainland)], 0);
-        assert_eq!(c.push_duration[&(d, Area::Mainland)].count(), 0);
+        // Series the undone events created are gone, not left at zero.
+        assert!(c.pushes.is_empty());
+        assert!(c.push_duration.is_empty());
         assert_eq!(c.callback_delay.as_ref().unwrap().sum_ms, 0);
         assert_eq!(c.last_callback_ms, 0);
         assert_eq!(after.last_callback_ms, 5_000);

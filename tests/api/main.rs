@@ -7,6 +7,7 @@ mod durability;
 mod helpers;
 mod hostile;
 mod metrics;
+mod properties;
 mod replicas;
 mod startup;
 mod truth_rules;
