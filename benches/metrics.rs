@@ -1,0 +1,78 @@
+//! Encoding `/metrics` from a populated state: 100, 1,000 and 10,000 push domains, each with
+//! live streams and counters in both areas, several disconnect codes and push-duration
+//! histograms.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tencent_css_exporter::area::Area;
+use tencent_css_exporter::callback::{Event, StreamEvent, StreamKey};
+use tencent_css_exporter::ledger::Shared;
+use tencent_css_exporter::metrics::Metrics;
+use tencent_css_exporter::state::{Limits, Truth};
+
+const NOW_MS: i64 = 1_700_000_000_000;
+/// Disconnect codes of each (domain, area): client stop, operator, network, no data.
+const ERRCODES: [i64; 4] = [1, 21, 14, 8];
+/// Streams per (domain, area) that stay live.
+const LIVE_PER_AREA: u64 = 2;
+
+/// A state with `domains` domains; in each area of each, `ERRCODES.len()` sessions pushed and
+/// disconnected (one per code, with a push duration) and `LIVE_PER_AREA` live.
+fn populated(domains: u64) -> Arc<Shared> {
+    let mut truth = Truth::new(Limits {
+        dedup_window_ms: 3_600_000,
+        max_domains: 100_000,
+    });
+    let mut k = 0_u64;
+    for d in 0..domains {
+        for area in [Area::Mainland, Area::Overseas] {
+            let session = |k: u64| StreamEvent {
+                stream: StreamKey {
+                    app: format!("push{d}.example.com").into(),
+                    appname: "live".into(),
+                    stream_id: format!("stream_{k}").into(),
+                },
+                sequence: k.to_string(),
+                event_time: Some(NOW_MS / 1000 - 5),
+                area,
+            };
+            for (i, errcode) in ERRCODES.iter().enumerate() {
+                k += 1;
+                truth.apply(&Event::Push(session(k)), NOW_MS);
+                let ended = Event::Disconnect {
+                    session: session(k),
+                    errcode: *errcode,
+                    push_duration_ms: Some(30_000 * (i as i64 + 1) * (i as i64 + 1)),
+                };
+                truth.apply(&ended, NOW_MS);
+            }
+            for _ in 0..LIVE_PER_AREA {
+                k += 1;
+                truth.apply(&Event::Push(session(k)), NOW_MS);
+            }
+        }
+    }
+    Arc::new(Shared {
+        truth: RwLock::new(truth),
+        fault: Mutex::new(None),
+    })
+}
+
+fn render(c: &mut Criterion) {
+    let mut group = c.benchmark_group("metrics_render");
+    group.sample_size(20);
+    for domains in [100, 1_000, 10_000] {
+        let metrics = Metrics::new(populated(domains));
+        let bytes = metrics.render().len();
+        eprintln!("{domains} domains: /metrics is {bytes} bytes");
+        group.throughput(Throughput::Bytes(bytes as u64));
+        group.bench_function(format!("{domains}_domains"), |b| {
+            b.iter(|| metrics.render())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, render);
+criterion_main!(benches);

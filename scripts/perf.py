@@ -1,0 +1,450 @@
+#!/usr/bin/env python3
+"""Reproducible performance measurements of the exporter (see BENCHMARKS.md).
+
+Each measurement starts the release binary on 127.0.0.1 with a temporary SQLite database (its
+default storage: a file, sync normal), drives it with `tencent-css-exporter load`, samples what it
+needs and stops everything it started. Build first:
+
+    cargo build --release && cargo build --release --example bare_server
+
+Then, for example:
+
+    scripts/perf.py throughput            # max rate, bare HTTP stack vs exporter, 60 s each
+    scripts/perf.py latency --rate 10000  # open-loop latency at a fixed rate
+    scripts/perf.py metrics               # /metrics with 1,000 domains, scrape vs callback latency
+    scripts/perf.py memory                # idle RSS, 1,000,000 live streams, restart readiness
+    scripts/perf.py soak                  # 10 minutes of unique events, RSS/db/fds every 10 s
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# EXPORTER_BIN and BARE_BIN point at other builds (e.g. a copy that a rebuild cannot replace
+# in the middle of a run).
+BIN = os.environ.get("EXPORTER_BIN", os.path.join(ROOT, "target", "release", "tencent-css-exporter"))
+BARE = os.environ.get("BARE_BIN", os.path.join(ROOT, "target", "release", "examples", "bare_server"))
+KEY = "perf-measurement-key"
+HOST = "127.0.0.1"
+EXPORTER_PORT = 19877
+BARE_PORT = 19878
+
+
+def log(*parts):
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def http_get(url, timeout=5.0):
+    """Status and body of a GET; status 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except OSError:
+        return 0, b""
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def open_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def db_mib(path):
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            total += os.path.getsize(path + suffix)
+        except OSError:
+            pass
+    return total / (1024 * 1024)
+
+
+class Exporter:
+    """The release binary serving on EXPORTER_PORT with a database at `db`."""
+
+    def __init__(self, db, extra=()):
+        self.db = db
+        self.extra = list(extra)
+        self.proc = None
+        self.ready_seconds = None
+
+    @property
+    def url(self):
+        return f"http://{HOST}:{EXPORTER_PORT}"
+
+    def start(self, ready_timeout=120.0):
+        env = dict(os.environ, CSS_CALLBACK_KEY=KEY)
+        cmd = [
+            BIN,
+            "--web.listen-address", f"{HOST}:{EXPORTER_PORT}",
+            "--storage.path", self.db,
+            "--log.level", "warn",
+            *self.extra,
+        ]
+        started = time.monotonic()
+        self.proc = subprocess.Popen(cmd, env=env)
+        while time.monotonic() - started < ready_timeout:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"exporter exited with {self.proc.returncode}")
+            status, _ = http_get(self.url + "/readyz", timeout=1.0)
+            if status == 200:
+                self.ready_seconds = time.monotonic() - started
+                return self
+            time.sleep(0.005)
+        raise SystemExit("exporter not ready in time")
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *_):
+        self.stop()
+
+
+class Bare:
+    """examples/bare_server on BARE_PORT: the HTTP stack ceiling."""
+
+    url = f"http://{HOST}:{BARE_PORT}"
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([BARE, f"{HOST}:{BARE_PORT}"])
+        for _ in range(500):
+            try:
+                import socket
+
+                with socket.create_connection((HOST, BARE_PORT), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.01)
+        raise SystemExit("bare server did not start")
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def __exit__(self, *_):
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def busy_seconds():
+    """CPU time the whole machine spent busy, in seconds (all cores)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def process_seconds(pid):
+    """CPU time of a running process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(max_wait=900.0, window=3.0, threshold=0.15):
+    """Waits until the rest of the machine is idle (other work skews every figure here)."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        before = busy_seconds()
+        time.sleep(window)
+        cores = (busy_seconds() - before) / window
+        if cores < threshold or time.monotonic() > deadline:
+            if cores >= threshold:
+                log(f"  machine still busy ({cores:.2f} cores used by other work); measuring anyway")
+            return
+        log(f"  waiting for a quiet machine ({cores:.2f} cores used by other work)")
+
+
+def load(target, *args, server_pid=None, quiet=True):
+    """Runs `tencent-css-exporter load` and returns its JSON summary, with the CPU time the
+    server, the load generator and everything else on the machine used meanwhile."""
+    if quiet:
+        wait_quiet()
+    cmd = [BIN, "load", "--target", target + "/callback", "--json", *map(str, args)]
+    log("$ CSS_CALLBACK_KEY=... " + " ".join(os.path.relpath(c, ROOT) if c == BIN else c for c in cmd))
+    env = dict(os.environ, CSS_CALLBACK_KEY=KEY)
+    busy0, t0 = busy_seconds(), time.monotonic()
+    server0 = process_seconds(server_pid) if server_pid else 0.0
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    stdout = proc.stdout.read()
+    _, _, usage = os.wait4(proc.pid, 0)
+    elapsed = time.monotonic() - t0
+    server = (process_seconds(server_pid) - server0) if server_pid else 0.0
+    generator = usage.ru_utime + usage.ru_stime
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    summary["cpu_cores"] = {
+        "server": server / elapsed,
+        "load_generator": generator / elapsed,
+        "other": max(0.0, busy_seconds() - busy0 - server - generator) / elapsed,
+    }
+    log("  CPU used (cores): server {server:.2f}, load generator {load_generator:.2f}, "
+        "other work {other:.2f}".format(**summary["cpu_cores"]))
+    if summary["errors"] or summary["non_200"]:
+        log("  refused or failed requests:", summary["statuses"], summary["first_error"])
+    return summary
+
+
+def describe(summary):
+    lat = summary["latency_ms"] or {}
+    return (
+        f"{summary['requests_per_second']:.0f} req/s "
+        f"(slowest 10 s: {summary['slowest_interval_per_second'] or 0:.0f}), "
+        f"p50 {lat.get('p50', 0):.2f} ms, p99 {lat.get('p99', 0):.2f} ms, "
+        f"p99.9 {lat.get('p99_9', 0):.2f} ms, max {lat.get('max', 0):.2f} ms, "
+        f"non-200 {summary['non_200']}, errors {summary['errors']}"
+    )
+
+
+def workdir():
+    return tempfile.mkdtemp(prefix="css-exporter-perf-")
+
+
+def cmd_throughput(a):
+    results = {}
+    with Bare() as bare:
+        s = load(bare.url, "--concurrency", a.concurrency, "--duration", a.duration, server_pid=bare.pid)
+        results["bare"] = s
+        log("bare HTTP stack:", describe(s))
+    tmp = workdir()
+    try:
+        with Exporter(os.path.join(tmp, "exporter.db")) as ex:
+            s = load(ex.url, "--concurrency", a.concurrency, "--duration", a.duration, "--pid", ex.pid, server_pid=ex.pid)
+            results["exporter"] = s
+            log("exporter (SQLite file, sync normal):", describe(s))
+            log(f"  database after the run: {db_mib(ex.db):.1f} MiB")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratio = results["exporter"]["requests_per_second"] / results["bare"]["requests_per_second"]
+    log(f"exporter / bare = {ratio:.2f}")
+    print(json.dumps({"bare": results["bare"], "exporter": results["exporter"], "ratio": ratio}))
+
+
+def cmd_latency(a):
+    out = {}
+    tmp = workdir()
+    try:
+        with Exporter(os.path.join(tmp, "exporter.db")) as ex:
+            s = load(ex.url, "--concurrency", a.concurrency, "--duration", a.duration, "--rate", a.rate, server_pid=ex.pid)
+            out["exporter"] = s
+            log(f"exporter at {a.rate} req/s:", describe(s))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if a.bare:
+        with Bare() as bare:
+            s = load(bare.url, "--concurrency", a.concurrency, "--duration", a.duration, "--rate", a.rate, server_pid=bare.pid)
+            out["bare"] = s
+            log(f"bare HTTP stack at {a.rate} req/s:", describe(s))
+    print(json.dumps(out))
+
+
+def scrape_times(url, n):
+    times = []
+    size = 0
+    for _ in range(n):
+        t0 = time.perf_counter()
+        status, body = http_get(url + "/metrics", timeout=30)
+        times.append((time.perf_counter() - t0) * 1000)
+        assert status == 200, status
+        size = len(body)
+    return times, size
+
+
+def pct(values, q):
+    v = sorted(values)
+    return v[max(0, min(len(v) - 1, int(-(-q * len(v) // 1)) - 1))]
+
+
+def cmd_metrics(a):
+    tmp = workdir()
+    out = {}
+    try:
+        with Exporter(os.path.join(tmp, "exporter.db")) as ex:
+            # Fill 1,000 domains: ended sessions (counters over both areas, every errcode of the
+            # mix, push-duration histograms) and some live streams.
+            load(ex.url, "--domains", a.domains, "--requests", 400_000, "--concurrency", 64, "--progress", "0s", quiet=False)
+            load(ex.url, "--domains", a.domains, "--requests", 20_000, "--push-only", "--concurrency", 64, "--progress", "0s", quiet=False)
+            times, size = scrape_times(ex.url, a.scrapes)
+            series = sum(1 for line in http_get(ex.url + "/metrics")[1].splitlines() if line and not line.startswith(b"#"))
+            out["scrape_ms"] = {
+                "p50": pct(times, 0.5), "p99": pct(times, 0.99), "max": max(times),
+                "mean": statistics.mean(times), "bytes": size, "samples": series,
+            }
+            log(f"/metrics with {a.domains} domains: {size} bytes, {series} samples; "
+                f"p50 {pct(times, 0.5):.1f} ms, p99 {pct(times, 0.99):.1f} ms, max {max(times):.1f} ms over {a.scrapes} scrapes")
+
+            quiet = load(ex.url, "--domains", a.domains, "--rate", a.rate, "--duration", a.duration, "--concurrency", 32, server_pid=ex.pid)
+            log("callbacks, no scrape:", describe(quiet))
+
+            stop = threading.Event()
+            during = []
+
+            def scrape_loop():
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    http_get(ex.url + "/metrics", timeout=30)
+                    during.append((time.perf_counter() - t0) * 1000)
+                    # 0: back to back, the worst case; Prometheus scrapes every 15 s or so.
+                    stop.wait(max(0.0, a.scrape_every - (time.perf_counter() - t0)))
+
+            scraper = threading.Thread(target=scrape_loop)
+            scraper.start()
+            try:
+                busy = load(ex.url, "--domains", a.domains, "--rate", a.rate, "--duration", a.duration, "--concurrency", 32, server_pid=ex.pid, quiet=False)
+            finally:
+                stop.set()
+                scraper.join()
+            log(f"callbacks, while scraping every {a.scrape_every} s ({len(during)} scrapes, "
+                f"p50 {pct(during, 0.5):.1f} ms, max {max(during):.1f} ms):", describe(busy))
+            out.update(quiet=quiet, scraping=busy, scrapes_during=len(during),
+                       scrape_during_ms={"p50": pct(during, 0.5), "max": max(during)})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(out))
+
+
+def cmd_memory(a):
+    tmp = workdir()
+    db = os.path.join(tmp, "exporter.db")
+    out = {}
+    try:
+        ex = Exporter(db).start()
+        try:
+            time.sleep(a.idle)
+            out["idle_rss_mib"] = rss_mib(ex.pid)
+            log(f"idle RSS after {a.idle} s: {out['idle_rss_mib']:.1f} MiB")
+            s = load(ex.url, "--push-only", "--requests", a.streams, "--concurrency", 64, "--pid", ex.pid, server_pid=ex.pid)
+            status, body = http_get(ex.url + "/metrics", timeout=60)
+            live = sum(
+                float(line.rsplit(b" ", 1)[1])
+                for line in body.splitlines()
+                if line.startswith(b"tencent_css_active_streams{")
+            )
+            time.sleep(2)
+            out["live_streams"] = live
+            out["live_rss_mib"] = rss_mib(ex.pid)
+            out["load"] = s
+            out["db_mib"] = db_mib(db)
+            log(f"{live:.0f} live streams: RSS {out['live_rss_mib']:.1f} MiB (max during the load "
+                f"{s['rss_mib']['max']:.1f} MiB), database {out['db_mib']:.1f} MiB; load: {describe(s)}")
+        finally:
+            ex.stop()
+        restarts = []
+        for _ in range(a.restarts):
+            ex = Exporter(db).start()
+            restarts.append(ex.ready_seconds)
+            rss_after = rss_mib(ex.pid)
+            ex.stop()
+            log(f"restart with {live:.0f} live streams stored: /readyz 200 after {ex.ready_seconds:.2f} s, RSS {rss_after:.1f} MiB")
+        out["restart_ready_seconds"] = restarts
+        out["restart_rss_mib"] = rss_after
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(out))
+
+
+def cmd_soak(a):
+    tmp = workdir()
+    db = os.path.join(tmp, "exporter.db")
+    rows = []
+    try:
+        with Exporter(db, ["--callback.dedup-window", a.dedup_window]) as ex:
+            wait_quiet()
+            env = dict(os.environ, CSS_CALLBACK_KEY=KEY)
+            cmd = [BIN, "load", "--target", ex.url + "/callback", "--json", "--rate", str(a.rate),
+                   "--duration", a.duration, "--concurrency", "32", "--pid", str(ex.pid), "--progress", "60s"]
+            log("$ CSS_CALLBACK_KEY=... " + " ".join(cmd[1:]))
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+            t0 = time.monotonic()
+            while proc.poll() is None:
+                rows.append((round(time.monotonic() - t0), rss_mib(ex.pid), db_mib(db), open_fds(ex.pid)))
+                log(f"  {rows[-1][0]:>4} s  RSS {rows[-1][1]:7.1f} MiB  db {rows[-1][2]:7.1f} MiB  fds {rows[-1][3]}")
+                for _ in range(int(a.every * 10)):
+                    if proc.poll() is not None:
+                        break
+                    time.sleep(0.1)
+            summary = json.loads(proc.stdout.read().strip().splitlines()[-1])
+            rows.append((round(time.monotonic() - t0), rss_mib(ex.pid), db_mib(db), open_fds(ex.pid)))
+            log("soak:", describe(summary))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if a.csv:
+        with open(a.csv, "w") as f:
+            f.write("seconds,rss_mib,db_mib,open_fds\n")
+            for r in rows:
+                f.write(f"{r[0]},{r[1]:.1f},{r[2]:.1f},{r[3]}\n")
+    print(json.dumps({"load": summary, "samples": rows}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("throughput", help="max rate of the bare HTTP stack and of the exporter")
+    t.add_argument("--duration", default="60s")
+    t.add_argument("--concurrency", default="64")
+    lat = sub.add_parser("latency", help="latency at a fixed (open-loop) rate")
+    lat.add_argument("--rate", required=True)
+    lat.add_argument("--duration", default="60s")
+    lat.add_argument("--concurrency", default="64")
+    lat.add_argument("--bare", action="store_true", help="also measure the bare HTTP stack at that rate")
+    m = sub.add_parser("metrics", help="/metrics time with many domains and its effect on callbacks")
+    m.add_argument("--domains", default="1000")
+    m.add_argument("--scrapes", type=int, default=200)
+    m.add_argument("--rate", default="5000")
+    m.add_argument("--duration", default="30s")
+    m.add_argument("--scrape-every", type=float, default=0.0,
+                   help="seconds between the starts of two scrapes during the callback load (0: back to back)")
+    mem = sub.add_parser("memory", help="idle RSS, RSS with many live streams, restart readiness")
+    mem.add_argument("--streams", default="1000000")
+    mem.add_argument("--idle", type=float, default=10.0)
+    mem.add_argument("--restarts", type=int, default=3)
+    s = sub.add_parser("soak", help="unique events at a fixed rate; RSS, db size and fds sampled")
+    s.add_argument("--duration", default="10m")
+    s.add_argument("--rate", default="5000")
+    s.add_argument("--every", type=float, default=10.0)
+    s.add_argument("--dedup-window", default="1m")
+    s.add_argument("--csv")
+    a = p.parse_args()
+    for path in (BIN,) + ((BARE,) if a.cmd in ("throughput", "latency") else ()):
+        if not os.path.exists(path):
+            raise SystemExit(f"{path} missing: cargo build --release && cargo build --release --example bare_server")
+    {"throughput": cmd_throughput, "latency": cmd_latency, "metrics": cmd_metrics,
+     "memory": cmd_memory, "soak": cmd_soak}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
