@@ -5,6 +5,21 @@
 
 use std::fmt;
 
+/// (errcode, weight) of the disconnects in generated traffic (`simulate`, `load`): mostly
+/// clients stopping, some operator actions, a tail of faults of every abnormal class.
+pub const TRAFFIC_MIX: [(i64, u64); 10] = [
+    (1, 40),
+    (3, 20),
+    (21, 10),
+    (8, 8),
+    (12, 8),
+    (14, 4),
+    (18, 4),
+    (7, 3),
+    (5, 2),
+    (2, 1),
+];
+
 /// The cause class of a disconnect, the `reason` label of `tencent_css_disconnects_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Reason {

@@ -27,21 +27,6 @@ use tokio::net::TcpStream;
 use crate::config::LoadArgs;
 use crate::signature::sign;
 
-/// (errcode, weight) of the disconnects: mostly clients stopping, some operator actions, a tail
-/// of faults.
-const ERRCODES: [(i64, u64); 10] = [
-    (1, 40),
-    (3, 20),
-    (21, 10),
-    (8, 8),
-    (12, 8),
-    (14, 4),
-    (18, 4),
-    (7, 3),
-    (5, 2),
-    (2, 1),
-];
-
 /// `push_duration` of the disconnects, in milliseconds: spread over the histogram's buckets.
 const PUSH_DURATIONS_MS: [i64; 12] = [
     5_000,
@@ -137,9 +122,9 @@ fn mix(k: u64) -> u64 {
 }
 
 fn errcode_of(k: u64) -> i64 {
-    let total: u64 = ERRCODES.iter().map(|(_, w)| w).sum();
+    let total: u64 = crate::errcode::TRAFFIC_MIX.iter().map(|(_, w)| w).sum();
     let mut pick = mix(k) % total;
-    for (code, weight) in ERRCODES {
+    for (code, weight) in crate::errcode::TRAFFIC_MIX {
         if pick < weight {
             return code;
         }

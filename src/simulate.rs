@@ -20,19 +20,6 @@ const DOMAINS: [&str; 3] = [
     "push.games.example.net",
 ];
 
-/// (errcode, weight): mostly clients stopping, some operator actions, a tail of faults.
-const ERRCODES: [(i64, u32); 9] = [
-    (1, 40),
-    (3, 20),
-    (21, 10),
-    (8, 8),
-    (12, 8),
-    (14, 4),
-    (18, 4),
-    (7, 3),
-    (5, 3),
-];
-
 struct Stream {
     domain: &'static str,
     stream_id: String,
@@ -99,7 +86,7 @@ pub async fn run(args: SimulateArgs) -> Result<(), String> {
     while tokio::time::Instant::now() + pause < deadline && !streams.is_empty() {
         tokio::time::sleep(pause).await;
         let i = rng.random_range(0..streams.len());
-        let errcode = ERRCODES
+        let errcode = crate::errcode::TRAFFIC_MIX
             .choose_weighted(&mut rng, |(_, w)| *w)
             .map(|(c, _)| *c)
             .unwrap_or(1);
