@@ -14,6 +14,10 @@ Then, for example:
     scripts/perf.py metrics               # /metrics with 1,000 domains, scrape vs callback latency
     scripts/perf.py memory                # idle RSS, 1,000,000 live streams, restart readiness
     scripts/perf.py soak                  # 10 minutes of unique events, RSS/db/fds every 10 s
+
+Each load waits until the rest of the machine is idle (up to 15 minutes; PERF_NO_WAIT=1 skips
+that) and reports the CPU the server, the load generator and everything else used meanwhile.
+EXPORTER_BIN and BARE_BIN select other builds.
 """
 
 import argparse
@@ -177,7 +181,10 @@ def process_seconds(pid):
 
 
 def wait_quiet(max_wait=900.0, window=3.0, threshold=0.15):
-    """Waits until the rest of the machine is idle (other work skews every figure here)."""
+    """Waits until the rest of the machine is idle (other work skews every figure here);
+    PERF_NO_WAIT=1 skips the wait."""
+    if os.environ.get("PERF_NO_WAIT"):
+        return
     deadline = time.monotonic() + max_wait
     while True:
         before = busy_seconds()
@@ -388,9 +395,14 @@ def cmd_soak(a):
             cmd = [BIN, "load", "--target", ex.url + "/callback", "--json", "--rate", str(a.rate),
                    "--duration", a.duration, "--concurrency", "32", "--pid", str(ex.pid), "--progress", "60s"]
             log("$ CSS_CALLBACK_KEY=... " + " ".join(cmd[1:]))
+            busy0, server0, generator = busy_seconds(), process_seconds(ex.pid), 0.0
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
             t0 = time.monotonic()
             while proc.poll() is None:
+                try:
+                    generator = process_seconds(proc.pid)
+                except OSError:
+                    pass
                 rows.append((round(time.monotonic() - t0), rss_mib(ex.pid), db_mib(db), open_fds(ex.pid)))
                 log(f"  {rows[-1][0]:>4} s  RSS {rows[-1][1]:7.1f} MiB  db {rows[-1][2]:7.1f} MiB  fds {rows[-1][3]}")
                 for _ in range(int(a.every * 10)):
@@ -399,7 +411,16 @@ def cmd_soak(a):
                     time.sleep(0.1)
             summary = json.loads(proc.stdout.read().strip().splitlines()[-1])
             rows.append((round(time.monotonic() - t0), rss_mib(ex.pid), db_mib(db), open_fds(ex.pid)))
+            elapsed = time.monotonic() - t0
+            server = process_seconds(ex.pid) - server0
+            summary["cpu_cores"] = {
+                "server": server / elapsed,
+                "load_generator": generator / elapsed,
+                "other": max(0.0, busy_seconds() - busy0 - server - generator) / elapsed,
+            }
             log("soak:", describe(summary))
+            log("  CPU used (cores): server {server:.2f}, load generator {load_generator:.2f}, "
+                "other work {other:.2f}".format(**summary["cpu_cores"]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if a.csv:
