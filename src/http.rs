@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::time::{timeout_at, Instant};
 
 use crate::callback::{self, Callback, EventKind, Outcome, ParseError};
-use crate::ledger::{now_ms, Unrecorded};
+use crate::ledger::{now_secs, Unrecorded};
 use crate::metrics::Metrics;
 use crate::recorder::Recorder;
 use crate::signature::{Rejection, Verifier};
@@ -176,11 +176,10 @@ async fn handle(app: &AppState, body: Body) -> Result<(), CallbackError> {
         Ok(Ok(body)) => body,
     };
     let callback = callback::parse(&body)?;
-    if let Err(rejection) = app.verifier.verify(
-        callback.t,
-        callback.sign.as_deref(),
-        now_ms().div_euclid(1000),
-    ) {
+    if let Err(rejection) = app
+        .verifier
+        .verify(callback.t, callback.sign.as_deref(), now_secs())
+    {
         return Err(CallbackError::Rejected {
             rejection,
             callback: Box::new(callback),

@@ -333,6 +333,11 @@ impl Worker {
     }
 }
 
+/// Wall-clock time in unix seconds.
+pub fn now_secs() -> i64 {
+    now_ms().div_euclid(1000)
+}
+
 /// Wall-clock time in unix milliseconds.
 pub fn now_ms() -> i64 {
     SystemTime::now()

@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use serde_json::json;
@@ -106,13 +106,6 @@ struct Rss {
     end_kib: u64,
 }
 
-fn unix_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// splitmix64's finalizer: a bijection on u64 that scatters consecutive numbers.
 fn mix(k: u64) -> u64 {
     let mut x = k.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -150,7 +143,7 @@ impl Bodies {
         } else {
             7 + (round / 2) % 194
         };
-        let now = unix_secs();
+        let now = crate::ledger::now_secs();
         // Like Tencent: valid until ten minutes after the event.
         let t = now + 600;
         let mut body = String::with_capacity(512);
@@ -849,7 +842,7 @@ mod tests {
             let disconnect = callback::parse(bodies.body(k, false).as_bytes()).unwrap();
             for c in [&push, &disconnect] {
                 verifier
-                    .verify(c.t, c.sign.as_deref(), unix_secs())
+                    .verify(c.t, c.sign.as_deref(), crate::ledger::now_secs())
                     .unwrap();
             }
             let Event::Push(p) = push.event else {

@@ -5,13 +5,14 @@
 //! is signed like Tencent signs it.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rand::seq::IndexedRandom;
 use rand::Rng;
 use serde_json::{json, Value};
 
 use crate::config::SimulateArgs;
+use crate::ledger::now_secs as now;
 use crate::signature::sign;
 
 const DOMAINS: [&str; 3] = [
@@ -34,13 +35,6 @@ struct Tally {
     sent: BTreeMap<String, u64>,
     statuses: BTreeMap<u16, u64>,
     failures: u64,
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 pub async fn run(args: SimulateArgs) -> Result<(), String> {
