@@ -258,7 +258,7 @@ impl Worker {
             }
         }
         let commit = truth.commit_of(&changes);
-        let result = self.store.write(&commit);
+        let result = self.store.write(&commit, now);
         for done in counted {
             let _ = done.send(());
         }

@@ -12,7 +12,7 @@ impl Store for MemoryStore {
         Ok(Snapshot::default())
     }
 
-    fn write(&mut self, _: &Commit) -> Result<(), StoreError> {
+    fn write(&mut self, _: &Commit, _: i64) -> Result<(), StoreError> {
         Ok(())
     }
 

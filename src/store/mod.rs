@@ -37,8 +37,9 @@ pub enum StoreError {
 pub trait Store: Send {
     /// Everything stored, read once at start.
     fn load(&mut self) -> Result<Snapshot, StoreError>;
-    /// Makes a batch durable, all or nothing.
-    fn write(&mut self, commit: &Commit) -> Result<(), StoreError>;
+    /// Makes a batch durable, all or nothing. `now_ms` lets the store drop expired
+    /// delivered-event keys as it goes.
+    fn write(&mut self, commit: &Commit, now_ms: i64) -> Result<(), StoreError>;
     /// Deletes delivered-event keys expired at `now_ms`.
     fn purge(&mut self, now_ms: i64) -> Result<(), StoreError>;
 }

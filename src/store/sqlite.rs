@@ -1,13 +1,30 @@
 //! The SQLite store: the default, durable across crashes and restarts.
 //!
-//! WAL journal, one transaction per batch. After any failed write the connection is dropped and
-//! reopened on the next attempt, so a database that became read-only, full or locked recovers
-//! by itself once the cause is gone.
+//! WAL journal, one transaction per batch, and a batch mostly *appends*. Rows keyed by stream or
+//! by sequence land on random pages of a B-tree, and a commit writes every page it dirtied
+//! (4 KiB) to the WAL and again at the checkpoint: upserting sessions and delivered keys in place
+//! cost about 3 KiB of writes an event. Appended rows share the last pages of their table, so a
+//! batch writes about the size of its rows.
+//!
+//! - `session_log`: each batch's session changes (the session now, or none), in commit order.
+//!   Once more than [`FOLD_LAG`] rows wait, the oldest are folded into `sessions` in the same
+//!   transaction. A row that a later row of the same stream supersedes is dropped without
+//!   touching `sessions`, so a session pushed and disconnected within the lag costs no random
+//!   write at all.
+//! - `delivered`: the dedup keys in commit order. Their expiry grows with the id, so the expired
+//!   ones are deleted from the head, a step with each batch.
+//! - `series`: the counters, upserted; bounded by the domain cap.
+//!
+//! After any failed write the connection is dropped and reopened on the next attempt (and what
+//! this store holds in memory is read again), so a database that became read-only, full or
+//! locked recovers by itself once the cause is gone.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
+use rusqlite::types::Type;
+use rusqlite::{params, Connection, OpenFlags, Row, TransactionBehavior};
 
 use super::{Store, StoreError};
 use crate::area::Area;
@@ -17,9 +34,15 @@ use crate::state::rules::{Sequence, Session};
 use crate::state::{Commit, DeliveryKey, Snapshot};
 
 /// The schema this release writes; stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
-const SCHEMA: &str = "
+/// Session-log rows left unfolded: enough that a short session's push and disconnect usually
+/// meet in the log and cancel out; few enough to replay in milliseconds at start.
+pub const FOLD_LAG: usize = 65_536;
+/// Expired delivered keys deleted by one [`Store::purge`] statement.
+const PURGE_STEP: i64 = 8192;
+
+const SESSIONS: &str = "
 CREATE TABLE sessions (
     app TEXT NOT NULL,
     appname TEXT NOT NULL,
@@ -28,14 +51,29 @@ CREATE TABLE sessions (
     area TEXT NOT NULL,
     since INTEGER NOT NULL,
     PRIMARY KEY (app, appname, stream_id)
-) WITHOUT ROWID;
+) WITHOUT ROWID;";
+
+/// `sequence`, `area` and `since` are NULL when the change ended the stream's session.
+const SESSION_LOG: &str = "
+CREATE TABLE session_log (
+    id INTEGER PRIMARY KEY,
+    app TEXT NOT NULL,
+    appname TEXT NOT NULL,
+    stream_id TEXT NOT NULL,
+    sequence TEXT,
+    area TEXT,
+    since INTEGER
+);";
+
+const DELIVERED: &str = "
 CREATE TABLE delivered (
+    id INTEGER PRIMARY KEY,
     sequence TEXT NOT NULL,
     event_type INTEGER NOT NULL,
-    expires_ms INTEGER NOT NULL,
-    PRIMARY KEY (sequence, event_type)
-) WITHOUT ROWID;
-CREATE INDEX delivered_expiry ON delivered (expires_ms);
+    expires_ms INTEGER NOT NULL
+);";
+
+const SERIES: &str = "
 CREATE TABLE series (
     metric TEXT NOT NULL,
     labels TEXT NOT NULL,
@@ -43,8 +81,17 @@ CREATE TABLE series (
     sum_ms INTEGER,
     buckets TEXT,
     PRIMARY KEY (metric, labels)
-) WITHOUT ROWID;
-";
+) WITHOUT ROWID;";
+
+/// Schema 1 kept delivered keys in a table keyed by sequence, with an expiry index, and had no
+/// session log. Keys are copied in expiry order, so the head of the new table expires first.
+const MIGRATE_FROM_1: &str = "
+DROP INDEX delivered_expiry;
+ALTER TABLE delivered RENAME TO delivered_v1;";
+const MIGRATE_FROM_1_COPY: &str = "
+INSERT INTO delivered (sequence, event_type, expires_ms)
+    SELECT sequence, event_type, expires_ms FROM delivered_v1 ORDER BY expires_ms;
+DROP TABLE delivered_v1;";
 
 /// How hard each commit is pushed to disk (`--storage.sync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -61,6 +108,42 @@ pub struct SqliteStore {
     sync: SyncMode,
     /// `None` after a failure: reopened before the next write.
     conn: Option<Connection>,
+    /// The session-log rows not folded yet, as committed; `None` whenever `conn` is, because a
+    /// failed write may have changed it before its transaction rolled back.
+    unfolded: Option<Unfolded>,
+    /// Session-log rows left unfolded: [`FOLD_LAG`], smaller in tests.
+    fold_lag: usize,
+}
+
+/// The session-log rows not folded into `sessions`, in memory so that folding needs no reads.
+#[derive(Debug, Default)]
+struct Unfolded {
+    /// Oldest first: row id, stream, the session the row set (`None`: ended).
+    rows: VecDeque<(i64, StreamKey, Option<Session>)>,
+    /// The newest row of each stream in `rows`: the only one of that stream that still matters.
+    newest: HashMap<StreamKey, i64>,
+}
+
+impl Unfolded {
+    fn push(&mut self, id: i64, stream: StreamKey, session: Option<Session>) {
+        self.newest.insert(stream.clone(), id);
+        self.rows.push_back((id, stream, session));
+    }
+
+    /// Removes the `n` oldest rows; returns the changes among them that no later row supersedes,
+    /// and the id of the last row removed.
+    fn take_oldest(&mut self, n: usize) -> (Vec<(StreamKey, Option<Session>)>, Option<i64>) {
+        let mut effective = Vec::new();
+        let mut last = None;
+        for (id, stream, session) in self.rows.drain(..n.min(self.rows.len())) {
+            last = Some(id);
+            if self.newest.get(&stream) == Some(&id) {
+                self.newest.remove(&stream);
+                effective.push((stream, session));
+            }
+        }
+        (effective, last)
+    }
 }
 
 impl SqliteStore {
@@ -77,8 +160,10 @@ impl SqliteStore {
             path,
             sync,
             conn: None,
+            unfolded: None,
+            fold_lag: FOLD_LAG,
         };
-        store.connection()?;
+        store.with_conn(|_, _| Ok(()))?;
         Ok(store)
     }
 
@@ -89,31 +174,29 @@ impl SqliteStore {
         }
     }
 
-    fn invalid(&self, reason: impl Into<String>) -> StoreError {
-        StoreError::Invalid {
-            path: self.path.clone(),
-            reason: reason.into(),
-        }
-    }
-
-    /// The open connection, reopening it after a failure.
-    fn connection(&mut self) -> Result<&mut Connection, StoreError> {
+    /// Runs `f` on the connection (reopening it after a failure) and the unfolded rows; on
+    /// failure both are dropped, to be read again.
+    fn with_conn<T>(
+        &mut self,
+        f: impl FnOnce(&mut Connection, &mut Unfolded) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
         if self.conn.is_none() {
             let conn = connect(&self.path, self.sync).map_err(|e| self.err(e))?;
             migrate(&conn, &self.path)?;
             self.conn = Some(conn);
         }
-        Ok(self.conn.as_mut().expect("just opened"))
-    }
-
-    /// Runs `f` on the connection; on failure the connection is dropped to be reopened.
-    fn with_conn<T>(
-        &mut self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, StoreError> {
-        let result = f(self.connection()?);
+        let conn = self.conn.as_mut().expect("just opened");
+        let result = match &mut self.unfolded {
+            Some(unfolded) => f(conn, unfolded),
+            None => read_unfolded(conn).and_then(|mut unfolded| {
+                let result = f(conn, &mut unfolded);
+                self.unfolded = Some(unfolded);
+                result
+            }),
+        };
         result.map_err(|e| {
             self.conn = None;
+            self.unfolded = None;
             self.err(e)
         })
     }
@@ -157,7 +240,8 @@ fn connect(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-/// Creates the schema in a new database and refuses one it does not understand.
+/// Creates the schema in a new database, upgrades an older one, and refuses one it does not
+/// understand.
 fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let err = |source| StoreError::Sqlite {
         path: path.to_owned(),
@@ -166,8 +250,8 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(err)?;
-    match version {
-        SCHEMA_VERSION => Ok(()),
+    let script = match version {
+        SCHEMA_VERSION => return Ok(()),
         0 => {
             let tables: i64 = conn
                 .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
@@ -178,57 +262,157 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
                     reason: "holds tables but no exporter schema version; not ours".into(),
                 });
             }
-            conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            ))
-            .map_err(err)
+            format!("{SESSIONS}{SESSION_LOG}{DELIVERED}{SERIES}")
         }
-        newer => Err(StoreError::Invalid {
-            path: path.to_owned(),
-            reason: format!(
+        1 => {
+            tracing::info!(path = %path.display(), "upgrading the database from schema 1 to 2");
+            format!("{MIGRATE_FROM_1}{DELIVERED}{MIGRATE_FROM_1_COPY}{SESSION_LOG}")
+        }
+        newer => {
+            return Err(StoreError::Invalid {
+                path: path.to_owned(),
+                reason: format!(
                 "schema version {newer} is newer than this release understands ({SCHEMA_VERSION})"
             ),
-        }),
+            })
+        }
+    };
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE; {script} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+    ))
+    .map_err(|e| {
+        let _ = conn.execute_batch("ROLLBACK");
+        err(e)
+    })
+}
+
+/// An `area` column; an unknown value is a conversion error, never a guess.
+fn area(r: &Row, idx: usize) -> rusqlite::Result<Area> {
+    let text = r.get_ref(idx)?.as_str()?;
+    Area::from_label(text).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            idx,
+            Type::Text,
+            format!("unknown area {text:?}").into(),
+        )
+    })
+}
+
+fn stream_key(r: &Row) -> rusqlite::Result<StreamKey> {
+    Ok(StreamKey {
+        app: r.get_ref(0)?.as_str()?.into(),
+        appname: r.get_ref(1)?.as_str()?.into(),
+        stream_id: r.get_ref(2)?.as_str()?.into(),
+    })
+}
+
+/// A session from columns 3 (sequence), 4 (area) and 5 (since); `None` if the sequence is NULL.
+fn session(r: &Row) -> rusqlite::Result<Option<Session>> {
+    let Some(sequence) = r.get_ref(3)?.as_str_or_null()? else {
+        return Ok(None);
+    };
+    Ok(Some(Session {
+        sequence: Sequence::from(sequence),
+        area: area(r, 4)?,
+        since: r.get(5)?,
+    }))
+}
+
+fn read_unfolded(conn: &Connection) -> rusqlite::Result<Unfolded> {
+    let mut unfolded = Unfolded::default();
+    let mut stmt = conn.prepare(
+        "SELECT app, appname, stream_id, sequence, area, since, id FROM session_log ORDER BY id",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        unfolded.push(r.get(6)?, stream_key(r)?, session(r)?);
+    }
+    Ok(unfolded)
+}
+
+/// Folds the `n` oldest session-log rows into `sessions` and deletes them from the log.
+fn fold(conn: &Connection, unfolded: &mut Unfolded, n: usize) -> rusqlite::Result<()> {
+    let (effective, last) = unfolded.take_oldest(n);
+    let Some(last) = last else { return Ok(()) };
+    let mut upsert = conn.prepare_cached(
+        "INSERT OR REPLACE INTO sessions (app, appname, stream_id, sequence, area, since)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut delete = conn.prepare_cached(
+        "DELETE FROM sessions WHERE app = ?1 AND appname = ?2 AND stream_id = ?3",
+    )?;
+    for (stream, session) in effective {
+        let key = (&*stream.app, &*stream.appname, &*stream.stream_id);
+        match session {
+            Some(s) => upsert.execute(params![
+                key.0,
+                key.1,
+                key.2,
+                s.sequence.to_string(),
+                s.area.as_str(),
+                s.since
+            ])?,
+            None => delete.execute(params![key.0, key.1, key.2])?,
+        };
+    }
+    conn.prepare_cached("DELETE FROM session_log WHERE id <= ?1")?
+        .execute([last])?;
+    Ok(())
+}
+
+/// Deletes up to `step` delivered keys expired at `now_ms` from the head of the table; returns
+/// how many.
+fn expire(conn: &Connection, now_ms: i64, step: i64) -> rusqlite::Result<usize> {
+    // Expiry grows with the id: if the oldest key is still valid, so is every other.
+    let head: Option<(i64, i64)> = conn
+        .prepare_cached("SELECT id, expires_ms FROM delivered ORDER BY id LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    match head {
+        Some((id, expires_ms)) if expires_ms <= now_ms => conn
+            .prepare_cached("DELETE FROM delivered WHERE id < ?1 AND expires_ms <= ?2")?
+            .execute(params![id.saturating_add(step), now_ms]),
+        _ => Ok(0),
     }
 }
 
 impl Store for SqliteStore {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
-        let rows = self.with_conn(|conn| {
+        let (snapshot, raw) = self.with_conn(|conn, unfolded| {
             let mut snapshot = Snapshot::default();
+            // Folded sessions of streams the log has not changed since, then the log's word.
             let mut stmt = conn
                 .prepare("SELECT app, appname, stream_id, sequence, area, since FROM sessions")?;
             let mut rows = stmt.query([])?;
-            let mut bad_area = Vec::new();
             while let Some(r) = rows.next()? {
-                let area: String = r.get(4)?;
-                let Some(area) = Area::from_label(&area) else {
-                    bad_area.push(area);
+                let stream = stream_key(r)?;
+                if unfolded.newest.contains_key(&stream) {
                     continue;
-                };
-                snapshot.sessions.push((
-                    StreamKey {
-                        app: r.get::<_, String>(0)?.into(),
-                        appname: r.get::<_, String>(1)?.into(),
-                        stream_id: r.get::<_, String>(2)?.into(),
-                    },
-                    Session {
-                        sequence: Sequence::from(r.get_ref(3)?.as_str()?),
-                        area,
-                        since: r.get(5)?,
-                    },
-                ));
+                }
+                if let Some(session) = session(r)? {
+                    snapshot.sessions.push((stream, session));
+                }
+            }
+            for (id, stream, session) in &unfolded.rows {
+                if let (Some(session), Some(newest)) = (session, unfolded.newest.get(stream)) {
+                    if newest == id {
+                        snapshot.sessions.push((stream.clone(), session.clone()));
+                    }
+                }
             }
             let mut stmt =
                 conn.prepare("SELECT sequence, event_type, expires_ms FROM delivered")?;
             let mut rows = stmt.query([])?;
             while let Some(r) = rows.next()? {
-                let sequence: String = r.get(0)?;
-                let event_type: i64 = r.get(1)?;
-                let kind = EventKind::from_event_type(Some(event_type));
+                let sequence = r.get_ref(0)?.as_str()?;
+                let kind = EventKind::from_event_type(Some(r.get(1)?));
                 snapshot
                     .delivered
-                    .push((DeliveryKey::new(&sequence, kind), r.get(2)?));
+                    .push((DeliveryKey::new(sequence, kind), r.get(2)?));
             }
             let mut stmt =
                 conn.prepare("SELECT metric, labels, value, sum_ms, buckets FROM series")?;
@@ -243,58 +427,60 @@ impl Store for SqliteStore {
                     ))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok((snapshot, raw, bad_area))
+            Ok((snapshot, raw))
         })?;
-        let (mut snapshot, raw, bad_area) = rows;
-        if let Some(area) = bad_area.first() {
-            return Err(self.invalid(format!("session with unknown area {area:?}")));
-        }
+        let mut snapshot = snapshot;
         for (metric, labels, value, sum_ms, buckets) in raw {
+            let invalid = |what: &str| StoreError::Invalid {
+                path: self.path.clone(),
+                reason: format!("{what} {metric}{labels}"),
+            };
             let series = serde_json::from_str::<Vec<String>>(&labels)
                 .ok()
                 .and_then(|labels| Series::decode(&metric, &labels))
-                .ok_or_else(|| self.invalid(format!("unknown series {metric}{labels}")))?;
+                .ok_or_else(|| invalid("unknown series"))?;
             let value = decode_value(&series, value, sum_ms, buckets.as_deref())
-                .ok_or_else(|| self.invalid(format!("bad value of {metric}{labels}")))?;
+                .ok_or_else(|| invalid("bad value of"))?;
             snapshot.series.push((series, value));
         }
         Ok(snapshot)
     }
 
-    fn write(&mut self, commit: &Commit) -> Result<(), StoreError> {
+    fn write(&mut self, commit: &Commit, now_ms: i64) -> Result<(), StoreError> {
         if commit.is_empty() {
             return Ok(());
         }
-        self.with_conn(|conn| {
+        let lag = self.fold_lag;
+        self.with_conn(|conn, unfolded| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             {
-                let mut upsert = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO sessions (app, appname, stream_id, sequence, area, since)
+                let mut log = tx.prepare_cached(
+                    "INSERT INTO session_log (app, appname, stream_id, sequence, area, since)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?;
-                let mut delete = tx.prepare_cached(
-                    "DELETE FROM sessions WHERE app = ?1 AND appname = ?2 AND stream_id = ?3",
-                )?;
                 for (stream, session) in &commit.sessions {
-                    match session {
-                        Some(s) => upsert.execute(params![
-                            &*stream.app,
-                            &*stream.appname,
-                            &*stream.stream_id,
-                            s.sequence.to_string(),
-                            s.area.as_str(),
-                            s.since
-                        ])?,
-                        None => delete.execute(params![
-                            &*stream.app,
-                            &*stream.appname,
-                            &*stream.stream_id
-                        ])?,
+                    let (sequence, area, since) = match session {
+                        Some(s) => (
+                            Some(s.sequence.to_string()),
+                            Some(s.area.as_str()),
+                            Some(s.since),
+                        ),
+                        None => (None, None, None),
                     };
+                    log.execute(params![
+                        &*stream.app,
+                        &*stream.appname,
+                        &*stream.stream_id,
+                        sequence,
+                        area,
+                        since
+                    ])?;
+                    unfolded.push(tx.last_insert_rowid(), stream.clone(), session.clone());
                 }
+                fold(&tx, unfolded, unfolded.rows.len().saturating_sub(lag))?;
+
                 let mut delivered = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO delivered (sequence, event_type, expires_ms)
-                     VALUES (?1, ?2, ?3)",
+                    "INSERT INTO delivered (sequence, event_type, expires_ms) VALUES (?1, ?2, ?3)",
                 )?;
                 for (key, expires_ms) in &commit.delivered {
                     delivered.execute(params![
@@ -303,6 +489,11 @@ impl Store for SqliteStore {
                         expires_ms
                     ])?;
                 }
+                // Delete at least as many expired keys as were added, so the table keeps pace
+                // with steady traffic in small steps instead of large purges.
+                let step = 2 * commit.delivered.len() as i64 + 64;
+                expire(&tx, now_ms, step)?;
+
                 let mut series = tx.prepare_cached(
                     "INSERT OR REPLACE INTO series (metric, labels, value, sum_ms, buckets)
                      VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -318,10 +509,15 @@ impl Store for SqliteStore {
     }
 
     fn purge(&mut self, now_ms: i64) -> Result<(), StoreError> {
-        self.with_conn(|conn| {
-            conn.prepare_cached("DELETE FROM delivered WHERE expires_ms <= ?1")?
-                .execute([now_ms])
-                .map(drop)
+        self.with_conn(|conn, _| {
+            // A few steps at most, so a purge after a long burst does not hold the ledger up;
+            // the next purges and the writes take the rest.
+            for _ in 0..4 {
+                if expire(conn, now_ms, PURGE_STEP)? == 0 {
+                    break;
+                }
+            }
+            Ok(())
         })
     }
 }
@@ -364,4 +560,179 @@ fn decode_value(
         Series::LastCallback => Value::TimestampMs(value),
         _ => Value::Count(u64::try_from(value).ok()?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn stream(n: u32) -> StreamKey {
+        StreamKey {
+            app: format!("push{}.example.com", n % 3).into(),
+            appname: "live".into(),
+            stream_id: format!("s{n}").into(),
+        }
+    }
+
+    fn live(sequence: &str) -> Option<Session> {
+        Some(Session {
+            sequence: Sequence::from(sequence),
+            area: Area::Mainland,
+            since: 1_700_000_000,
+        })
+    }
+
+    fn sessions_of(store: &mut SqliteStore) -> HashMap<StreamKey, String> {
+        let snapshot = store.load().unwrap();
+        let map: HashMap<_, _> = snapshot
+            .sessions
+            .into_iter()
+            .map(|(k, s)| (k, s.sequence.to_string()))
+            .collect();
+        map
+    }
+
+    fn count(path: &Path, table: &str) -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// Streams pushed, replaced and ended over many batches: what the log folds, what it
+    /// skips and what it still holds add up to the same sessions, now and after a reopen.
+    #[test]
+    fn folding_keeps_the_newest_session_of_each_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fold.db");
+        let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        store.fold_lag = 7;
+        let mut expected = HashMap::new();
+        for batch in 0..40_u32 {
+            let mut commit = Commit::default();
+            for i in 0..5 {
+                let n = (batch * 5 + i) % 23;
+                let session = match (batch + i) % 4 {
+                    0 => None,
+                    _ => live(&format!("{batch}-{i}")),
+                };
+                match &session {
+                    Some(s) => expected.insert(stream(n), s.sequence.to_string()),
+                    None => expected.remove(&stream(n)),
+                };
+                commit.sessions.push((stream(n), session));
+            }
+            store.write(&commit, NOW).unwrap();
+            assert!(count(&path, "session_log") <= 7);
+        }
+        assert!(count(&path, "sessions") > 0, "some rows were folded");
+        assert_eq!(sessions_of(&mut store), expected);
+        drop(store);
+        let mut reopened = SqliteStore::open(path, SyncMode::Normal).unwrap();
+        assert_eq!(sessions_of(&mut reopened), expected);
+    }
+
+    /// A write that fails rolls back in the database and in what the store holds in memory.
+    #[test]
+    fn a_failed_write_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fail.db");
+        let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        store.fold_lag = 1;
+        let commit = |n: u32, seq: &str| Commit {
+            sessions: vec![(stream(n), live(seq))],
+            ..Commit::default()
+        };
+        store.write(&commit(1, "a"), NOW).unwrap();
+        store.write(&commit(2, "b"), NOW).unwrap();
+
+        // Fails the batch's last statement, after its session rows were appended and folded.
+        let admin = Connection::open(&path).unwrap();
+        admin
+            .execute_batch(
+                "CREATE TRIGGER boom BEFORE INSERT ON delivered WHEN NEW.sequence = 'boom'
+                 BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+            )
+            .unwrap();
+        let mut failing = commit(3, "c");
+        failing.sessions.push((stream(1), None));
+        failing.delivered = vec![(DeliveryKey::new("boom", EventKind::Push), NOW)];
+        store.write(&failing, NOW).unwrap_err();
+        admin.execute_batch("DROP TRIGGER boom").unwrap();
+
+        store.write(&commit(4, "d"), NOW).unwrap();
+        let expected: HashMap<_, _> = [(1, "a"), (2, "b"), (4, "d")]
+            .map(|(n, s)| (stream(n), s.to_string()))
+            .into();
+        assert_eq!(sessions_of(&mut store), expected);
+    }
+
+    /// Expired keys leave from the head of the table as batches come, valid ones stay.
+    #[test]
+    fn writes_and_purges_delete_expired_delivered_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("expire.db");
+        let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        let keys = |from: u32, expires: i64| Commit {
+            delivered: (from..from + 100)
+                .map(|n| (DeliveryKey::new(&n.to_string(), EventKind::Push), expires))
+                .collect(),
+            ..Commit::default()
+        };
+        store.write(&keys(0, NOW + 10), NOW).unwrap();
+        store.write(&keys(100, NOW + 20), NOW).unwrap();
+        assert_eq!(count(&path, "delivered"), 200);
+        // The first 100 expired: the next write deletes them while adding its own.
+        store.write(&keys(200, NOW + 1_000), NOW + 15).unwrap();
+        assert_eq!(count(&path, "delivered"), 200);
+        store.purge(NOW + 25).unwrap();
+        assert_eq!(count(&path, "delivered"), 100);
+        let loaded = store.load().unwrap().delivered;
+        assert!(loaded.iter().all(|(_, e)| *e == NOW + 1_000));
+    }
+
+    /// A database of the first release is upgraded in place, keeping everything it held.
+    #[test]
+    fn schema_1_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE sessions (app TEXT NOT NULL, appname TEXT NOT NULL,
+                    stream_id TEXT NOT NULL, sequence TEXT NOT NULL, area TEXT NOT NULL,
+                    since INTEGER NOT NULL, PRIMARY KEY (app, appname, stream_id)) WITHOUT ROWID;
+                 CREATE TABLE delivered (sequence TEXT NOT NULL, event_type INTEGER NOT NULL,
+                    expires_ms INTEGER NOT NULL, PRIMARY KEY (sequence, event_type)) WITHOUT ROWID;
+                 CREATE INDEX delivered_expiry ON delivered (expires_ms);
+                 CREATE TABLE series (metric TEXT NOT NULL, labels TEXT NOT NULL,
+                    value INTEGER NOT NULL, sum_ms INTEGER, buckets TEXT,
+                    PRIMARY KEY (metric, labels)) WITHOUT ROWID;
+                 INSERT INTO sessions VALUES ('d.example.com', 'live', 's1', '42', 'mainland', 7);
+                 INSERT INTO delivered VALUES ('42', 1, 2000), ('41', 0, 1000);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        let snapshot = store.load().unwrap();
+        assert_eq!(snapshot.sessions.len(), 1);
+        assert_eq!(snapshot.sessions[0].0.stream_id.as_ref(), "s1");
+        assert_eq!(snapshot.sessions[0].1.since, 7);
+        let delivered: Vec<_> = snapshot
+            .delivered
+            .iter()
+            .map(|(k, e)| (k.sequence.to_string(), *e))
+            .collect();
+        assert_eq!(
+            delivered,
+            [("41".to_string(), 1000), ("42".to_string(), 2000)]
+        );
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
 }
