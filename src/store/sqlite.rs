@@ -22,8 +22,9 @@
 //! this store holds in memory is read again), so a database that became read-only, full or
 //! locked recovers by itself once the cause is gone.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::types::Type;
@@ -316,10 +317,23 @@ fn area(r: &Row, idx: usize) -> rusqlite::Result<Area> {
     })
 }
 
-fn stream_key(r: &Row) -> rusqlite::Result<StreamKey> {
+/// A stream key from columns 0-2. `names` shares the `app` and `appname` strings between rows:
+/// a million streams of a hundred domains then hold a hundred copies of each, not a million.
+fn stream_key(r: &Row, names: &mut HashSet<Arc<str>>) -> rusqlite::Result<StreamKey> {
+    let mut name = |idx| -> rusqlite::Result<Arc<str>> {
+        let text = r.get_ref(idx)?.as_str()?;
+        Ok(match names.get(text) {
+            Some(shared) => shared.clone(),
+            None => {
+                let shared: Arc<str> = text.into();
+                names.insert(shared.clone());
+                shared
+            }
+        })
+    };
     Ok(StreamKey {
-        app: r.get_ref(0)?.as_str()?.into(),
-        appname: r.get_ref(1)?.as_str()?.into(),
+        app: name(0)?,
+        appname: name(1)?,
         stream_id: r.get_ref(2)?.as_str()?.into(),
     })
 }
@@ -342,8 +356,9 @@ fn read_unfolded(conn: &Connection) -> rusqlite::Result<Unfolded> {
         "SELECT app, appname, stream_id, sequence, area, since, id FROM session_log ORDER BY id",
     )?;
     let mut rows = stmt.query([])?;
+    let mut names = HashSet::new();
     while let Some(r) = rows.next()? {
-        unfolded.push(r.get(6)?, stream_key(r)?, session(r)?);
+        unfolded.push(r.get(6)?, stream_key(r, &mut names)?, session(r)?);
     }
     unfolded.series_rows = conn.query_row("SELECT count(*) FROM series_log", [], |r| r.get(0))?;
     Ok(unfolded)
@@ -423,8 +438,9 @@ impl Store for SqliteStore {
             let mut stmt = conn
                 .prepare("SELECT app, appname, stream_id, sequence, area, since FROM sessions")?;
             let mut rows = stmt.query([])?;
+            let mut names = HashSet::new();
             while let Some(r) = rows.next()? {
-                let stream = stream_key(r)?;
+                let stream = stream_key(r, &mut names)?;
                 if unfolded.newest.contains_key(&stream) {
                     continue;
                 }

@@ -1,0 +1,96 @@
+//! Writing batches to the SQLite store at its defaults: what one group commit costs the ledger.
+//!
+//! Batches of 64 streams' events (the load generator's 64 connections), made by the real truth rules:
+//! `short_sessions` pushes a new stream and disconnects the one pushed 1,000 events earlier
+//! (sessions that end within the fold lag), `long_sessions` only pushes (every session stays
+//! live and is folded into the sessions table).
+
+use std::cell::{Cell, RefCell};
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use tencent_css_exporter::area::Area;
+use tencent_css_exporter::callback::{Event, StreamEvent, StreamKey};
+use tencent_css_exporter::state::{Change, Limits, Truth};
+use tencent_css_exporter::store::{SqliteStore, Store, SyncMode};
+
+const NOW_MS: i64 = 1_700_000_000_000;
+const BATCH: u64 = 64;
+/// How far behind its push a short session's disconnect comes, in events.
+const SHORT_SESSION: u64 = 1_000;
+
+fn stream_event(k: u64) -> StreamEvent {
+    StreamEvent {
+        stream: StreamKey {
+            app: format!("push{}.example.com", k % 100).into(),
+            appname: "live".into(),
+            stream_id: format!("stream_{k}").into(),
+        },
+        // Scattered, as Tencent's are: the store sees them in no order.
+        sequence: k.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_string(),
+        event_time: Some(NOW_MS / 1000),
+        area: if k % 3 == 0 {
+            Area::Overseas
+        } else {
+            Area::Mainland
+        },
+    }
+}
+
+fn disconnect(k: u64) -> Event {
+    Event::Disconnect {
+        session: stream_event(k),
+        errcode: [1, 3, 21, 14][(k % 4) as usize],
+        push_duration_ms: Some(128_581),
+    }
+}
+
+/// `per_stream`: events each stream number brings (for the throughput figure).
+fn bench(c: &mut Criterion, name: &str, per_stream: u64, events: impl Fn(u64) -> Vec<Event>) {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let store = SqliteStore::open(dir.path().join("bench.db"), SyncMode::Normal).expect("open");
+    let store = RefCell::new(store);
+    let truth = RefCell::new(Truth::new(Limits {
+        dedup_window_ms: 60_000,
+        max_domains: 100_000,
+    }));
+    let next = Cell::new(0_u64);
+    let mut group = c.benchmark_group("sqlite_write");
+    group.throughput(Throughput::Elements(BATCH * per_stream));
+    group.bench_function(name, |b| {
+        b.iter_batched(
+            || {
+                // Applying the events is the ledger's work, not the store's: done outside.
+                let mut t = truth.borrow_mut();
+                let now = NOW_MS + next.get() as i64;
+                let changes: Vec<Change> = (0..BATCH)
+                    .flat_map(|_| {
+                        let k = next.get();
+                        next.set(k + 1);
+                        events(k)
+                    })
+                    .map(|e| t.apply(&e, now))
+                    .collect();
+                (t.commit_of(&changes), now)
+            },
+            |(commit, now)| store.borrow_mut().write(&commit, now).expect("write"),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+fn store(c: &mut Criterion) {
+    bench(c, "short_sessions", 2, |k| {
+        let mut events = vec![Event::Push(stream_event(k))];
+        if k >= SHORT_SESSION {
+            events.push(disconnect(k - SHORT_SESSION));
+        }
+        events
+    });
+    bench(c, "long_sessions", 1, |k| {
+        vec![Event::Push(stream_event(k))]
+    });
+}
+
+criterion_group!(benches, store);
+criterion_main!(benches);
