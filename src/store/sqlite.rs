@@ -100,6 +100,23 @@ CREATE TABLE series_log (
     buckets TEXT
 );";
 
+/// What the tables add up to, for people inspecting the database with `sqlite3`: the folded
+/// rows that the logs have not changed since, then the newest log row of each stream or series.
+const VIEWS: &str = "
+CREATE VIEW live_sessions AS
+    SELECT app, appname, stream_id, sequence, area, since FROM sessions
+    WHERE (app, appname, stream_id) NOT IN (SELECT app, appname, stream_id FROM session_log)
+    UNION ALL
+    SELECT app, appname, stream_id, sequence, area, since FROM session_log
+    WHERE id IN (SELECT max(id) FROM session_log GROUP BY app, appname, stream_id)
+        AND sequence IS NOT NULL;
+CREATE VIEW current_series AS
+    SELECT metric, labels, value, sum_ms, buckets FROM series
+    WHERE (metric, labels) NOT IN (SELECT metric, labels FROM series_log)
+    UNION ALL
+    SELECT metric, labels, value, sum_ms, buckets FROM series_log
+    WHERE id IN (SELECT max(id) FROM series_log GROUP BY metric, labels);";
+
 /// Schema 1 kept delivered keys in a table keyed by sequence, with an expiry index, and had no
 /// session and series logs. Keys are copied in expiry order, so the head of the new table expires first.
 const MIGRATE_FROM_1: &str = "
@@ -281,11 +298,13 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
                     reason: "holds tables but no exporter schema version; not ours".into(),
                 });
             }
-            format!("{SESSIONS}{SESSION_LOG}{DELIVERED}{SERIES}{SERIES_LOG}")
+            format!("{SESSIONS}{SESSION_LOG}{DELIVERED}{SERIES}{SERIES_LOG}{VIEWS}")
         }
         1 => {
             tracing::info!(path = %path.display(), "upgrading the database from schema 1 to 2");
-            format!("{MIGRATE_FROM_1}{DELIVERED}{MIGRATE_FROM_1_COPY}{SESSION_LOG}{SERIES_LOG}")
+            format!(
+                "{MIGRATE_FROM_1}{DELIVERED}{MIGRATE_FROM_1_COPY}{SESSION_LOG}{SERIES_LOG}{VIEWS}"
+            )
         }
         newer => {
             return Err(StoreError::Invalid {
@@ -684,6 +703,20 @@ mod tests {
         }
         assert!(count(&path, "sessions") > 0, "some rows were folded");
         assert_eq!(sessions_of(&mut store), expected);
+        // The view for people with `sqlite3` says the same.
+        let viewed: HashMap<_, _> = Connection::open(&path)
+            .unwrap()
+            .prepare("SELECT stream_id, sequence FROM live_sessions")
+            .unwrap()
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let expected_ids: HashMap<_, _> = expected
+            .iter()
+            .map(|(k, s)| (k.stream_id.to_string(), s.clone()))
+            .collect();
+        assert_eq!(viewed, expected_ids);
         drop(store);
         let mut reopened = SqliteStore::open(path, SyncMode::Normal).unwrap();
         assert_eq!(sessions_of(&mut reopened), expected);
@@ -769,6 +802,12 @@ mod tests {
         assert!(count(&path, "series_log") < SERIES_FOLD_AT as i64);
         assert!(count(&path, "series_log") > 0);
         assert_eq!(count(&path, "series"), 100);
+        let newest: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT max(value) FROM current_series", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(newest, (n - 100 + 99) as i64);
+        assert_eq!(count(&path, "current_series"), 100);
         drop(store);
         let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
         let mut loaded = store.load().unwrap().series;
