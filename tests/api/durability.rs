@@ -385,7 +385,7 @@ async fn locked_database_answers_503_then_recovers() {
     let stored: i64 = rusqlite::Connection::open(&db)
         .unwrap()
         .query_row(
-            "SELECT value FROM series WHERE metric = 'callbacks_total' AND labels = '[\"disconnect\",\"error\"]'",
+            "SELECT value FROM current_series WHERE metric = 'callbacks_total' AND labels = '[\"disconnect\",\"error\"]'",
             [],
             |r| r.get(0),
         )
