@@ -1,6 +1,7 @@
 //! Encoding `/metrics` from a populated state: 100, 1,000 and 10,000 push domains, each with
 //! live streams and counters in both areas, several disconnect codes and push-duration
-//! histograms.
+//! histograms. `metrics_lock` times what a scrape does under the state's read lock (the ledger
+//! waits for it), `metrics_render` a whole scrape.
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -8,7 +9,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tencent_css_exporter::area::Area;
 use tencent_css_exporter::callback::{Event, StreamEvent, StreamKey};
 use tencent_css_exporter::ledger::Shared;
-use tencent_css_exporter::metrics::Metrics;
+use tencent_css_exporter::metrics::{Metrics, ViewSource};
 use tencent_css_exporter::state::{Limits, Truth};
 
 const NOW_MS: i64 = 1_700_000_000_000;
@@ -74,5 +75,19 @@ fn render(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, render);
+/// The copy a scrape takes under the state's read lock; dropped outside the timing, as a scrape
+/// drops it after releasing the lock.
+fn lock(c: &mut Criterion) {
+    let mut group = c.benchmark_group("metrics_lock");
+    group.sample_size(20);
+    for domains in [1_000, 10_000] {
+        let shared = populated(domains);
+        group.bench_function(format!("{domains}_domains"), |b| {
+            b.iter_with_large_drop(|| shared.view())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, lock, render);
 criterion_main!(benches);
