@@ -4,6 +4,7 @@
 //! code only (see the disconnect error code table of the callback protocol).
 
 use std::fmt;
+use std::sync::OnceLock;
 
 /// (errcode, weight) of the disconnects in generated traffic (`simulate`, `load`): mostly
 /// clients stopping, some operator actions, a tail of faults of every abnormal class.
@@ -84,6 +85,18 @@ impl ErrCode {
         (code <= 999).then_some(ErrCode(Some(code)))
     }
 
+    /// The label value: the decimal code, or `other`.
+    pub fn as_str(self) -> &'static str {
+        static DECIMAL: OnceLock<Vec<String>> = OnceLock::new();
+        match self.0 {
+            Some(code) => {
+                let decimal = DECIMAL.get_or_init(|| (0..=999).map(|c| c.to_string()).collect());
+                &decimal[usize::from(code)]
+            }
+            None => "other",
+        }
+    }
+
     pub fn reason(self) -> Reason {
         match self.0 {
             Some(1..=4 | 35) => Reason::ClientStop,
@@ -100,10 +113,7 @@ impl ErrCode {
 
 impl fmt::Display for ErrCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(code) => write!(f, "{code}"),
-            None => f.write_str("other"),
-        }
+        f.write_str(self.as_str())
     }
 }
 
@@ -176,6 +186,10 @@ mod tests {
             let label = ErrCode::new(code).to_string();
             assert_eq!(ErrCode::from_label(&label), Some(ErrCode::new(code)));
         }
+        for code in 0..=999 {
+            assert_eq!(ErrCode::new(code).as_str(), code.to_string());
+        }
+        assert_eq!(ErrCode::new(1000).as_str(), "other");
         assert_eq!(ErrCode::from_label("1000"), None);
         assert_eq!(ErrCode::from_label("x"), None);
     }

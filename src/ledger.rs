@@ -37,9 +37,11 @@ pub struct Shared {
 }
 
 impl crate::metrics::ViewSource for Shared {
-    /// Copies out under the read lock, so a scrape holds the ledger up only for the copy.
-    fn view(&self) -> crate::state::View {
-        self.truth.read().unwrap_or_else(|e| e.into_inner()).view()
+    /// Copies the numbers out under the read lock, so a scrape holds the ledger up only for the
+    /// copy (no strings are built under it; sorting and writing the text come after).
+    fn fill(&self, frame: &mut crate::metrics::Frame) {
+        let truth = self.truth.read().unwrap_or_else(|e| e.into_inner());
+        frame.fill(truth.live(), truth.counters());
     }
 }
 

@@ -18,7 +18,8 @@
 //!   answers the requests.
 //! - [`redis`]: the same truth rules applied atomically in Redis, for several replicas;
 //!   [`recorder`] is the one interface the HTTP side sees over both.
-//! - [`metrics`]: the Prometheus collector that renders the state at scrape time.
+//! - [`metrics`]: `/metrics`: at each scrape, copies the state's numbers and writes them in
+//!   the Prometheus text format, with the process and build metrics.
 //! - [`http`]: routes, status codes and logging of outcomes.
 //! - [`web`]: connection handling: header deadline, connection cap, graceful drain.
 //! - [`server`]: [`run`] wires the above to listeners and a shutdown signal.

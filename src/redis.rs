@@ -25,7 +25,7 @@ use redis::{RedisResult, Script};
 use crate::area::Area;
 use crate::callback::{Event, EventKind, Outcome, StreamKey};
 use crate::ledger::{now_ms, Unrecorded};
-use crate::metrics::ViewSource;
+use crate::metrics::{Frame, ViewSource};
 use crate::state::counters::{tally, Count, Counters, Domain, Histogram, Series, Value};
 use crate::state::rules::{self, Decision, Effect, Facts, Sequence, Session};
 use crate::state::{View, OTHER_DOMAIN};
@@ -480,8 +480,9 @@ impl RedisLedger {
 }
 
 impl ViewSource for RedisLedger {
-    fn view(&self) -> View {
-        lock(&self.view).1.clone()
+    fn fill(&self, frame: &mut Frame) {
+        let cached = lock(&self.view);
+        frame.fill(&cached.1.live, &cached.1.counters);
     }
 }
 

@@ -53,7 +53,8 @@ pub struct Snapshot {
     pub series: Vec<(Series, Value)>,
 }
 
-/// What `/metrics` renders: live streams per (domain, area) and every counter.
+/// The numbers `/metrics` shows: live streams per (domain, area) and every counter, as read from
+/// a shared store (a scrape copies them into a [`Frame`](crate::metrics::Frame)).
 #[derive(Debug, Clone, Default)]
 pub struct View {
     pub live: BTreeMap<(Domain, Area), u64>,
@@ -155,12 +156,10 @@ impl Truth {
         View::live_streams(&self.live, &self.counters)
     }
 
-    /// A copy of what the metrics show.
-    pub fn view(&self) -> View {
-        View {
-            live: self.live_streams(),
-            counters: self.counters.clone(),
-        }
+    /// Live sessions per (domain, area), in no order; a (domain, area) whose sessions all ended
+    /// may be listed at 0 or not at all.
+    pub fn live(&self) -> &HashMap<(Domain, Area), u64> {
+        &self.live
     }
 
     pub fn live_total(&self) -> usize {
