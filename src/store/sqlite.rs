@@ -11,12 +11,12 @@
 //!   transaction. A row that a later row of the same stream supersedes is dropped without
 //!   touching `sessions`, so a session pushed and disconnected within the lag costs no random
 //!   write at all.
-//! - `delivered`: the dedup keys in commit order. Their expiry grows with the id, so the expired
-//!   ones are deleted from the head, a step with each batch.
-//! - `series_log`: the new value of each counter a batch changed, appended; folded into
-//!   `series` (newest value of each) once [`SERIES_FOLD_AT`] rows wait. Upserting
+//! - `delivered`: one row a batch with the batch's dedup keys (a JSON array). Expiry grows with
+//!   the id, so expired rows are deleted from the head, a step with each batch.
+//! - `series_log`: one row a batch with the new value of each counter it changed (a JSON array);
+//!   folded into `series` (newest value of each) once [`SERIES_FOLD_AT`] values wait. Upserting
 //!   in place dirtied most pages of `series` at every batch, since a batch touches the counters
-//!   of most domains.
+//!   of most domains, and a row per value cost SQLite more than the JSON does.
 //!
 //! After any failed write the connection is dropped and reopened on the next attempt (and what
 //! this store holds in memory is read again), so a database that became read-only, full or
@@ -43,11 +43,11 @@ const SCHEMA_VERSION: i64 = 2;
 /// Session-log rows left unfolded: enough that a short session's push and disconnect usually
 /// meet in the log and cancel out; few enough to replay in milliseconds at start.
 pub const FOLD_LAG: usize = 65_536;
-/// Series-log rows that trigger a fold into `series`: one fold of this many rows costs a few
+/// Series-log values that trigger a fold into `series`: one fold of this many rows costs a few
 /// milliseconds, once every few dozen batches.
 const SERIES_FOLD_AT: usize = 4096;
-/// Expired delivered keys deleted by one [`Store::purge`] statement.
-const PURGE_STEP: i64 = 8192;
+/// Expired delivered-key batches deleted by one statement.
+const PURGE_STEP: i64 = 256;
 
 const SESSIONS: &str = "
 CREATE TABLE sessions (
@@ -72,12 +72,12 @@ CREATE TABLE session_log (
     since INTEGER
 );";
 
+/// `keys`: `[[sequence, event_type, expires_ms], ...]`; `expires_ms`: the latest of them.
 const DELIVERED: &str = "
 CREATE TABLE delivered (
     id INTEGER PRIMARY KEY,
-    sequence TEXT NOT NULL,
-    event_type INTEGER NOT NULL,
-    expires_ms INTEGER NOT NULL
+    expires_ms INTEGER NOT NULL,
+    keys TEXT NOT NULL
 );";
 
 const SERIES: &str = "
@@ -90,19 +90,28 @@ CREATE TABLE series (
     PRIMARY KEY (metric, labels)
 ) WITHOUT ROWID;";
 
+/// `batch`: `[[metric, labels, value, sum_ms, buckets], ...]`, the columns of `series`.
 const SERIES_LOG: &str = "
 CREATE TABLE series_log (
     id INTEGER PRIMARY KEY,
-    metric TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    value INTEGER NOT NULL,
-    sum_ms INTEGER,
-    buckets TEXT
+    batch TEXT NOT NULL
 );";
 
 /// What the tables add up to, for people inspecting the database with `sqlite3`: the folded
-/// rows that the logs have not changed since, then the newest log row of each stream or series.
+/// rows that the logs have not changed since, then the newest log entry of each stream or
+/// series. `series_log_newest` is also what a fold writes.
 const VIEWS: &str = "
+CREATE VIEW series_log_newest AS
+    SELECT metric, labels, value, sum_ms, buckets FROM (
+        SELECT e.value ->> 0 AS metric, e.value ->> 1 AS labels, e.value ->> 2 AS value,
+            e.value ->> 3 AS sum_ms, e.value ->> 4 AS buckets,
+            row_number() OVER (PARTITION BY e.value ->> 0, e.value ->> 1
+                ORDER BY l.id DESC, e.key DESC) AS age
+        FROM series_log l, json_each(l.batch) e)
+    WHERE age = 1;
+CREATE VIEW delivered_keys AS
+    SELECT e.value ->> 0 AS sequence, e.value ->> 1 AS event_type, e.value ->> 2 AS expires_ms
+    FROM delivered d, json_each(d.keys) e;
 CREATE VIEW live_sessions AS
     SELECT app, appname, stream_id, sequence, area, since FROM sessions
     WHERE (app, appname, stream_id) NOT IN (SELECT app, appname, stream_id FROM session_log)
@@ -112,19 +121,20 @@ CREATE VIEW live_sessions AS
         AND sequence IS NOT NULL;
 CREATE VIEW current_series AS
     SELECT metric, labels, value, sum_ms, buckets FROM series
-    WHERE (metric, labels) NOT IN (SELECT metric, labels FROM series_log)
+    WHERE (metric, labels) NOT IN (SELECT metric, labels FROM series_log_newest)
     UNION ALL
-    SELECT metric, labels, value, sum_ms, buckets FROM series_log
-    WHERE id IN (SELECT max(id) FROM series_log GROUP BY metric, labels);";
+    SELECT metric, labels, value, sum_ms, buckets FROM series_log_newest;";
 
 /// Schema 1 kept delivered keys in a table keyed by sequence, with an expiry index, and had no
-/// session and series logs. Keys are copied in expiry order, so the head of the new table expires first.
+/// session and series logs. Keys are copied by minute of expiry, oldest first, so the head of
+/// the new table expires first.
 const MIGRATE_FROM_1: &str = "
 DROP INDEX delivered_expiry;
 ALTER TABLE delivered RENAME TO delivered_v1;";
 const MIGRATE_FROM_1_COPY: &str = "
-INSERT INTO delivered (sequence, event_type, expires_ms)
-    SELECT sequence, event_type, expires_ms FROM delivered_v1 ORDER BY expires_ms;
+INSERT INTO delivered (expires_ms, keys)
+    SELECT max(expires_ms), json_group_array(json_array(sequence, event_type, expires_ms))
+    FROM delivered_v1 GROUP BY expires_ms / 60000 ORDER BY expires_ms / 60000;
 DROP TABLE delivered_v1;";
 
 /// How hard each commit is pushed to disk (`--storage.sync`).
@@ -156,8 +166,8 @@ struct Unfolded {
     rows: VecDeque<(i64, StreamKey, Option<Session>)>,
     /// The newest row of each stream in `rows`: the only one of that stream that still matters.
     newest: HashMap<StreamKey, i64>,
-    /// Rows in `series_log`.
-    series_rows: usize,
+    /// Values in `series_log`.
+    series_values: usize,
 }
 
 impl Unfolded {
@@ -379,7 +389,11 @@ fn read_unfolded(conn: &Connection) -> rusqlite::Result<Unfolded> {
     while let Some(r) = rows.next()? {
         unfolded.push(r.get(6)?, stream_key(r, &mut names)?, session(r)?);
     }
-    unfolded.series_rows = conn.query_row("SELECT count(*) FROM series_log", [], |r| r.get(0))?;
+    unfolded.series_values = conn.query_row(
+        "SELECT count(*) FROM series_log l, json_each(l.batch)",
+        [],
+        |r| r.get(0),
+    )?;
     Ok(unfolded)
 }
 
@@ -387,12 +401,11 @@ fn read_unfolded(conn: &Connection) -> rusqlite::Result<Unfolded> {
 fn fold_series(conn: &Connection, unfolded: &mut Unfolded) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT OR REPLACE INTO series (metric, labels, value, sum_ms, buckets)
-         SELECT metric, labels, value, sum_ms, buckets FROM series_log
-         WHERE id IN (SELECT max(id) FROM series_log GROUP BY metric, labels)",
+         SELECT metric, labels, value, sum_ms, buckets FROM series_log_newest",
     )?
     .execute([])?;
     conn.prepare_cached("DELETE FROM series_log")?.execute([])?;
-    unfolded.series_rows = 0;
+    unfolded.series_values = 0;
     Ok(())
 }
 
@@ -426,8 +439,8 @@ fn fold(conn: &Connection, unfolded: &mut Unfolded, n: usize) -> rusqlite::Resul
     Ok(())
 }
 
-/// Deletes up to `step` delivered keys expired at `now_ms` from the head of the table; returns
-/// how many.
+/// Deletes up to `step` batches of delivered keys expired at `now_ms` from the head of the
+/// table; returns how many.
 fn expire(conn: &Connection, now_ms: i64, step: i64) -> rusqlite::Result<usize> {
     // Expiry grows with the id: if the oldest key is still valid, so is every other.
     let head: Option<(i64, i64)> = conn
@@ -471,15 +484,19 @@ impl Store for SqliteStore {
                     }
                 }
             }
-            let mut stmt =
-                conn.prepare("SELECT sequence, event_type, expires_ms FROM delivered")?;
+            let mut stmt = conn.prepare("SELECT keys FROM delivered ORDER BY id")?;
             let mut rows = stmt.query([])?;
             while let Some(r) = rows.next()? {
-                let sequence = r.get_ref(0)?.as_str()?;
-                let kind = EventKind::from_event_type(Some(r.get(1)?));
-                snapshot
-                    .delivered
-                    .push((DeliveryKey::new(sequence, kind), r.get(2)?));
+                let keys: Vec<(String, i64, i64)> = serde_json::from_str(r.get_ref(0)?.as_str()?)
+                    .map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(0, Type::Text, Box::new(e))
+                })?;
+                snapshot.delivered.extend(keys.into_iter().map(
+                    |(sequence, event_type, expires)| {
+                        let kind = EventKind::from_event_type(Some(event_type));
+                        (DeliveryKey::new(&sequence, kind), expires)
+                    },
+                ));
             }
             // Through the view, which adds the series log: loading must not write, so that a
             // read-only database still serves what it holds.
@@ -548,32 +565,39 @@ impl Store for SqliteStore {
                 }
                 fold(&tx, unfolded, unfolded.rows.len().saturating_sub(lag))?;
 
-                let mut delivered = tx.prepare_cached(
-                    "INSERT INTO delivered (sequence, event_type, expires_ms) VALUES (?1, ?2, ?3)",
-                )?;
-                for (key, expires_ms) in &commit.delivered {
-                    delivered.execute(params![
-                        key.sequence.to_string(),
-                        key.event_type(),
-                        expires_ms
-                    ])?;
+                if let Some(latest) = commit.delivered.iter().map(|(_, e)| *e).max() {
+                    let keys: Vec<_> = commit
+                        .delivered
+                        .iter()
+                        .map(|(key, expires_ms)| {
+                            (key.sequence.to_string(), key.event_type(), expires_ms)
+                        })
+                        .collect();
+                    let keys = serde_json::to_string(&keys).expect("keys serialize");
+                    tx.prepare_cached("INSERT INTO delivered (expires_ms, keys) VALUES (?1, ?2)")?
+                        .execute(params![latest, keys])?;
                 }
-                // Delete at least as many expired keys as were added, so the table keeps pace
-                // with steady traffic in small steps instead of large purges.
-                let step = 2 * commit.delivered.len() as i64 + 64;
-                expire(&tx, now_ms, step)?;
+                // A few expired batches go with each new one, so the table keeps pace with
+                // steady traffic in small steps instead of large purges.
+                expire(&tx, now_ms, 4)?;
 
-                let mut series = tx.prepare_cached(
-                    "INSERT INTO series_log (metric, labels, value, sum_ms, buckets)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                for (s, value) in &commit.series {
-                    let labels = serde_json::to_string(&s.labels()).expect("strings serialize");
-                    let (value, sum_ms, buckets) = encode_value(value);
-                    series.execute(params![s.metric(), labels, value, sum_ms, buckets])?;
+                if !commit.series.is_empty() {
+                    let batch: Vec<_> = commit
+                        .series
+                        .iter()
+                        .map(|(s, value)| {
+                            let labels =
+                                serde_json::to_string(&s.labels()).expect("strings serialize");
+                            let (value, sum_ms, buckets) = encode_value(value);
+                            (s.metric(), labels, value, sum_ms, buckets)
+                        })
+                        .collect();
+                    let batch = serde_json::to_string(&batch).expect("values serialize");
+                    tx.prepare_cached("INSERT INTO series_log (batch) VALUES (?1)")?
+                        .execute([batch])?;
+                    unfolded.series_values += commit.series.len();
                 }
-                unfolded.series_rows += commit.series.len();
-                if unfolded.series_rows >= SERIES_FOLD_AT {
+                if unfolded.series_values >= SERIES_FOLD_AT {
                     fold_series(&tx, unfolded)?;
                 }
             }
@@ -770,12 +794,12 @@ mod tests {
         };
         store.write(&keys(0, NOW + 10), NOW).unwrap();
         store.write(&keys(100, NOW + 20), NOW).unwrap();
-        assert_eq!(count(&path, "delivered"), 200);
+        assert_eq!(count(&path, "delivered_keys"), 200);
         // The first 100 expired: the next write deletes them while adding its own.
         store.write(&keys(200, NOW + 1_000), NOW + 15).unwrap();
-        assert_eq!(count(&path, "delivered"), 200);
+        assert_eq!(count(&path, "delivered_keys"), 200);
         store.purge(NOW + 25).unwrap();
-        assert_eq!(count(&path, "delivered"), 100);
+        assert_eq!(count(&path, "delivered_keys"), 100);
         let loaded = store.load().unwrap().delivered;
         assert!(loaded.iter().all(|(_, e)| *e == NOW + 1_000));
     }
@@ -787,7 +811,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("series.db");
         let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
-        let pushes = |d: u64| Series::Pushes(format!("d{d}.example.com").into(), Area::Overseas);
+        // Odd domains too: the labels must come back byte for byte through the JSON batches.
+        let pushes = |d: u64| {
+            let domain = match d {
+                0 => "q\"uote\\back\nline\u{1f}日本.example.com".to_string(),
+                _ => format!("d{d}.example.com"),
+            };
+            Series::Pushes(domain.into(), Area::Overseas)
+        };
         let mut n = 0;
         // Enough batches to fold once, and then some rows left in the log.
         while n < SERIES_FOLD_AT as u64 + 300 {
@@ -798,8 +829,8 @@ mod tests {
             store.write(&commit, NOW).unwrap();
             n += 100;
         }
-        assert!(count(&path, "series_log") < SERIES_FOLD_AT as i64);
-        assert!(count(&path, "series_log") > 0);
+        assert!(count(&path, "series_log, json_each(series_log.batch)") < SERIES_FOLD_AT as i64);
+        assert!(count(&path, "series_log, json_each(series_log.batch)") > 0);
         assert_eq!(count(&path, "series"), 100);
         let newest: i64 = Connection::open(&path)
             .unwrap()
@@ -847,7 +878,7 @@ mod tests {
         assert_eq!(snapshot.sessions.len(), 1);
         assert_eq!(snapshot.sessions[0].0.stream_id.as_ref(), "s1");
         assert_eq!(snapshot.sessions[0].1.since, 7);
-        let delivered: Vec<_> = snapshot
+        let mut delivered: Vec<_> = snapshot
             .delivered
             .iter()
             .map(|(k, e)| (k.sequence.to_string(), *e))

@@ -513,7 +513,7 @@ async fn expired_delivery_keys_are_purged_from_the_database() {
     let count = || {
         rusqlite::Connection::open(&db)
             .unwrap()
-            .query_row("SELECT count(*) FROM delivered", [], |r| r.get::<_, i64>(0))
+            .query_row("SELECT count(*) FROM delivered_keys", [], |r| r.get::<_, i64>(0))
             .unwrap()
     };
     let mut peak = 0;
