@@ -883,6 +883,7 @@ mod tests {
             .iter()
             .map(|(k, e)| (k.sequence.to_string(), *e))
             .collect();
+        delivered.sort();
         assert_eq!(
             delivered,
             [("41".to_string(), 1000), ("42".to_string(), 2000)]
