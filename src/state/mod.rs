@@ -7,6 +7,7 @@
 
 pub mod counters;
 mod delivered;
+mod live;
 pub mod rules;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -15,15 +16,17 @@ use crate::area::Area;
 use crate::callback::{Event, EventKind, Outcome, StreamKey};
 use counters::{Counters, Delta, Domain, Series, Value};
 use delivered::Delivered;
-pub use delivered::DeliveryKey;
+pub use delivered::{DeliveryKey, Expired};
+use live::Live;
 use rules::{Decision, Effect, Facts, Session};
 
 /// What applying one event changed: enough to persist it and to undo it.
 #[derive(Debug)]
 pub struct Change {
     pub outcome: Outcome,
-    /// A delivered-event key recorded by this event.
-    delivered: Option<DeliveryKey>,
+    /// Delivered-event keys this event made remembered for the dedup window: its own (unless it
+    /// started a session, which holds it) and the push of a session it ended or replaced.
+    delivered: [Option<DeliveryKey>; 2],
     /// The stream whose session changed, with its session before.
     session: Option<(StreamKey, Option<Session>)>,
     deltas: Vec<Delta>,
@@ -34,7 +37,9 @@ pub struct Change {
 pub struct Commit {
     /// Each touched stream with its live session now (`None`: not live).
     pub sessions: Vec<(StreamKey, Option<Session>)>,
-    /// New delivered-event keys with their expiry (unix milliseconds).
+    /// New delivered-event keys with their expiry (unix milliseconds). The push of a live
+    /// session is not among them: its session stands for it, and it comes here once the session
+    /// ends or is replaced.
     pub delivered: Vec<(DeliveryKey, i64)>,
     pub series: Vec<(Series, Value)>,
 }
@@ -45,7 +50,7 @@ impl Commit {
     }
 }
 
-/// Everything a store keeps, as loaded at start.
+/// Everything a store keeps, as loaded at start. A session implies its push was delivered.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub sessions: Vec<(StreamKey, Session)>,
@@ -79,7 +84,7 @@ impl View {
 /// The live picture and the counters: the single source of every metric.
 #[derive(Debug)]
 pub struct Truth {
-    sessions: HashMap<StreamKey, Session>,
+    sessions: Live,
     delivered: Delivered,
     /// Live sessions per (domain, area): derived from `sessions`, kept so a scrape does not have
     /// to walk every live stream.
@@ -87,11 +92,6 @@ pub struct Truth {
     counters: Counters,
     /// Domains that have series of their own. Only grows, up to `max_domains`.
     domains: HashSet<Domain>,
-    /// Every `app` and `appname` seen in a live session, so a million sessions of one domain
-    /// share one string.
-    names: HashSet<std::sync::Arc<str>>,
-    /// How long a delivered event is remembered, in milliseconds.
-    dedup_window_ms: i64,
     /// Cardinality cap: events of further domains are counted under [`OTHER_DOMAIN`].
     max_domains: usize,
     /// The overflow warning is logged once a process.
@@ -113,19 +113,19 @@ pub struct Limits {
 impl Truth {
     pub fn new(limits: Limits) -> Self {
         Truth {
-            sessions: HashMap::new(),
-            delivered: Delivered::default(),
+            sessions: Live::default(),
+            delivered: Delivered::new(limits.dedup_window_ms),
             live: HashMap::new(),
             counters: Counters::default(),
             domains: HashSet::new(),
-            names: HashSet::new(),
-            dedup_window_ms: limits.dedup_window_ms,
             max_domains: limits.max_domains,
             overflow_warned: false,
         }
     }
 
-    /// Rebuilds the state a store loaded. Delivered keys already expired at `now_ms` are dropped.
+    /// Rebuilds the state a store loaded. Delivered keys already expired at `now_ms` are
+    /// dropped; so are the pushes of live sessions (stored by earlier releases), which their
+    /// sessions stand for.
     pub fn restore(snapshot: Snapshot, limits: Limits, now_ms: i64) -> Result<Self, String> {
         let mut truth = Truth::new(limits);
         // Series first: every domain with series of its own keeps them, whatever the cap says
@@ -134,16 +134,25 @@ impl Truth {
             let series = truth.intern_series(series);
             truth.counters.restore(&series, value)?;
         }
+        truth.sessions.reserve(snapshot.sessions.len());
+        truth.delivered.reserve_held(snapshot.sessions.len());
+        // Rows come ordered by stream: the label is looked up once a domain.
+        let mut last: Option<(std::sync::Arc<str>, Domain)> = None;
         for (stream, session) in snapshot.sessions {
-            truth.set_session(&stream, Some(session));
+            let label = match &last {
+                Some((app, label)) if *app == stream.app => label.clone(),
+                _ => {
+                    let label = truth.domain(&stream.app);
+                    last = Some((stream.app.clone(), label.clone()));
+                    label
+                }
+            };
+            truth.set_session_labelled(&stream, Some(session), label);
         }
-        let mut delivered = snapshot.delivered;
-        delivered.sort_by_key(|(_, expires)| *expires);
-        for (key, expires_ms) in delivered {
-            if expires_ms > now_ms {
-                truth.delivered.insert(key, expires_ms);
-            }
+        for (key, expires_ms) in snapshot.delivered {
+            truth.delivered.restore(key, expires_ms, now_ms);
         }
+        release_freed_memory();
         Ok(truth)
     }
 
@@ -167,7 +176,7 @@ impl Truth {
     }
 
     /// The live session of a stream.
-    pub fn session(&self, stream: &StreamKey) -> Option<&Session> {
+    pub fn session(&self, stream: &StreamKey) -> Option<Session> {
         self.sessions.get(stream)
     }
 
@@ -179,8 +188,9 @@ impl Truth {
             Event::Disconnect { session, .. } => (EventKind::Disconnect, session),
         };
         let key = DeliveryKey::new(&stream_event.sequence, kind);
+        let current = self.sessions.get(&stream_event.stream);
         let facts = Facts {
-            current: self.sessions.get(&stream_event.stream),
+            current: current.as_ref(),
             already_delivered: self.delivered.contains(&key, now_ms),
             disconnect_seen: kind == EventKind::Push
                 && self.delivered.contains(
@@ -194,21 +204,30 @@ impl Truth {
             _ => return self.count(kind, Outcome::Duplicate),
         };
 
-        self.delivered
-            .insert(key.clone(), now_ms.saturating_add(self.dedup_window_ms));
         let (domain, overflow) = self.admit(&stream_event.stream.app);
-        let session = match effect {
-            Effect::Keep => None,
-            Effect::Start(s) => Some(self.set_session(&stream_event.stream, Some(s))),
-            Effect::End => Some(self.set_session(&stream_event.stream, None)),
+        // A session that starts holds its push; every other event is remembered for the window,
+        // and so is the push of a session that stops being live.
+        let (own, session) = match effect {
+            Effect::Keep => (Some(key), None),
+            Effect::Start(s) => (None, Some(self.set_session(&stream_event.stream, Some(s)))),
+            Effect::End => (
+                Some(key),
+                Some(self.set_session(&stream_event.stream, None)),
+            ),
         };
+        let ended = session
+            .as_ref()
+            .and_then(|before| before.as_ref())
+            .map(|before| DeliveryKey::push_of(before.sequence.clone()));
+        let delivered =
+            [own, ended].map(|key| key.filter(|key| self.delivered.remember(key.clone(), now_ms)));
         let deltas = counters::tally(event, domain, overflow, now_ms)
             .into_iter()
             .map(|count| self.counters.apply(count))
             .collect();
         Change {
             outcome: Outcome::Accepted,
-            delivered: Some(key),
+            delivered,
             session: session.map(|before| (stream_event.stream.clone(), before)),
             deltas,
         }
@@ -218,7 +237,7 @@ impl Truth {
     pub fn count(&mut self, kind: EventKind, outcome: Outcome) -> Change {
         Change {
             outcome,
-            delivered: None,
+            delivered: [None, None],
             session: None,
             deltas: vec![self.counters.inc(Series::Callbacks(kind, outcome))],
         }
@@ -232,8 +251,8 @@ impl Truth {
         if let Some((stream, before)) = &change.session {
             self.set_session(stream, before.clone());
         }
-        if let Some(key) = &change.delivered {
-            self.delivered.remove(key);
+        for key in change.delivered.iter().flatten() {
+            self.delivered.forget(key);
         }
     }
 
@@ -247,10 +266,10 @@ impl Truth {
                 if streams.insert(stream) {
                     commit
                         .sessions
-                        .push((stream.clone(), self.sessions.get(stream).cloned()));
+                        .push((stream.clone(), self.sessions.get(stream)));
                 }
             }
-            if let Some(key) = &change.delivered {
+            for key in change.delivered.iter().flatten() {
                 if let Some(expires) = self.delivered.expiry(key) {
                     commit.delivered.push((key.clone(), expires));
                 }
@@ -268,34 +287,42 @@ impl Truth {
 
     /// Forgets delivered keys whose window has passed; returns how many.
     pub fn purge(&mut self, now_ms: i64) -> usize {
-        self.delivered.purge(now_ms)
+        self.expire(now_ms).len()
+    }
+
+    /// Forgets delivered keys whose window has passed, and returns them: whole tables taken out
+    /// in constant time, which a caller holding a lock can drop (free) after releasing it. Also
+    /// gives back the memory of the live sessions' tables once they are mostly empty.
+    pub fn expire(&mut self, now_ms: i64) -> Expired {
+        self.sessions.shrink();
+        self.delivered.expire(now_ms)
     }
 
     pub fn delivered_len(&self) -> usize {
         self.delivered.len()
     }
 
-    /// Sets a stream's session, keeping the live index in step; returns the session before.
+    /// Sets a stream's session, keeping the live index and the held pushes in step; returns
+    /// the session before.
     fn set_session(&mut self, stream: &StreamKey, session: Option<Session>) -> Option<Session> {
         let domain = self.domain(&stream.app);
+        self.set_session_labelled(stream, session, domain)
+    }
+
+    /// [`Truth::set_session`] with the stream's `domain` label already looked up.
+    fn set_session_labelled(
+        &mut self,
+        stream: &StreamKey,
+        session: Option<Session>,
+        domain: Domain,
+    ) -> Option<Session> {
         if let Some(s) = &session {
             *self.live.entry((domain.clone(), s.area)).or_default() += 1;
+            self.delivered.hold(&s.sequence);
         }
-        let before = match session {
-            Some(s) => match self.sessions.get_mut(stream) {
-                Some(current) => Some(std::mem::replace(current, s)),
-                None => {
-                    let key = StreamKey {
-                        app: self.name(&stream.app),
-                        appname: self.name(&stream.appname),
-                        stream_id: stream.stream_id.clone(),
-                    };
-                    self.sessions.insert(key, s)
-                }
-            },
-            None => self.sessions.remove(stream),
-        };
+        let before = self.sessions.set(stream, session);
         if let Some(b) = &before {
+            self.delivered.release(&b.sequence);
             if let Some(n) = self.live.get_mut(&(domain, b.area)) {
                 *n = n.saturating_sub(1);
             }
@@ -332,14 +359,6 @@ impl Truth {
         (self.intern(OTHER_DOMAIN), true)
     }
 
-    fn name(&mut self, name: &std::sync::Arc<str>) -> std::sync::Arc<str> {
-        if let Some(n) = self.names.get(name) {
-            return n.clone();
-        }
-        self.names.insert(name.clone());
-        name.clone()
-    }
-
     fn intern(&mut self, name: &str) -> Domain {
         if let Some(d) = self.domains.get(name) {
             return d.clone();
@@ -356,5 +375,427 @@ impl Truth {
             Series::Disconnects(d, a, e) => Series::Disconnects(self.intern(&d), a, e),
             other => other,
         }
+    }
+}
+
+/// Gives the memory of a freed snapshot back to the system. The snapshot's rows (a few small
+/// strings each) lie under what the state allocated while they were read, so the allocator
+/// cannot shrink its heap by itself: with a million live streams, about 90 MiB it would keep
+/// for nothing. Takes a few milliseconds, once at start.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            /// glibc: releases free memory of every arena; `pad` bytes are kept at the top.
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: glibc's `malloc_trim` takes a size and only returns free pages to the
+        // system; it is safe to call at any time from any thread.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::callback::StreamEvent;
+
+    const T: i64 = 1_700_000_000_000;
+    const HOUR: i64 = 3_600_000;
+
+    fn limits(dedup_window_ms: i64) -> Limits {
+        Limits {
+            dedup_window_ms,
+            max_domains: 100,
+        }
+    }
+
+    fn stream(id: &str) -> StreamKey {
+        StreamKey {
+            app: "d.example.com".into(),
+            appname: "live".into(),
+            stream_id: id.into(),
+        }
+    }
+
+    fn stream_event(id: &str, sequence: &str, event_time: i64) -> StreamEvent {
+        StreamEvent {
+            stream: stream(id),
+            sequence: sequence.into(),
+            event_time: Some(event_time),
+            area: Area::Mainland,
+        }
+    }
+
+    fn push(id: &str, sequence: &str, event_time: i64) -> Event {
+        Event::Push(stream_event(id, sequence, event_time))
+    }
+
+    fn disconnect(id: &str, sequence: &str) -> Event {
+        Event::Disconnect {
+            session: stream_event(id, sequence, 0),
+            errcode: 1,
+            push_duration_ms: Some(1000),
+        }
+    }
+
+    fn key(sequence: &str, push: bool) -> DeliveryKey {
+        DeliveryKey {
+            sequence: sequence.into(),
+            push,
+        }
+    }
+
+    /// A store that keeps what commits say, as the real ones do.
+    #[derive(Default)]
+    struct Stored {
+        sessions: BTreeMap<StreamKey, Session>,
+        delivered: BTreeMap<(String, bool), i64>,
+        series: BTreeMap<Series, Value>,
+    }
+
+    impl Stored {
+        fn write(&mut self, commit: Commit) {
+            for (stream, session) in commit.sessions {
+                match session {
+                    Some(s) => self.sessions.insert(stream, s),
+                    None => self.sessions.remove(&stream),
+                };
+            }
+            for (key, expires) in commit.delivered {
+                self.delivered
+                    .insert((key.sequence.to_string(), key.push), expires);
+            }
+            self.series.extend(commit.series);
+        }
+
+        fn snapshot(&self) -> Snapshot {
+            Snapshot {
+                sessions: self
+                    .sessions
+                    .iter()
+                    .map(|(k, s)| (k.clone(), s.clone()))
+                    .collect(),
+                delivered: self
+                    .delivered
+                    .iter()
+                    .map(|((s, push), e)| (key(s, *push), *e))
+                    .collect(),
+                series: self
+                    .series
+                    .iter()
+                    .map(|(s, v)| (s.clone(), v.clone()))
+                    .collect(),
+            }
+        }
+    }
+
+    /// Applies events one batch each, writing every batch to `stored`; returns the outcomes.
+    fn run(truth: &mut Truth, stored: &mut Stored, events: &[(Event, i64)]) -> Vec<Outcome> {
+        events
+            .iter()
+            .map(|(event, now)| {
+                let change = truth.apply(event, *now);
+                stored.write(truth.commit_of(std::slice::from_ref(&change)));
+                change.outcome
+            })
+            .collect()
+    }
+
+    fn live(truth: &Truth, id: &str) -> Option<String> {
+        truth.session(&stream(id)).map(|s| s.sequence.to_string())
+    }
+
+    use Outcome::{Accepted, Duplicate};
+
+    #[test]
+    fn a_session_and_the_retries_of_its_events() {
+        let mut truth = Truth::new(limits(HOUR));
+        let mut stored = Stored::default();
+        let outcomes = run(
+            &mut truth,
+            &mut stored,
+            &[(push("s", "11", 10), T), (push("s", "11", 10), T + 1)],
+        );
+        assert_eq!(outcomes, [Accepted, Duplicate]);
+        assert_eq!(live(&truth, "s").as_deref(), Some("11"));
+        assert!(
+            stored.delivered.is_empty(),
+            "the live session stands for its push"
+        );
+        assert_eq!(truth.delivered_len(), 1);
+
+        let outcomes = run(
+            &mut truth,
+            &mut stored,
+            &[
+                (disconnect("s", "11"), T + 2),
+                (push("s", "11", 10), T + 3),
+                (disconnect("s", "11"), T + 4),
+            ],
+        );
+        assert_eq!(outcomes, [Accepted, Duplicate, Duplicate]);
+        assert_eq!(live(&truth, "s"), None, "a retried push does not revive it");
+        // The push is remembered from the disconnect on, for the whole window.
+        let expires = stored.delivered[&("11".into(), true)];
+        assert_eq!(stored.delivered[&("11".into(), false)], expires);
+        assert!(expires >= T + 2 + HOUR, "{expires}");
+        assert_eq!(truth.counters().pushes.values().sum::<u64>(), 1);
+        assert_eq!(truth.counters().disconnects.values().sum::<u64>(), 1);
+        let outcomes = run(
+            &mut truth,
+            &mut stored,
+            &[(push("s", "11", 10), expires - 1)],
+        );
+        assert_eq!(outcomes, [Duplicate]);
+    }
+
+    #[test]
+    fn the_push_of_a_live_session_is_a_duplicate_however_long_it_lasts() {
+        let mut truth = Truth::new(limits(HOUR));
+        let mut stored = Stored::default();
+        run(&mut truth, &mut stored, &[(push("s", "11", 10), T)]);
+        assert_eq!(truth.purge(T + 10 * HOUR), 0);
+        let later = T + 10 * HOUR;
+        let outcomes = run(&mut truth, &mut stored, &[(push("s", "11", 10), later)]);
+        assert_eq!(outcomes, [Duplicate]);
+        assert_eq!(truth.counters().pushes.values().sum::<u64>(), 1);
+        // Then it ends: its push is remembered for a window from then.
+        run(&mut truth, &mut stored, &[(disconnect("s", "11"), later)]);
+        let outcomes = run(
+            &mut truth,
+            &mut stored,
+            &[(push("s", "11", 10), later + HOUR - 1)],
+        );
+        assert_eq!(outcomes, [Duplicate]);
+        assert_eq!(live(&truth, "s"), None);
+    }
+
+    #[test]
+    fn a_replaced_session_has_its_push_remembered() {
+        let mut truth = Truth::new(limits(HOUR));
+        let mut stored = Stored::default();
+        let outcomes = run(
+            &mut truth,
+            &mut stored,
+            &[
+                (push("s", "1", 10), T),
+                (push("s", "2", 20), T + 1),
+                (push("s", "1", 10), T + 2),
+                (push("s", "2", 20), T + 3),
+            ],
+        );
+        assert_eq!(outcomes, [Accepted, Accepted, Duplicate, Duplicate]);
+        assert_eq!(live(&truth, "s").as_deref(), Some("2"));
+        assert_eq!(
+            stored.delivered.keys().collect::<Vec<_>>(),
+            [&("1".to_string(), true)]
+        );
+        // The disconnect of the replaced session changes nothing live.
+        let outcomes = run(&mut truth, &mut stored, &[(disconnect("s", "1"), T + 4)]);
+        assert_eq!(outcomes, [Accepted]);
+        assert_eq!(live(&truth, "s").as_deref(), Some("2"));
+    }
+
+    #[test]
+    fn a_push_after_its_disconnect_is_recorded_and_remembered() {
+        let mut truth = Truth::new(limits(HOUR));
+        let mut stored = Stored::default();
+        let outcomes = run(
+            &mut truth,
+            &mut stored,
+            &[
+                (push("s", "1", 10), T),
+                (disconnect("s", "2"), T + 1),
+                (push("s", "2", 20), T + 2),
+                (push("s", "2", 20), T + 3),
+                (push("s", "1", 10), T + 4),
+            ],
+        );
+        assert_eq!(
+            outcomes,
+            [Accepted, Accepted, Accepted, Duplicate, Duplicate]
+        );
+        assert_eq!(live(&truth, "s"), None, "session 2 replaced 1 and ended");
+        assert_eq!(stored.delivered.len(), 3, "{:?}", stored.delivered);
+        assert!(stored.sessions.is_empty());
+    }
+
+    #[test]
+    fn a_sequence_live_in_one_stream_is_delivered_for_every_stream() {
+        let mut truth = Truth::new(limits(HOUR));
+        let mut stored = Stored::default();
+        let outcomes = run(
+            &mut truth,
+            &mut stored,
+            &[
+                (push("a", "shared", 10), T),
+                (push("b", "shared", 10), T + 1),
+            ],
+        );
+        assert_eq!(outcomes, [Accepted, Duplicate]);
+        assert_eq!(live(&truth, "b"), None);
+    }
+
+    #[test]
+    fn a_zero_window_remembers_only_what_is_live() {
+        let mut truth = Truth::new(limits(0));
+        let mut stored = Stored::default();
+        let outcomes = run(
+            &mut truth,
+            &mut stored,
+            &[
+                (push("s", "1", 10), T),
+                (push("s", "1", 10), T),
+                (push("t", "1", 10), T),
+                (disconnect("s", "1"), T),
+                (disconnect("s", "1"), T),
+                (push("s", "1", 10), T),
+            ],
+        );
+        assert_eq!(
+            outcomes,
+            [Accepted, Duplicate, Accepted, Accepted, Accepted, Accepted]
+        );
+        assert_eq!(live(&truth, "s").as_deref(), Some("1"));
+        assert_eq!(live(&truth, "t").as_deref(), Some("1"));
+        assert!(stored.delivered.is_empty());
+        assert_eq!(truth.delivered_len(), 0);
+    }
+
+    #[test]
+    fn a_restart_recognises_every_retry() {
+        let mut truth = Truth::new(limits(HOUR));
+        let mut stored = Stored::default();
+        run(
+            &mut truth,
+            &mut stored,
+            &[
+                (push("live", "1", 10), T),
+                (push("ended", "2", 10), T),
+                (disconnect("ended", "2"), T + 1),
+                (push("replaced", "3", 10), T),
+                (push("replaced", "4", 20), T + 2),
+            ],
+        );
+        let restored = |now| Truth::restore(stored.snapshot(), limits(HOUR), now).unwrap();
+        let mut truth = restored(T + 10);
+        assert_eq!(truth.live_total(), 2);
+        assert_eq!(truth.delivered_len(), 2 + 3);
+        let retries = [
+            push("live", "1", 10),
+            push("ended", "2", 10),
+            disconnect("ended", "2"),
+            push("replaced", "3", 10),
+            push("replaced", "4", 20),
+            push("elsewhere", "1", 30),
+        ];
+        for event in &retries {
+            assert_eq!(truth.apply(event, T + 20).outcome, Duplicate, "{event:?}");
+        }
+        // After the window, only what is live is still known.
+        let mut truth = restored(T + 2 * HOUR);
+        assert_eq!(truth.delivered_len(), 2);
+        let outcomes: Vec<_> = retries
+            .iter()
+            .map(|e| truth.apply(e, T + 2 * HOUR).outcome)
+            .collect();
+        assert_eq!(
+            outcomes,
+            [Duplicate, Accepted, Accepted, Accepted, Duplicate, Duplicate]
+        );
+    }
+
+    #[test]
+    fn restoring_pushes_stored_for_live_sessions_keeps_them_once() {
+        // Earlier releases stored the push of every session as it started.
+        let mut stored = Stored::default();
+        stored.sessions.insert(
+            stream("s"),
+            Session {
+                sequence: "1".into(),
+                area: Area::Mainland,
+                since: 10,
+            },
+        );
+        stored.delivered.insert(("1".into(), true), T + HOUR);
+        stored.delivered.insert(("2".into(), true), T + HOUR);
+        let mut truth = Truth::restore(stored.snapshot(), limits(HOUR), T).unwrap();
+        assert_eq!(truth.delivered_len(), 2);
+        assert_eq!(truth.apply(&push("s", "1", 10), T).outcome, Duplicate);
+        assert_eq!(truth.apply(&push("t", "2", 10), T).outcome, Duplicate);
+        // Ended later, its push is remembered from then on.
+        let change = truth.apply(&disconnect("s", "1"), T + HOUR);
+        let commit = truth.commit_of(std::slice::from_ref(&change));
+        assert!(commit
+            .delivered
+            .iter()
+            .any(|(k, e)| *k == key("1", true) && *e >= T + 2 * HOUR));
+    }
+
+    #[test]
+    fn undo_puts_back_sessions_and_delivered_keys() {
+        let mut truth = Truth::new(limits(HOUR));
+        let mut stored = Stored::default();
+        run(
+            &mut truth,
+            &mut stored,
+            &[(push("s", "1", 10), T), (push("t", "5", 10), T)],
+        );
+        let before = (truth.delivered_len(), truth.live_streams());
+        let batch = [
+            push("s", "2", 20),
+            disconnect("s", "2"),
+            disconnect("t", "6"),
+            push("t", "6", 20),
+            push("u", "7", 20),
+            push("u", "7", 20),
+            disconnect("x", "9"),
+        ];
+        let changes: Vec<_> = batch.iter().map(|e| truth.apply(e, T + 1)).collect();
+        assert_eq!(live(&truth, "s"), None);
+        for change in changes.iter().rev() {
+            truth.undo(change);
+        }
+        assert_eq!((truth.delivered_len(), truth.live_streams()), before);
+        assert_eq!(live(&truth, "s").as_deref(), Some("1"));
+        assert_eq!(live(&truth, "t").as_deref(), Some("5"));
+        assert_eq!(live(&truth, "u"), None);
+        // Everything undone is new again, everything before it still known.
+        for event in &batch[..5] {
+            assert_eq!(truth.apply(event, T + 2).outcome, Accepted, "{event:?}");
+        }
+        assert_eq!(truth.apply(&push("s", "1", 10), T + 2).outcome, Duplicate);
+    }
+
+    #[test]
+    fn a_batch_commits_the_final_state_of_each_stream() {
+        let mut truth = Truth::new(limits(HOUR));
+        let batch = [
+            push("s", "1", 10),
+            push("s", "2", 20),
+            disconnect("s", "2"),
+            push("s", "3", 30),
+        ];
+        let changes: Vec<_> = batch.iter().map(|e| truth.apply(e, T)).collect();
+        let commit = truth.commit_of(&changes);
+        assert_eq!(commit.sessions.len(), 1);
+        assert_eq!(commit.sessions[0].1.as_ref().unwrap().sequence, "3");
+        let mut keys: Vec<_> = commit
+            .delivered
+            .iter()
+            .map(|(k, _)| (k.sequence.to_string(), k.push))
+            .collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                ("1".to_string(), true),
+                ("2".to_string(), false),
+                ("2".to_string(), true)
+            ]
+        );
     }
 }

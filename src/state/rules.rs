@@ -79,7 +79,8 @@ pub struct Session {
 pub struct Facts<'a> {
     /// The stream's live session, if any.
     pub current: Option<&'a Session>,
-    /// The very same event (sequence and type) was already recorded within the dedup window.
+    /// The very same event (sequence and type) was already recorded: within the dedup window,
+    /// or, for a push, its session is live (in this stream or, with a reused sequence, another).
     pub already_delivered: bool,
     /// For a push: its own disconnect was already recorded (delivery order is not guaranteed).
     pub disconnect_seen: bool,
@@ -127,8 +128,9 @@ pub fn push(sequence: &str, since: i64, area: crate::area::Area, facts: Facts) -
         return Decision::Duplicate;
     }
     let effect = match facts.current {
-        // Re-delivered after the dedup window forgot it: the stream is already live under it.
-        Some(current) if current.sequence == *sequence => Effect::Keep,
+        // The live session's own push again: a retry, whatever the dedup window remembers. The
+        // session was counted when it started.
+        Some(current) if current.sequence == *sequence => return Decision::Duplicate,
         // A late push of a session older than the live one must not replace it.
         Some(current) if since < current.since => Effect::Keep,
         // The session already ended before its push arrived: it replaced whatever was live
@@ -259,6 +261,28 @@ mod tests {
             Decision::Accept(Effect::Keep)
         );
         assert_eq!(disconnect("a", facts(None)), Decision::Accept(Effect::Keep));
+    }
+
+    #[test]
+    fn push_of_the_live_session_is_a_retry_even_if_forgotten() {
+        // The dedup window may have forgotten the push (or be zero): the session says it came.
+        let live = session("a", 10);
+        for since in [5, 10, 20] {
+            assert_eq!(
+                push("a", since, Area::Overseas, facts(Some(&live))),
+                Decision::Duplicate
+            );
+        }
+        let f = Facts {
+            disconnect_seen: true,
+            ..facts(Some(&live))
+        };
+        assert_eq!(push("a", 10, Area::Mainland, f), Decision::Duplicate);
+        // The same digits with a leading zero are another session.
+        assert_eq!(
+            push("07", 20, Area::Mainland, facts(Some(&session("7", 10)))),
+            Decision::Accept(Effect::Start(session("07", 20)))
+        );
     }
 
     #[test]

@@ -368,12 +368,19 @@ impl Model {
         }
         let sequence = ev.sequence();
         let retry = self.delivered.contains(&(sequence.clone(), ev.kind));
-        if retry {
+        // The push of the session live in its stream is a retry even when nothing is remembered
+        // (a zero window): that session was counted when it started.
+        let live_again = ev.kind == Kind::Push
+            && self
+                .live
+                .get(&ev.stream)
+                .is_some_and(|l| l.sequence == sequence);
+        if retry || live_again {
             *self.callbacks.entry((event, "duplicate")).or_default() += 1;
-            seen(if ev.kind == Kind::Push {
-                "duplicate push"
-            } else {
-                "duplicate disconnect"
+            seen(match (retry, ev.kind) {
+                (false, _) => "push of the live session again",
+                (true, Kind::Push) => "duplicate push",
+                (true, _) => "duplicate disconnect",
             });
             return "duplicate";
         }
@@ -394,11 +401,8 @@ impl Model {
                 .delivered
                 .contains(&(sequence.clone(), Kind::Disconnect));
             let live = self.live.get(&ev.stream);
-            let already_live = live.is_some_and(|l| l.sequence == sequence);
             let older_than_live = live.is_some_and(|l| since.before(l.since));
-            if already_live {
-                seen("push of the live session again");
-            } else if older_than_live {
+            if older_than_live {
                 seen("late push of an older session");
             } else if its_disconnect_came_first {
                 // It replaced whatever was live, and is over already.
@@ -477,7 +481,7 @@ fn check_state(shared: &Shared, model: &Model, context: &str) -> Result<(), Test
     for i in 0..STREAMS.len() {
         let actual = truth.session(&stream_key(i));
         let expected = model.live.get(&i);
-        match (actual, expected) {
+        match (&actual, expected) {
             (None, None) => {}
             (Some(a), Some(e)) => {
                 prop_assert_eq!(

@@ -107,6 +107,58 @@ async fn retried_disconnect_is_counted_once() {
 }
 
 #[tokio::test]
+async fn retried_push_is_a_duplicate_while_live_and_after_its_disconnect() {
+    let app = spawn_app().await;
+    let hello = push(D, "s1", "seq-1", 1);
+    accept(&app, hello.clone()).await;
+    accept(&app, hello.clone()).await;
+    assert_eq!(live(&app).await, 1.0);
+    accept(&app, disconnect(D, "s1", "seq-1", 1, 1)).await;
+    accept(&app, hello).await;
+    let s = app.scrape().await;
+    assert_eq!(
+        s.sum(ACTIVE, &[]),
+        0.0,
+        "a late retry does not revive the stream"
+    );
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
+    assert_eq!(
+        s.value(
+            "tencent_css_callbacks_total",
+            &[("event", "push"), ("outcome", "duplicate")]
+        ),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn without_a_dedup_window_the_live_session_still_knows_its_push() {
+    let app = spawn_app_with(AppOptions {
+        args: vec![
+            "--storage.path".into(),
+            ":memory:".into(),
+            "--callback.dedup-window".into(),
+            "0s".into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let hello = push(D, "s1", "seq-1", 1);
+    accept(&app, hello.clone()).await;
+    accept(&app, hello).await;
+    let s = app.scrape().await;
+    assert_eq!(s.sum(ACTIVE, &[]), 1.0);
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
+    assert_eq!(
+        s.value(
+            "tencent_css_callbacks_total",
+            &[("event", "push"), ("outcome", "duplicate")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
 async fn streams_are_app_appname_and_stream_id() {
     let app = spawn_app().await;
     let mut a = push(D, "s1", "seq-1", 1);

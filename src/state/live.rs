@@ -1,0 +1,335 @@
+//! The live sessions, compactly: a million of them may be live at once.
+//!
+//! One hash-table entry of 56 bytes a live stream, holding its stream id inline when the id is
+//! short (no allocation of its own), its session, and the place it is pushed to: the `app` and
+//! `appname` pair, interned once and named by a number. Nothing is lossy: stream ids of any
+//! length are kept exactly, and every (app, appname) keeps its own place.
+
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use super::rules::{Sequence, Session};
+use crate::area::Area;
+use crate::callback::StreamKey;
+
+/// Stream ids of up to this many bytes are kept inline.
+const SHORT: usize = 22;
+
+/// A stream id: inline when short, else on the heap.
+#[derive(Debug)]
+enum StreamId {
+    Short { len: u8, bytes: [u8; SHORT] },
+    Long(Box<str>),
+}
+
+impl StreamId {
+    fn new(id: &str) -> Self {
+        match u8::try_from(id.len()) {
+            Ok(len) if id.len() <= SHORT => {
+                let mut bytes = [0; SHORT];
+                bytes[..id.len()].copy_from_slice(id.as_bytes());
+                StreamId::Short { len, bytes }
+            }
+            _ => StreamId::Long(id.into()),
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            StreamId::Short { len, bytes } => &bytes[..usize::from(*len)],
+            StreamId::Long(id) => id.as_bytes(),
+        }
+    }
+}
+
+/// One live stream and its session.
+#[derive(Debug)]
+struct Entry {
+    place: u32,
+    id: StreamId,
+    sequence: Sequence,
+    since: i64,
+    area: Area,
+}
+
+impl Entry {
+    fn session(&self) -> Session {
+        Session {
+            sequence: self.sequence.clone(),
+            area: self.area,
+            since: self.since,
+        }
+    }
+}
+
+/// What identifies a live stream: lets the table be searched without building an entry.
+trait Key {
+    fn place(&self) -> u32;
+    fn id(&self) -> &[u8];
+}
+
+impl Key for Entry {
+    fn place(&self) -> u32 {
+        self.place
+    }
+    fn id(&self) -> &[u8] {
+        self.id.as_bytes()
+    }
+}
+
+/// A stream looked up by its place and stream id.
+struct Probe<'a> {
+    place: u32,
+    id: &'a str,
+}
+
+impl Key for Probe<'_> {
+    fn place(&self) -> u32 {
+        self.place
+    }
+    fn id(&self) -> &[u8] {
+        self.id.as_bytes()
+    }
+}
+
+impl Hash for dyn Key + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u32(self.place());
+        self.id().hash(state);
+    }
+}
+
+impl PartialEq for dyn Key + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.place() == other.place() && self.id() == other.id()
+    }
+}
+
+impl Eq for dyn Key + '_ {}
+
+impl Hash for Entry {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self as &dyn Key).hash(state)
+    }
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        (self as &dyn Key) == (other as &dyn Key)
+    }
+}
+
+impl Eq for Entry {}
+
+impl<'a> Borrow<dyn Key + 'a> for Entry {
+    fn borrow(&self) -> &(dyn Key + 'a) {
+        self
+    }
+}
+
+/// The live session of every live stream.
+#[derive(Debug, Default)]
+pub(super) struct Live {
+    entries: HashSet<Entry>,
+    /// The place of each `app` and `appname` ever live. Only grows, like the strings it shares.
+    places: HashMap<Arc<str>, HashMap<Arc<str>, u32>>,
+    places_len: u32,
+    /// The place looked up last, tried first: restored sessions come ordered by place.
+    last: Option<(Arc<str>, Arc<str>, u32)>,
+}
+
+impl Live {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Room for `n` more live streams.
+    pub fn reserve(&mut self, n: usize) {
+        self.entries.reserve(n);
+    }
+
+    /// Gives back most of the table once it is four times larger than needed.
+    pub fn shrink(&mut self) {
+        if self.entries.capacity() > 4 * self.entries.len().max(1024) {
+            self.entries.shrink_to(2 * self.entries.len());
+        }
+    }
+
+    /// The live session of a stream.
+    pub fn get(&self, stream: &StreamKey) -> Option<Session> {
+        let place = self.place(stream)?;
+        self.entries
+            .get(&Probe {
+                place,
+                id: &stream.stream_id,
+            } as &dyn Key)
+            .map(Entry::session)
+    }
+
+    /// Sets a stream's session (`None`: not live); returns the session before.
+    pub fn set(&mut self, stream: &StreamKey, session: Option<Session>) -> Option<Session> {
+        let before = match session {
+            Some(s) => {
+                let place = self.intern(stream);
+                self.entries.replace(Entry {
+                    place,
+                    id: StreamId::new(&stream.stream_id),
+                    sequence: s.sequence,
+                    since: s.since,
+                    area: s.area,
+                })
+            }
+            None => {
+                let place = self.place(stream)?;
+                self.entries.take(&Probe {
+                    place,
+                    id: &stream.stream_id,
+                } as &dyn Key)
+            }
+        };
+        before.map(|e| Session {
+            sequence: e.sequence,
+            area: e.area,
+            since: e.since,
+        })
+    }
+
+    fn place(&self, stream: &StreamKey) -> Option<u32> {
+        match &self.last {
+            Some((app, appname, place)) if *app == stream.app && *appname == stream.appname => {
+                Some(*place)
+            }
+            _ => self
+                .places
+                .get(&*stream.app)
+                .and_then(|names| names.get(&*stream.appname))
+                .copied(),
+        }
+    }
+
+    fn intern(&mut self, stream: &StreamKey) -> u32 {
+        if let Some((app, appname, place)) = &self.last {
+            if *app == stream.app && *appname == stream.appname {
+                return *place;
+            }
+        }
+        // The strings already interned are the ones kept.
+        let entry = self.places.entry(stream.app.clone());
+        let app = entry.key().clone();
+        let names = entry.or_default();
+        let (appname, place) = match names.get_key_value(&*stream.appname) {
+            Some((appname, place)) => (appname.clone(), *place),
+            None => {
+                let place = self.places_len;
+                self.places_len = place
+                    .checked_add(1)
+                    .expect("fewer than 2^32 (app, appname) pairs");
+                names.insert(stream.appname.clone(), place);
+                (stream.appname.clone(), place)
+            }
+        };
+        self.last = Some((app, appname, place));
+        place
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(app: &str, appname: &str, id: &str) -> StreamKey {
+        StreamKey {
+            app: app.into(),
+            appname: appname.into(),
+            stream_id: id.into(),
+        }
+    }
+
+    fn session(seq: &str, since: i64) -> Session {
+        Session {
+            sequence: seq.into(),
+            area: Area::Overseas,
+            since,
+        }
+    }
+
+    #[test]
+    fn an_entry_is_56_bytes() {
+        assert_eq!(std::mem::size_of::<Entry>(), 56);
+    }
+
+    #[test]
+    fn streams_are_told_apart_by_app_appname_and_exact_id() {
+        let mut live = Live::default();
+        let long = "x".repeat(SHORT + 1);
+        let streams = [
+            key("a", "live", "cam"),
+            key("a", "", "cam"),
+            key("b", "live", "cam"),
+            key("a", "live", "cam "),
+            key("a", "live", ""),
+            key("a", "live", &"x".repeat(SHORT)),
+            key("a", "live", &long),
+            key("a", "live", &"é".repeat(40)),
+            key("a", "live", "cam\0"),
+        ];
+        for (i, s) in streams.iter().enumerate() {
+            assert_eq!(live.set(s, Some(session(&i.to_string(), i as i64))), None);
+        }
+        assert_eq!(live.len(), streams.len());
+        for (i, s) in streams.iter().enumerate() {
+            assert_eq!(live.get(s), Some(session(&i.to_string(), i as i64)), "{s}");
+        }
+        assert_eq!(live.get(&key("a", "live", "ca")), None);
+        assert_eq!(live.get(&key("c", "live", "cam")), None);
+        assert_eq!(
+            live.set(&streams[6], Some(session("new", 1))),
+            Some(session("6", 6))
+        );
+        assert_eq!(live.set(&streams[6], None), Some(session("new", 1)));
+        assert_eq!(live.set(&streams[6], None), None);
+        assert_eq!(live.set(&key("zz", "live", "cam"), None), None);
+        assert_eq!(live.len(), streams.len() - 1);
+    }
+
+    #[test]
+    fn a_place_is_shared_and_remembered() {
+        let mut live = Live::default();
+        for i in 0..100 {
+            live.set(
+                &key(&format!("d{}", i % 3), "live", &i.to_string()),
+                Some(session("1", 0)),
+            );
+        }
+        assert_eq!(live.places_len, 3);
+        // Lookups with strings of their own find the same places.
+        for i in 0..100 {
+            assert!(live
+                .get(&key(&format!("d{}", i % 3), "live", &i.to_string()))
+                .is_some());
+        }
+    }
+
+    #[test]
+    fn shrinks_once_mostly_empty() {
+        let mut live = Live::default();
+        let streams: Vec<_> = (0..10_000).map(|i| key("a", "b", &i.to_string())).collect();
+        for s in &streams {
+            live.set(s, Some(session("1", 0)));
+        }
+        for s in &streams[10..] {
+            live.set(s, None);
+        }
+        live.shrink();
+        assert!(
+            live.entries.capacity() < 4096,
+            "{}",
+            live.entries.capacity()
+        );
+        for s in &streams[..10] {
+            assert!(live.get(s).is_some());
+        }
+    }
+}
