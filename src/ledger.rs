@@ -323,12 +323,15 @@ impl Worker {
 
     fn purge(&mut self) {
         let now = now_ms();
-        let purged = self
+        let expired = self
             .shared
             .truth
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .purge(now);
+            .expire(now);
+        // Freed here, after the lock is released: scrapes do not wait for the deallocation.
+        let purged = expired.len();
+        drop(expired);
         let result = self.store.purge(now);
         match result {
             Ok(()) => {
@@ -358,9 +361,9 @@ impl Worker {
     }
 }
 
-/// Hands the memory freed after loading (the rows as read, before they became the state) back
-/// to the system. glibc keeps freed memory of the main heap for reuse, so without this the
-/// exporter would carry the load's peak as resident memory for its whole life.
+/// Gives the memory of the loaded rows back to the system once they became the state. They
+/// lie under what the state allocated while they were read, so glibc cannot shrink its heap by
+/// itself: with a million live streams, about 90 MiB kept for nothing. A few milliseconds, once.
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns unused heap pages to the kernel; it has no preconditions.

@@ -152,7 +152,6 @@ impl Truth {
         for (key, expires_ms) in snapshot.delivered {
             truth.delivered.restore(key, expires_ms, now_ms);
         }
-        release_freed_memory();
         Ok(truth)
     }
 
@@ -374,25 +373,6 @@ impl Truth {
             Series::PushDuration(d, a) => Series::PushDuration(self.intern(&d), a),
             Series::Disconnects(d, a, e) => Series::Disconnects(self.intern(&d), a, e),
             other => other,
-        }
-    }
-}
-
-/// Gives the memory of a freed snapshot back to the system. The snapshot's rows (a few small
-/// strings each) lie under what the state allocated while they were read, so the allocator
-/// cannot shrink its heap by itself: with a million live streams, about 90 MiB it would keep
-/// for nothing. Takes a few milliseconds, once at start.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        extern "C" {
-            /// glibc: releases free memory of every arena; `pad` bytes are kept at the top.
-            fn malloc_trim(pad: usize) -> std::ffi::c_int;
-        }
-        // SAFETY: glibc's `malloc_trim` takes a size and only returns free pages to the
-        // system; it is safe to call at any time from any thread.
-        unsafe {
-            malloc_trim(0);
         }
     }
 }
