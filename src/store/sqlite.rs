@@ -13,10 +13,12 @@
 //!   write at all.
 //! - `delivered`: one row a batch with the batch's dedup keys (a JSON array). Expiry grows with
 //!   the id, so expired rows are deleted from the head, a step with each batch.
-//! - `series_log`: one row a batch with the new value of each counter it changed (a JSON array);
-//!   folded into `series` (newest value of each) once [`SERIES_FOLD_AT`] values wait. Upserting
-//!   in place dirtied most pages of `series` at every batch, since a batch touches the counters
-//!   of most domains, and a row per value cost SQLite more than the JSON does.
+//! - `series_log`: one row a batch with the new value of each counter it changed (a JSON array).
+//!   Only the last [`SERIES_ROWS`] rows are kept: a batch also writes again the counters whose
+//!   newest value is about to leave that window, a few each time. So there is no fold, and no
+//!   stall: upserting the counters in place dirtied most pages of their table at every batch (a
+//!   batch touches the counters of most domains), and folding a log of them into the table took
+//!   10-25 ms at a time. `series` holds what a schema-1 database had; values in the log win.
 //!
 //! After any failed write the connection is dropped and reopened on the next attempt (and what
 //! this store holds in memory is read again), so a database that became read-only, full or
@@ -43,9 +45,9 @@ const SCHEMA_VERSION: i64 = 2;
 /// Session-log rows left unfolded: enough that a short session's push and disconnect usually
 /// meet in the log and cancel out; few enough to replay in milliseconds at start.
 pub const FOLD_LAG: usize = 65_536;
-/// Series-log values that trigger a fold into `series`: one fold of this many rows costs a few
-/// milliseconds, once every few dozen batches.
-const SERIES_FOLD_AT: usize = 4096;
+/// Rows of `series_log` kept. Every counter is written again at least once in this many
+/// batches: with N counters, about N / 256 extra values a batch.
+const SERIES_ROWS: i64 = 256;
 /// Expired delivered-key batches deleted by one statement.
 const PURGE_STEP: i64 = 256;
 
@@ -99,7 +101,7 @@ CREATE TABLE series_log (
 
 /// What the tables add up to, for people inspecting the database with `sqlite3`: the folded
 /// rows that the logs have not changed since, then the newest log entry of each stream or
-/// series. `series_log_newest` is also what a fold writes.
+/// series.
 const VIEWS: &str = "
 CREATE VIEW series_log_newest AS
     SELECT metric, labels, value, sum_ms, buckets FROM (
@@ -166,8 +168,59 @@ struct Unfolded {
     rows: VecDeque<(i64, StreamKey, Option<Session>)>,
     /// The newest row of each stream in `rows`: the only one of that stream that still matters.
     newest: HashMap<StreamKey, i64>,
-    /// Values in `series_log`.
-    series_values: usize,
+    /// What `series_log` holds.
+    series: SeriesLog,
+}
+
+/// A counter: its metric and its labels (as JSON), the key of `series`.
+type SeriesKey = (String, String);
+/// A counter's value as the store writes it: value, sum of milliseconds, buckets.
+type Encoded = (i64, Option<i64>, Option<String>);
+
+/// What `series_log` holds, in memory so that a batch knows which counters to write again.
+#[derive(Debug, Default)]
+struct SeriesLog {
+    /// Newest value of every counter in the log, with the row that holds it.
+    latest: HashMap<SeriesKey, (Encoded, i64)>,
+    /// Counters by the row they were last written in, oldest first. An entry whose row is not
+    /// the counter's latest any more is stale and skipped.
+    order: VecDeque<(SeriesKey, i64)>,
+    /// Id of the newest row.
+    last_row: i64,
+}
+
+impl SeriesLog {
+    fn record(&mut self, key: SeriesKey, value: Encoded, row: i64) {
+        self.order.push_back((key.clone(), row));
+        self.latest.insert(key, (value, row));
+    }
+
+    /// The values row `row` holds: the batch's own, then those of counters whose newest value
+    /// would otherwise leave the kept window with this row.
+    fn next_row(
+        &mut self,
+        batch: Vec<(SeriesKey, Encoded)>,
+        row: i64,
+    ) -> Vec<(SeriesKey, Encoded)> {
+        let mut values = batch;
+        for (key, value) in &values {
+            self.record(key.clone(), value.clone(), row);
+        }
+        while let Some((key, at)) = self.order.front() {
+            if self.latest.get(key).map(|(_, r)| r) != Some(at) {
+                self.order.pop_front();
+                continue;
+            }
+            if *at > row - SERIES_ROWS {
+                break;
+            }
+            let (key, _) = self.order.pop_front().expect("just seen");
+            let value = self.latest[&key].0.clone();
+            self.record(key.clone(), value.clone(), row);
+            values.push((key, value));
+        }
+        values
+    }
 }
 
 impl Unfolded {
@@ -389,24 +442,22 @@ fn read_unfolded(conn: &Connection) -> rusqlite::Result<Unfolded> {
     while let Some(r) = rows.next()? {
         unfolded.push(r.get(6)?, stream_key(r, &mut names)?, session(r)?);
     }
-    unfolded.series_values = conn.query_row(
-        "SELECT count(*) FROM series_log l, json_each(l.batch)",
-        [],
-        |r| r.get(0),
-    )?;
+    let mut stmt = conn.prepare("SELECT id, batch FROM series_log ORDER BY id")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let id: i64 = r.get(0)?;
+        let batch: Vec<(String, String, i64, Option<i64>, Option<String>)> =
+            serde_json::from_str(r.get_ref(1)?.as_str()?).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(1, Type::Text, Box::new(e))
+            })?;
+        for (metric, labels, value, sum_ms, buckets) in batch {
+            unfolded
+                .series
+                .record((metric, labels), (value, sum_ms, buckets), id);
+        }
+        unfolded.series.last_row = id;
+    }
     Ok(unfolded)
-}
-
-/// Moves the newest value of each series in `series_log` into `series` and empties the log.
-fn fold_series(conn: &Connection, unfolded: &mut Unfolded) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT OR REPLACE INTO series (metric, labels, value, sum_ms, buckets)
-         SELECT metric, labels, value, sum_ms, buckets FROM series_log_newest",
-    )?
-    .execute([])?;
-    conn.prepare_cached("DELETE FROM series_log")?.execute([])?;
-    unfolded.series_values = 0;
-    Ok(())
 }
 
 /// Folds the `n` oldest session-log rows into `sessions` and deletes them from the log.
@@ -498,11 +549,10 @@ impl Store for SqliteStore {
                     },
                 ));
             }
-            // Through the view, which adds the series log: loading must not write, so that a
-            // read-only database still serves what it holds.
+            // The log's values win over the table's (written by schema 1).
             let mut stmt =
-                conn.prepare("SELECT metric, labels, value, sum_ms, buckets FROM current_series")?;
-            let raw = stmt
+                conn.prepare("SELECT metric, labels, value, sum_ms, buckets FROM series")?;
+            let mut raw = stmt
                 .query_map([], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
@@ -512,7 +562,25 @@ impl Store for SqliteStore {
                         r.get::<_, Option<String>>(4)?,
                     ))
                 })?
+                .filter(|row| match row {
+                    Ok((metric, labels, ..)) => !unfolded
+                        .series
+                        .latest
+                        .contains_key(&(metric.clone(), labels.clone())),
+                    Err(_) => true,
+                })
                 .collect::<rusqlite::Result<Vec<_>>>()?;
+            raw.extend(unfolded.series.latest.iter().map(
+                |((metric, labels), ((value, sum_ms, buckets), _))| {
+                    (
+                        metric.clone(),
+                        labels.clone(),
+                        *value,
+                        *sum_ms,
+                        buckets.clone(),
+                    )
+                },
+            ));
             Ok((snapshot, raw))
         })?;
         let mut snapshot = snapshot;
@@ -582,23 +650,30 @@ impl Store for SqliteStore {
                 expire(&tx, now_ms, 4)?;
 
                 if !commit.series.is_empty() {
-                    let batch: Vec<_> = commit
+                    let batch = commit
                         .series
                         .iter()
                         .map(|(s, value)| {
                             let labels =
                                 serde_json::to_string(&s.labels()).expect("strings serialize");
-                            let (value, sum_ms, buckets) = encode_value(value);
-                            (s.metric(), labels, value, sum_ms, buckets)
+                            ((s.metric().to_string(), labels), encode_value(value))
                         })
                         .collect();
-                    let batch = serde_json::to_string(&batch).expect("values serialize");
-                    tx.prepare_cached("INSERT INTO series_log (batch) VALUES (?1)")?
-                        .execute([batch])?;
-                    unfolded.series_values += commit.series.len();
-                }
-                if unfolded.series_values >= SERIES_FOLD_AT {
-                    fold_series(&tx, unfolded)?;
+                    let row = unfolded.series.last_row + 1;
+                    let values: Vec<_> = unfolded
+                        .series
+                        .next_row(batch, row)
+                        .into_iter()
+                        .map(|((metric, labels), (value, sum_ms, buckets))| {
+                            (metric, labels, value, sum_ms, buckets)
+                        })
+                        .collect();
+                    let values = serde_json::to_string(&values).expect("values serialize");
+                    tx.prepare_cached("INSERT INTO series_log (id, batch) VALUES (?1, ?2)")?
+                        .execute(params![row, values])?;
+                    tx.prepare_cached("DELETE FROM series_log WHERE id <= ?1")?
+                        .execute([row - SERIES_ROWS])?;
+                    unfolded.series.last_row = row;
                 }
             }
             tx.commit()
@@ -804,14 +879,14 @@ mod tests {
         assert!(loaded.iter().all(|(_, e)| *e == NOW + 1_000));
     }
 
-    /// Counter values go to the series log; folding keeps the newest value of each, and a
-    /// reload sees the newest value whether it was folded or not.
+    /// Counter values go to the series log, which keeps its last rows only: a counter that is
+    /// not changed any more is written again before its row goes, and a reload sees the newest
+    /// value of every counter, odd labels byte for byte.
     #[test]
     fn series_keep_their_newest_value_through_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("series.db");
         let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
-        // Odd domains too: the labels must come back byte for byte through the JSON batches.
         let pushes = |d: u64| {
             let domain = match d {
                 0 => "q\"uote\\back\nline\u{1f}日本.example.com".to_string(),
@@ -819,35 +894,39 @@ mod tests {
             };
             Series::Pushes(domain.into(), Area::Overseas)
         };
-        let mut n = 0;
-        // Enough batches to fold once, and then some rows left in the log.
-        while n < SERIES_FOLD_AT as u64 + 300 {
+        // Domain 0 once, then only the others, for more batches than the log keeps.
+        let once = Commit {
+            series: vec![(pushes(0), Value::Count(7))],
+            ..Commit::default()
+        };
+        store.write(&once, NOW).unwrap();
+        let batches = 3 * SERIES_ROWS as u64;
+        for n in 0..batches {
             let commit = Commit {
-                series: (0..100).map(|d| (pushes(d), Value::Count(n + d))).collect(),
+                series: (1..100).map(|d| (pushes(d), Value::Count(n + d))).collect(),
                 ..Commit::default()
             };
             store.write(&commit, NOW).unwrap();
-            n += 100;
         }
-        assert!(count(&path, "series_log, json_each(series_log.batch)") < SERIES_FOLD_AT as i64);
-        assert!(count(&path, "series_log, json_each(series_log.batch)") > 0);
-        assert_eq!(count(&path, "series"), 100);
-        let newest: i64 = Connection::open(&path)
+        assert!(count(&path, "series_log") <= SERIES_ROWS);
+        let viewed: i64 = Connection::open(&path)
             .unwrap()
             .query_row("SELECT max(value) FROM current_series", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(newest, (n - 100 + 99) as i64);
+        assert_eq!(viewed, (batches - 1 + 99) as i64);
         assert_eq!(count(&path, "current_series"), 100);
         drop(store);
+
         let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
         let mut loaded = store.load().unwrap().series;
         loaded.sort_by_key(|(_, v)| match v {
             Value::Count(c) => *c,
             _ => 0,
         });
-        let expected: Vec<_> = (0..100)
-            .map(|d| (pushes(d), Value::Count(n - 100 + d)))
+        let mut expected: Vec<_> = (1..100)
+            .map(|d| (pushes(d), Value::Count(batches - 1 + d)))
             .collect();
+        expected.insert(0, (pushes(0), Value::Count(7)));
         assert_eq!(loaded, expected);
     }
 
