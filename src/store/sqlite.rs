@@ -176,6 +176,8 @@ struct Unfolded {
 type SeriesKey = (String, String);
 /// A counter's value as the store writes it: value, sum of milliseconds, buckets.
 type Encoded = (i64, Option<i64>, Option<String>);
+/// A counter as a `series_log` row holds it: metric, labels, value, sum, buckets.
+type LoggedValue = (String, String, i64, Option<i64>, Option<String>);
 
 /// What `series_log` holds, in memory so that a batch knows which counters to write again.
 #[derive(Debug, Default)]
@@ -446,10 +448,8 @@ fn read_unfolded(conn: &Connection) -> rusqlite::Result<Unfolded> {
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
         let id: i64 = r.get(0)?;
-        let batch: Vec<(String, String, i64, Option<i64>, Option<String>)> =
-            serde_json::from_str(r.get_ref(1)?.as_str()?).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(1, Type::Text, Box::new(e))
-            })?;
+        let batch: Vec<LoggedValue> = serde_json::from_str(r.get_ref(1)?.as_str()?)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, Type::Text, Box::new(e)))?;
         for (metric, labels, value, sum_ms, buckets) in batch {
             unfolded
                 .series
