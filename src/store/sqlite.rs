@@ -48,6 +48,13 @@ pub const FOLD_LAG: usize = 65_536;
 /// Rows of `series_log` kept. Every counter is written again at least once in this many
 /// batches: with N counters, about N / 256 extra values a batch.
 const SERIES_ROWS: i64 = 256;
+/// WAL pages after which a commit checkpoints (SQLite's default: 1,000). The checkpoint runs
+/// inside the commit, so every callback of that batch waits for it; with appends the WAL holds
+/// few distinct pages, and small, frequent checkpoints cost the same in total but stall less.
+/// Measured at 15,627 callbacks/s: p99 6.4 ms at 1,000 pages, 4.1 ms at 500, 3.2 ms at 250,
+/// 2.3 ms at 100, and 27 ms at 8,000; the same closed-loop throughput at 250 and 1,000. Each
+/// checkpoint also costs an fsync, hence not lower.
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 256;
 /// Expired delivered-key batches deleted by one statement.
 const PURGE_STEP: i64 = 256;
 
@@ -338,6 +345,7 @@ fn connect(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
         SyncMode::Full => "FULL",
     };
     conn.pragma_update(None, "synchronous", sync)?;
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
     Ok(conn)
 }
 
