@@ -5,45 +5,16 @@ use std::cell::{Cell, RefCell};
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use tencent_css_exporter::area::Area;
-use tencent_css_exporter::callback::{Event, StreamEvent, StreamKey};
 use tencent_css_exporter::state::{Limits, Truth};
 
-const NOW_MS: i64 = 1_700_000_000_000;
+mod support;
+use support::{disconnect, push, NOW_MS};
+
 /// Streams already live when measuring: a busy platform.
 const LIVE: u64 = 10_000;
 /// A short dedup window, purged as the benchmark goes, so the remembered keys stay bounded
 /// however many iterations criterion runs.
 const DEDUP_WINDOW_MS: i64 = 60_000;
-
-fn stream_event(k: u64) -> StreamEvent {
-    StreamEvent {
-        stream: StreamKey {
-            app: format!("push{}.example.com", k % 100).into(),
-            appname: "live".into(),
-            stream_id: format!("stream_{k}").into(),
-        },
-        sequence: 6_674_468_118_806_626_493_u64.wrapping_add(k).to_string(),
-        event_time: Some(NOW_MS / 1000),
-        area: if k % 2 == 0 {
-            Area::Mainland
-        } else {
-            Area::Overseas
-        },
-    }
-}
-
-fn push(k: u64) -> Event {
-    Event::Push(stream_event(k))
-}
-
-fn disconnect(k: u64) -> Event {
-    Event::Disconnect {
-        session: stream_event(k),
-        errcode: [1, 3, 21, 14][(k % 4) as usize],
-        push_duration_ms: Some(128_581),
-    }
-}
 
 /// A state with `LIVE` live streams; returns it with the next unused stream number.
 fn populated() -> (Truth, u64) {
@@ -68,16 +39,20 @@ fn state(c: &mut Criterion) {
     let truth = RefCell::new(truth);
     let next = Cell::new(next);
     let clock = |k: u64| NOW_MS + k as i64;
+    // The next stream number; expired keys are purged every 10,000 as the ledger does.
+    let advance = || {
+        let k = next.get();
+        next.set(k + 1);
+        if k % 10_000 == 0 {
+            truth.borrow_mut().purge(clock(k));
+        }
+        k
+    };
     group.bench_function("push_new_stream", |b| {
         b.iter_batched(
             || {
-                let k = next.get();
-                next.set(k + 1);
-                let mut t = truth.borrow_mut();
-                if k % 10_000 == 0 {
-                    t.purge(clock(k));
-                }
-                t.apply(&disconnect(k - LIVE), clock(k));
+                let k = advance();
+                truth.borrow_mut().apply(&disconnect(k - LIVE), clock(k));
                 (push(k), clock(k))
             },
             |(event, now)| black_box(truth.borrow_mut().apply(&event, now)),
@@ -89,13 +64,8 @@ fn state(c: &mut Criterion) {
     group.bench_function("disconnect_live_stream", |b| {
         b.iter_batched(
             || {
-                let k = next.get();
-                next.set(k + 1);
-                let mut t = truth.borrow_mut();
-                if k % 10_000 == 0 {
-                    t.purge(clock(k));
-                }
-                t.apply(&push(k), clock(k));
+                let k = advance();
+                truth.borrow_mut().apply(&push(k), clock(k));
                 (disconnect(k), clock(k))
             },
             |(event, now)| black_box(truth.borrow_mut().apply(&event, now)),

@@ -8,41 +8,16 @@
 use std::cell::{Cell, RefCell};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use tencent_css_exporter::area::Area;
-use tencent_css_exporter::callback::{Event, StreamEvent, StreamKey};
+use tencent_css_exporter::callback::Event;
 use tencent_css_exporter::state::{Change, Limits, Truth};
 use tencent_css_exporter::store::{SqliteStore, Store, SyncMode};
 
-const NOW_MS: i64 = 1_700_000_000_000;
+mod support;
+use support::{disconnect, push, NOW_MS};
+
 const BATCH: u64 = 64;
 /// How far behind its push a short session's disconnect comes, in events.
 const SHORT_SESSION: u64 = 1_000;
-
-fn stream_event(k: u64) -> StreamEvent {
-    StreamEvent {
-        stream: StreamKey {
-            app: format!("push{}.example.com", k % 100).into(),
-            appname: "live".into(),
-            stream_id: format!("stream_{k}").into(),
-        },
-        // Scattered, as Tencent's are: the store sees them in no order.
-        sequence: k.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_string(),
-        event_time: Some(NOW_MS / 1000),
-        area: if k % 3 == 0 {
-            Area::Overseas
-        } else {
-            Area::Mainland
-        },
-    }
-}
-
-fn disconnect(k: u64) -> Event {
-    Event::Disconnect {
-        session: stream_event(k),
-        errcode: [1, 3, 21, 14][(k % 4) as usize],
-        push_duration_ms: Some(128_581),
-    }
-}
 
 /// `per_stream`: events each stream number brings (for the throughput figure).
 fn bench(c: &mut Criterion, name: &str, per_stream: u64, events: impl Fn(u64) -> Vec<Event>) {
@@ -81,15 +56,13 @@ fn bench(c: &mut Criterion, name: &str, per_stream: u64, events: impl Fn(u64) ->
 
 fn store(c: &mut Criterion) {
     bench(c, "short_sessions", 2, |k| {
-        let mut events = vec![Event::Push(stream_event(k))];
+        let mut events = vec![push(k)];
         if k >= SHORT_SESSION {
             events.push(disconnect(k - SHORT_SESSION));
         }
         events
     });
-    bench(c, "long_sessions", 1, |k| {
-        vec![Event::Push(stream_event(k))]
-    });
+    bench(c, "long_sessions", 1, |k| vec![push(k)]);
 }
 
 criterion_group!(benches, store);

@@ -133,7 +133,8 @@ pub struct Frame {
 
 impl Frame {
     /// A frame of live streams per (domain, area) (any order) and the counters.
-    pub fn copy<'a>(
+    #[cfg(test)]
+    fn copy<'a>(
         live: impl IntoIterator<Item = (&'a (Domain, Area), &'a u64)>,
         counters: &Counters,
     ) -> Frame {
@@ -197,7 +198,7 @@ impl Frame {
 
     /// `tencent_css_active_streams`: every (domain, area) that ever had a push, at 0 when nothing
     /// is live, so a series that drops to 0 stays visible (as
-    /// [`View::live_streams`](crate::state::View::live_streams) lists them); sorted.
+    /// [`Truth::live_streams`](crate::state::Truth::live_streams) lists them); sorted.
     fn active_streams(&mut self) -> Vec<(&Domain, Area, u64)> {
         self.live.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let (live, pushes) = (&self.live, &self.pushes);

@@ -457,10 +457,7 @@ impl RedisLedger {
                 ))
             })
             .collect();
-        Ok(View {
-            live: View::live_streams(&live, &c),
-            counters: c,
-        })
+        Ok(View { live, counters: c })
     }
 
     fn healthy(&self) {

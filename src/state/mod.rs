@@ -59,26 +59,12 @@ pub struct Snapshot {
 }
 
 /// The numbers `/metrics` shows: live streams per (domain, area) and every counter, as read from
-/// a shared store (a scrape copies them into a [`Frame`](crate::metrics::Frame)).
+/// a shared store (a scrape copies them into a [`Frame`](crate::metrics::Frame), which also
+/// lists at 0 every (domain, area) that had a push).
 #[derive(Debug, Clone, Default)]
 pub struct View {
     pub live: BTreeMap<(Domain, Area), u64>,
     pub counters: Counters,
-}
-
-impl View {
-    /// Every (domain, area) that ever had a push is listed, at 0 when nothing is live, so a
-    /// series that drops to 0 stays visible, also after a restart.
-    pub fn live_streams<'a>(
-        live: impl IntoIterator<Item = (&'a (Domain, Area), &'a u64)>,
-        counters: &Counters,
-    ) -> BTreeMap<(Domain, Area), u64> {
-        let mut all: BTreeMap<_, _> = counters.pushes.keys().map(|k| (k.clone(), 0)).collect();
-        for (key, n) in live {
-            *all.entry(key.clone()).or_default() += n;
-        }
-        all
-    }
 }
 
 /// The live picture and the counters: the single source of every metric.
@@ -136,7 +122,8 @@ impl Truth {
         }
         truth.sessions.reserve(snapshot.sessions.len());
         truth.delivered.reserve_held(snapshot.sessions.len());
-        // Rows come ordered by stream: the label is looked up once a domain.
+        // Rows mostly come ordered by stream (the stored table's key): the label is then looked
+        // up once a domain.
         let mut last: Option<(std::sync::Arc<str>, Domain)> = None;
         for (stream, session) in snapshot.sessions {
             let label = match &last {
@@ -159,9 +146,19 @@ impl Truth {
         &self.counters
     }
 
-    /// Live streams per (domain, area); see [`View::live_streams`].
+    /// Live streams per (domain, area), sorted. Every (domain, area) that ever had a push is
+    /// listed, at 0 when nothing is live, as `/metrics` shows them.
     pub fn live_streams(&self) -> BTreeMap<(Domain, Area), u64> {
-        View::live_streams(&self.live, &self.counters)
+        let mut all: BTreeMap<_, _> = self
+            .counters
+            .pushes
+            .keys()
+            .map(|k| (k.clone(), 0))
+            .collect();
+        for (key, n) in &self.live {
+            *all.entry(key.clone()).or_default() += n;
+        }
+        all
     }
 
     /// Live sessions per (domain, area), in no order; a (domain, area) whose sessions all ended
