@@ -179,56 +179,51 @@ struct Unfolded {
     series: SeriesLog,
 }
 
-/// A counter: its metric and its labels (as JSON), the key of `series`.
-type SeriesKey = (String, String);
-/// A counter's value as the store writes it: value, sum of milliseconds, buckets.
-type Encoded = (i64, Option<i64>, Option<String>);
-/// A counter as a `series_log` row holds it: metric, labels, value, sum, buckets.
+/// A counter as a `series_log` row holds it: metric, labels (as JSON), value, sum of
+/// milliseconds, buckets: the columns of `series`.
 type LoggedValue = (String, String, i64, Option<i64>, Option<String>);
 
 /// What `series_log` holds, in memory so that a batch knows which counters to write again.
 #[derive(Debug, Default)]
 struct SeriesLog {
     /// Newest value of every counter in the log, with the row that holds it.
-    latest: HashMap<SeriesKey, (Encoded, i64)>,
+    latest: HashMap<Series, (Value, i64)>,
     /// Counters by the row they were last written in, oldest first. An entry whose row is not
     /// the counter's latest any more is stale and skipped.
-    order: VecDeque<(SeriesKey, i64)>,
+    order: VecDeque<(Series, i64)>,
     /// Id of the newest row.
     last_row: i64,
 }
 
 impl SeriesLog {
-    fn record(&mut self, key: SeriesKey, value: Encoded, row: i64) {
-        self.order.push_back((key.clone(), row));
-        self.latest.insert(key, (value, row));
+    fn record(&mut self, series: Series, value: Value, row: i64) {
+        self.order.push_back((series.clone(), row));
+        self.latest.insert(series, (value, row));
     }
 
-    /// The values row `row` holds: the batch's own, then those of counters whose newest value
-    /// would otherwise leave the kept window with this row.
-    fn next_row(
-        &mut self,
-        batch: Vec<(SeriesKey, Encoded)>,
-        row: i64,
-    ) -> Vec<(SeriesKey, Encoded)> {
-        let mut values = batch;
-        for (key, value) in &values {
-            self.record(key.clone(), value.clone(), row);
+    /// Records the batch's values as row `row`; returns the counters to write again in it,
+    /// those whose newest value would otherwise leave the kept window with this row.
+    fn next_row(&mut self, batch: &[(Series, Value)], row: i64) -> Vec<Series> {
+        for (series, value) in batch {
+            self.record(series.clone(), value.clone(), row);
         }
-        while let Some((key, at)) = self.order.front() {
-            if self.latest.get(key).map(|(_, r)| r) != Some(at) {
+        let mut again = Vec::new();
+        while let Some((series, at)) = self.order.front() {
+            if self.latest.get(series).map(|(_, r)| r) != Some(at) {
                 self.order.pop_front();
                 continue;
             }
             if *at > row - SERIES_ROWS {
                 break;
             }
-            let (key, _) = self.order.pop_front().expect("just seen");
-            let value = self.latest[&key].0.clone();
-            self.record(key.clone(), value.clone(), row);
-            values.push((key, value));
+            let (series, _) = self.order.pop_front().expect("just seen");
+            if let Some(latest) = self.latest.get_mut(&series) {
+                latest.1 = row;
+            }
+            self.order.push_back((series.clone(), row));
+            again.push(series);
         }
-        values
+        again
     }
 }
 
@@ -458,10 +453,9 @@ fn read_unfolded(conn: &Connection) -> rusqlite::Result<Unfolded> {
         let id: i64 = r.get(0)?;
         let batch: Vec<LoggedValue> = serde_json::from_str(r.get_ref(1)?.as_str()?)
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, Type::Text, Box::new(e)))?;
-        for (metric, labels, value, sum_ms, buckets) in batch {
-            unfolded
-                .series
-                .record((metric, labels), (value, sum_ms, buckets), id);
+        for logged in batch {
+            let (series, value) = decode_series(logged)?;
+            unfolded.series.record(series, value, id);
         }
         unfolded.series.last_row = id;
     }
@@ -520,7 +514,7 @@ fn expire(conn: &Connection, now_ms: i64, step: i64) -> rusqlite::Result<usize> 
 
 impl Store for SqliteStore {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
-        let (snapshot, raw) = self.with_conn(|conn, unfolded| {
+        self.with_conn(|conn, unfolded| {
             let mut snapshot = Snapshot::default();
             // Folded sessions of streams the log has not changed since, then the log's word.
             let mut stmt = conn
@@ -560,52 +554,20 @@ impl Store for SqliteStore {
             // The log's values win over the table's (written by schema 1).
             let mut stmt =
                 conn.prepare("SELECT metric, labels, value, sum_ms, buckets FROM series")?;
-            let mut raw = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, Option<i64>>(3)?,
-                        r.get::<_, Option<String>>(4)?,
-                    ))
-                })?
-                .filter(|row| match row {
-                    Ok((metric, labels, ..)) => !unfolded
-                        .series
-                        .latest
-                        .contains_key(&(metric.clone(), labels.clone())),
-                    Err(_) => true,
-                })
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            raw.extend(unfolded.series.latest.iter().map(
-                |((metric, labels), ((value, sum_ms, buckets), _))| {
-                    (
-                        metric.clone(),
-                        labels.clone(),
-                        *value,
-                        *sum_ms,
-                        buckets.clone(),
-                    )
-                },
-            ));
-            Ok((snapshot, raw))
-        })?;
-        let mut snapshot = snapshot;
-        for (metric, labels, value, sum_ms, buckets) in raw {
-            let invalid = |what: &str| StoreError::Invalid {
-                path: self.path.clone(),
-                reason: format!("{what} {metric}{labels}"),
-            };
-            let series = serde_json::from_str::<Vec<String>>(&labels)
-                .ok()
-                .and_then(|labels| Series::decode(&metric, &labels))
-                .ok_or_else(|| invalid("unknown series"))?;
-            let value = decode_value(&series, value, sum_ms, buckets.as_deref())
-                .ok_or_else(|| invalid("bad value of"))?;
-            snapshot.series.push((series, value));
-        }
-        Ok(snapshot)
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let (series, value) =
+                    decode_series((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))?;
+                if !unfolded.series.latest.contains_key(&series) {
+                    snapshot.series.push((series, value));
+                }
+            }
+            let latest = &unfolded.series.latest;
+            snapshot
+                .series
+                .extend(latest.iter().map(|(s, (v, _))| (s.clone(), v.clone())));
+            Ok(snapshot)
+        })
     }
 
     fn write(&mut self, commit: &Commit, now_ms: i64) -> Result<(), StoreError> {
@@ -658,22 +620,19 @@ impl Store for SqliteStore {
                 expire(&tx, now_ms, 4)?;
 
                 if !commit.series.is_empty() {
-                    let batch = commit
+                    let row = unfolded.series.last_row + 1;
+                    let again = unfolded.series.next_row(&commit.series, row);
+                    let latest = &unfolded.series.latest;
+                    let values: Vec<_> = commit
                         .series
                         .iter()
-                        .map(|(s, value)| {
+                        .map(|(s, v)| (s, v))
+                        .chain(again.iter().map(|s| (s, &latest[s].0)))
+                        .map(|(s, v)| {
                             let labels =
                                 serde_json::to_string(&s.labels()).expect("strings serialize");
-                            ((s.metric().to_string(), labels), encode_value(value))
-                        })
-                        .collect();
-                    let row = unfolded.series.last_row + 1;
-                    let values: Vec<_> = unfolded
-                        .series
-                        .next_row(batch, row)
-                        .into_iter()
-                        .map(|((metric, labels), (value, sum_ms, buckets))| {
-                            (metric, labels, value, sum_ms, buckets)
+                            let (value, sum_ms, buckets) = encode_value(v);
+                            (s.metric(), labels, value, sum_ms, buckets)
                         })
                         .collect();
                     let values = serde_json::to_string(&values).expect("values serialize");
@@ -717,6 +676,26 @@ fn encode_value(value: &Value) -> (i64, Option<i64>, Option<String>) {
             (clamp(h.count()), Some(clamp(h.sum_ms)), Some(buckets))
         }
     }
+}
+
+/// A counter from the columns of `series`; an unknown one is a conversion error, never a guess.
+fn decode_series(
+    (metric, labels, value, sum_ms, buckets): LoggedValue,
+) -> rusqlite::Result<(Series, Value)> {
+    serde_json::from_str::<Vec<String>>(&labels)
+        .ok()
+        .and_then(|l| Series::decode(&metric, &l))
+        .and_then(|series| {
+            let value = decode_value(&series, value, sum_ms, buckets.as_deref())?;
+            Some((series, value))
+        })
+        .ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                1,
+                Type::Text,
+                format!("unknown series or value: {metric}{labels}").into(),
+            )
+        })
 }
 
 fn decode_value(
