@@ -1,12 +1,22 @@
-//! The ledger: the one thread that changes the state and writes it to the store.
+//! The ledger: applies verified events to the state and writes them to the store, in batches.
 //!
-//! HTTP handlers send it verified events and wait for the answer. It takes whatever is queued
-//! as one batch (group commit): applies every event to the state, writes the batch in one
-//! transaction, and only then answers each request. If the write fails, the batch is undone in
-//! memory and every request of it gets an error (503, so Tencent retries).
+//! HTTP handlers queue their events and wait for the answer. Whichever handler finds no batch in
+//! progress starts a writer task on the runtime; it takes whatever is queued as one batch (group
+//! commit), applies every event to the state, writes the batch in one transaction, and only then
+//! answers each request; it goes on while events keep arriving and ends when the queue is empty.
+//! If the write fails, the batch is undone in memory and every request of it gets an error (503,
+//! so Tencent retries).
+//!
+//! The writer runs on the runtime's own threads instead of a dedicated one, because handing each
+//! event to another thread and each answer back cost more than the work itself: a sleeping
+//! thread had to be woken for every batch, and every answer woke a runtime thread from outside.
+//! A write blocks the runtime thread it runs on for its duration (under a millisecond), so at most
+//! one thread does so at a time, and the writer yields between batches. A small thread of the
+//! ledger's own purges expired dedup keys, probes a failing store and stores what is left at
+//! shutdown.
 
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -24,15 +34,13 @@ const MAX_BATCH: usize = 4096;
 /// How often expired delivered keys are purged while the store is healthy (more often when the
 /// dedup window is short).
 const PURGE_EVERY: Duration = Duration::from_secs(10);
-/// How long the ledger polls for the next command before it sleeps.
-const SPIN: Duration = Duration::from_micros(50);
 /// How often a failing store is probed, so readiness recovers without waiting for a callback.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// What the HTTP side and the metrics read.
 #[derive(Debug)]
 pub struct Shared {
-    /// The state; written only by the ledger thread, read by scrapes.
+    /// The state; written only under the ledger's writer lock, read by scrapes.
     pub truth: RwLock<Truth>,
     /// Why the store is failing, while it is.
     pub fault: Mutex<Option<String>>,
@@ -75,19 +83,35 @@ enum Command {
         outcome: Outcome,
         done: oneshot::Sender<()>,
     },
-    /// Store what is queued and stop.
-    Close,
 }
 
 /// The handle the HTTP side holds.
 #[derive(Clone)]
 pub struct Ledger {
-    tx: mpsc::Sender<Command>,
-    shared: Arc<Shared>,
+    inner: Arc<Inner>,
+    /// Tells the ledger's thread to store what only memory holds and stop.
+    stop: mpsc::Sender<()>,
 }
 
-/// Owns the ledger thread; dropping every [`Ledger`] then calling [`LedgerThread::join`]
-/// drains and persists what is queued.
+/// What the handles, the writer task and the ledger's thread share.
+struct Inner {
+    shared: Arc<Shared>,
+    /// Commands waiting for the next batch.
+    queue: Mutex<Queue>,
+    /// The store and what goes with it; locked by whoever writes (the writer task, or the
+    /// ledger's thread for a purge), so batches and purges never interleave.
+    worker: Mutex<Worker>,
+}
+
+#[derive(Default)]
+struct Queue {
+    commands: Vec<Command>,
+    /// A writer task is running (or about to): it takes what is queued, so no other is started.
+    writing: bool,
+}
+
+/// Owns the ledger's thread; dropping every [`Ledger`] or calling [`Ledger::close`], then
+/// [`LedgerThread::join`], stores what only memory holds.
 pub struct LedgerThread(JoinHandle<()>);
 
 impl LedgerThread {
@@ -99,7 +123,7 @@ impl LedgerThread {
 }
 
 impl Ledger {
-    /// Loads the state from `store` and starts the ledger thread, with the default domain cap.
+    /// Loads the state from `store` and starts the ledger, with the default domain cap.
     pub fn start(
         store: Box<dyn Store>,
         dedup_window: Duration,
@@ -107,7 +131,7 @@ impl Ledger {
         Self::start_with_limits(store, dedup_window, DEFAULT_MAX_DOMAINS)
     }
 
-    /// Loads the state from `store` and starts the ledger thread.
+    /// Loads the state from `store` and starts the ledger.
     pub fn start_with_limits(
         mut store: Box<dyn Store>,
         dedup_window: Duration,
@@ -133,130 +157,155 @@ impl Ledger {
             truth: RwLock::new(truth),
             fault: Mutex::new(None),
         });
-        let (tx, rx) = mpsc::channel();
-        let worker = Worker {
-            rx,
-            store,
-            shared: shared.clone(),
-            unsaved: Vec::new(),
-            purge_every: (dedup_window / 2).clamp(Duration::from_millis(100), PURGE_EVERY),
-        };
+        let inner = Arc::new(Inner {
+            worker: Mutex::new(Worker {
+                store,
+                shared: shared.clone(),
+                unsaved: Vec::new(),
+            }),
+            shared,
+            queue: Mutex::new(Queue::default()),
+        });
+        let (stop, stopped) = mpsc::channel();
+        let purge_every = (dedup_window / 2).clamp(Duration::from_millis(100), PURGE_EVERY);
+        let background = inner.clone();
         let handle = std::thread::Builder::new()
             .name("ledger".into())
-            .spawn(move || worker.run())
+            .spawn(move || background.run_timer(stopped, purge_every))
             .expect("spawn the ledger thread");
-        Ok((Ledger { tx, shared }, LedgerThread(handle)))
+        Ok((Ledger { inner, stop }, LedgerThread(handle)))
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+        &self.inner.shared
     }
 
     /// Records a verified event; resolves once it is durable (or could not be made so).
     pub async fn record(&self, event: Event) -> Result<Outcome, Unrecorded> {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Command::Record { event, reply })
-            .map_err(|_| Unrecorded("the ledger has stopped".into()))?;
+        self.submit(Command::Record { event, reply });
         answer
             .await
             .map_err(|_| Unrecorded("the ledger has stopped".into()))?
     }
 
-    /// Asks the thread to store what is queued and stop (after the HTTP servers have drained).
+    /// Asks the ledger's thread to store what only memory holds and stop (after the HTTP
+    /// servers have drained).
     pub fn close(&self) {
-        let _ = self.tx.send(Command::Close);
+        let _ = self.stop.send(());
     }
 
     /// Counts a callback that changes nothing else; resolves once the count is visible.
     pub async fn count(&self, kind: EventKind, outcome: Outcome) {
         let (done, counted) = oneshot::channel();
-        if self
-            .tx
-            .send(Command::Count {
-                kind,
-                outcome,
-                done,
-            })
-            .is_ok()
-        {
-            let _ = counted.await;
+        self.submit(Command::Count {
+            kind,
+            outcome,
+            done,
+        });
+        let _ = counted.await;
+    }
+
+    /// Queues a command and starts a writer task unless one is running.
+    fn submit(&self, command: Command) {
+        let start = {
+            let mut queue = self.inner.lock_queue();
+            queue.commands.push(command);
+            !std::mem::replace(&mut queue.writing, true)
+        };
+        if start {
+            let inner = self.inner.clone();
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(inner.write_while_queued());
+                }
+                // Outside a runtime (never in the exporter): write here and now.
+                Err(_) => while inner.write_batch() {},
+            }
         }
     }
 }
 
+impl Inner {
+    fn lock_queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_worker(&self) -> MutexGuard<'_, Worker> {
+        self.worker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The writer task: batches until the queue is empty.
+    async fn write_while_queued(self: Arc<Self>) {
+        loop {
+            // First let the other tasks of this runtime thread run: handlers that are ready
+            // queue their events and join this batch, and the answers of the previous batch
+            // go out before this thread blocks on the next write.
+            tokio::task::yield_now().await;
+            if !self.write_batch() {
+                return;
+            }
+        }
+    }
+
+    /// Writes what is queued as one batch; `false` (and the writer's turn ended) if nothing was.
+    fn write_batch(&self) -> bool {
+        let batch = {
+            let mut queue = self.lock_queue();
+            if queue.commands.is_empty() {
+                queue.writing = false;
+                return false;
+            }
+            let n = queue.commands.len().min(MAX_BATCH);
+            let rest = queue.commands.split_off(n);
+            std::mem::replace(&mut queue.commands, rest)
+        };
+        self.lock_worker().process(batch);
+        true
+    }
+
+    /// The ledger's thread: purges expired keys, probes a failing store, and at the end stores
+    /// what only memory holds.
+    fn run_timer(&self, stop: mpsc::Receiver<()>, purge_every: Duration) {
+        let mut next_purge = Instant::now() + purge_every;
+        loop {
+            let wait = if self.shared.fault().is_some() {
+                // Probe soon, so readiness recovers without waiting for traffic.
+                PROBE_EVERY.min(purge_every)
+            } else {
+                next_purge.saturating_duration_since(Instant::now())
+            };
+            match stop.recv_timeout(wait) {
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            let probing = self.shared.fault().is_some();
+            if probing || Instant::now() >= next_purge {
+                self.lock_worker().purge();
+                next_purge = Instant::now() + purge_every;
+            }
+        }
+        // Shutting down: whatever is still queued (nothing once the servers have drained),
+        // then what only memory holds.
+        while self.write_batch() {}
+        self.lock_worker().flush();
+    }
+}
+
 struct Worker {
-    rx: mpsc::Receiver<Command>,
     store: Box<dyn Store>,
     shared: Arc<Shared>,
     /// Changes applied in memory whose counts are not stored yet (rejections and errors counted
     /// while the store was failing); written with the next batch.
     unsaved: Vec<Change>,
-    purge_every: Duration,
 }
 
 impl Worker {
-    fn run(mut self) {
-        let mut next_purge = Instant::now() + self.purge_every;
-        loop {
-            let wait = next_purge.saturating_duration_since(Instant::now());
-            match self.next(wait) {
-                Ok(first) => {
-                    let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
-                        match self.rx.try_recv() {
-                            Ok(cmd) => batch.push(cmd),
-                            Err(_) => break,
-                        }
-                    }
-                    let closing = batch.iter().any(|c| matches!(c, Command::Close));
-                    self.process(batch);
-                    if closing {
-                        break;
-                    }
-                    if self.shared.fault().is_some() {
-                        // Probe soon, so readiness recovers without waiting for traffic.
-                        next_purge = next_purge.min(Instant::now() + PROBE_EVERY);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-            if Instant::now() >= next_purge {
-                self.purge();
-                let healthy = self.shared.fault().is_none();
-                next_purge = Instant::now()
-                    + if healthy {
-                        self.purge_every
-                    } else {
-                        PROBE_EVERY.min(self.purge_every)
-                    };
-            }
-        }
-        // Shutting down: store what only memory holds.
+    /// Stores the counts only memory holds.
+    fn flush(&mut self) {
         if !self.unsaved.is_empty() {
             self.process(Vec::new());
         }
-    }
-
-    /// The next command, waiting up to `wait`. Polls for a short while first: under load the
-    /// next callback usually arrives within microseconds, and catching it awake saves the
-    /// wake-up of a sleeping thread, which on a busy machine can cost a scheduler slice.
-    fn next(&self, wait: Duration) -> Result<Command, RecvTimeoutError> {
-        let spin_until = Instant::now() + SPIN;
-        loop {
-            match self.rx.try_recv() {
-                Ok(cmd) => return Ok(cmd),
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    return Err(RecvTimeoutError::Disconnected)
-                }
-                Err(mpsc::TryRecvError::Empty) if Instant::now() < spin_until => {
-                    std::thread::yield_now()
-                }
-                Err(mpsc::TryRecvError::Empty) => break,
-            }
-        }
-        self.rx.recv_timeout(wait.saturating_sub(SPIN))
     }
 
     fn process(&mut self, batch: Vec<Command>) {
@@ -279,7 +328,6 @@ impl Worker {
                     changes.push(truth.count(kind, outcome));
                     counted.push(done);
                 }
-                Command::Close => {}
             }
         }
         let commit = truth.commit_of(&changes);

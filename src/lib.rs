@@ -14,8 +14,8 @@
 //! - [`state`]: the truth rules ([`state::rules`], pure) and the state they change: live
 //!   sessions, delivered-event keys, counters and histograms.
 //! - [`store`]: where the state is kept; in memory or in SQLite behind one interface.
-//! - [`ledger`]: the single thread that applies events, commits them in batches and only then
-//!   answers the requests.
+//! - [`ledger`]: applies events one batch at a time (one writer task on the runtime), commits
+//!   each batch in one transaction and only then answers its requests.
 //! - [`redis`]: the same truth rules applied atomically in Redis, for several replicas;
 //!   [`recorder`] is the one interface the HTTP side sees over both.
 //! - [`metrics`]: `/metrics`: at each scrape, copies the state's numbers and writes them in
