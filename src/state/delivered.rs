@@ -15,9 +15,10 @@
 //! When a session stops being live, the ledger remembers its push from then on, so a retry of it
 //! stays a duplicate for a whole window after the session ended.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 
 use super::rules::Sequence;
+use super::{FastMap, FastSet};
 use crate::callback::EventKind;
 
 /// One delivered event: a push or disconnect of one session.
@@ -60,8 +61,8 @@ const GENERATIONS: i64 = 8;
 /// A set of sequences: numbers (Tencent's, 8 bytes each) apart from the rare texts.
 #[derive(Debug, Default)]
 struct Sequences {
-    numbers: HashSet<u64>,
-    texts: HashSet<Box<str>>,
+    numbers: FastSet<u64>,
+    texts: FastSet<Box<str>>,
 }
 
 impl Sequences {
@@ -98,7 +99,7 @@ impl Sequences {
 
     /// Gives back most of the table once it is four times larger than needed.
     fn shrink(&mut self) {
-        fn shrink<T: std::hash::Hash + Eq>(set: &mut HashSet<T>) {
+        fn shrink<T: std::hash::Hash + Eq>(set: &mut FastSet<T>) {
             if set.capacity() > 4 * set.len().max(1024) {
                 set.shrink_to(2 * set.len());
             }
@@ -147,7 +148,7 @@ impl Generation {
 #[derive(Debug, Default)]
 struct Held {
     sequences: Sequences,
-    more: HashMap<Sequence, usize>,
+    more: FastMap<Sequence, usize>,
 }
 
 impl Held {

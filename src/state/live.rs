@@ -6,11 +6,11 @@
 //! length are kept exactly, and every (app, appname) keeps its own place.
 
 use std::borrow::Borrow;
-use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use super::rules::{Sequence, Session};
+use super::{FastMap, FastSet};
 use crate::area::Area;
 use crate::callback::StreamKey;
 
@@ -132,9 +132,9 @@ impl<'a> Borrow<dyn Key + 'a> for Entry {
 /// The live session of every live stream.
 #[derive(Debug, Default)]
 pub(super) struct Live {
-    entries: HashSet<Entry>,
+    entries: FastSet<Entry>,
     /// The place of each `app` and `appname` ever live. Only grows, like the strings it shares.
-    places: HashMap<Arc<str>, HashMap<Arc<str>, u32>>,
+    places: FastMap<Arc<str>, FastMap<Arc<str>, u32>>,
     places_len: u32,
     /// The place looked up last, tried first: restored sessions come ordered by place.
     last: Option<(Arc<str>, Arc<str>, u32)>,

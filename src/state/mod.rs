@@ -10,7 +10,7 @@ mod delivered;
 mod live;
 pub mod rules;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use crate::area::Area;
 use crate::callback::{Event, EventKind, Outcome, StreamKey};
@@ -21,6 +21,14 @@ use live::Live;
 use rules::{Decision, Effect, Facts, Session};
 
 /// What applying one event changed: enough to persist it and to undo it.
+/// The hash maps and sets of the hot path. Their keys are stream ids, sequences and domains of
+/// callbacks that passed the signature check, so SipHash's defence against chosen keys buys
+/// little, and it was the largest single item in the writer's profile; foldhash still seeds each
+/// table at random.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// See [`FastMap`].
+pub type FastSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
+
 #[derive(Debug)]
 pub struct Change {
     pub outcome: Outcome,
@@ -74,10 +82,10 @@ pub struct Truth {
     delivered: Delivered,
     /// Live sessions per (domain, area): derived from `sessions`, kept so a scrape does not have
     /// to walk every live stream.
-    live: HashMap<(Domain, Area), u64>,
+    live: FastMap<(Domain, Area), u64>,
     counters: Counters,
     /// Domains that have series of their own. Only grows, up to `max_domains`.
-    domains: HashSet<Domain>,
+    domains: FastSet<Domain>,
     /// Cardinality cap: events of further domains are counted under [`OTHER_DOMAIN`].
     max_domains: usize,
     /// The overflow warning is logged once a process.
@@ -101,9 +109,9 @@ impl Truth {
         Truth {
             sessions: Live::default(),
             delivered: Delivered::new(limits.dedup_window_ms),
-            live: HashMap::new(),
+            live: FastMap::default(),
             counters: Counters::default(),
-            domains: HashSet::new(),
+            domains: FastSet::default(),
             max_domains: limits.max_domains,
             overflow_warned: false,
         }
@@ -163,7 +171,7 @@ impl Truth {
 
     /// Live sessions per (domain, area), in no order; a (domain, area) whose sessions all ended
     /// may be listed at 0 or not at all.
-    pub fn live(&self) -> &HashMap<(Domain, Area), u64> {
+    pub fn live(&self) -> &FastMap<(Domain, Area), u64> {
         &self.live
     }
 

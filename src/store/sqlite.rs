@@ -24,7 +24,7 @@
 //! this store holds in memory is read again), so a database that became read-only, full or
 //! locked recovers by itself once the cause is gone.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +37,7 @@ use crate::area::Area;
 use crate::callback::{EventKind, StreamKey};
 use crate::state::counters::{Histogram, Series, Value};
 use crate::state::rules::{Sequence, Session};
-use crate::state::{Commit, DeliveryKey, Snapshot};
+use crate::state::{Commit, DeliveryKey, FastMap, Snapshot};
 
 /// The schema this release writes; stored in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 2;
@@ -174,7 +174,7 @@ struct Unfolded {
     /// Oldest first: row id, stream, the session the row set (`None`: ended).
     rows: VecDeque<(i64, StreamKey, Option<Session>)>,
     /// The newest row of each stream in `rows`: the only one of that stream that still matters.
-    newest: HashMap<StreamKey, i64>,
+    newest: FastMap<StreamKey, i64>,
     /// What `series_log` holds.
     series: SeriesLog,
 }
@@ -187,7 +187,7 @@ type LoggedValue = (String, String, i64, Option<i64>, Option<String>);
 #[derive(Debug, Default)]
 struct SeriesLog {
     /// Newest value of every counter in the log, with the row that holds it.
-    latest: HashMap<Series, (Value, i64)>,
+    latest: FastMap<Series, (Value, i64)>,
     /// Counters by the row they were last written in, oldest first. An entry whose row is not
     /// the counter's latest any more is stale and skipped.
     order: VecDeque<(Series, i64)>,
@@ -724,6 +724,7 @@ fn decode_value(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     const NOW: i64 = 1_700_000_000_000;
 
