@@ -12,13 +12,15 @@
 //!   touching `sessions`, so a session pushed and disconnected within the lag costs no random
 //!   write at all.
 //! - `delivered`: one row a batch with the batch's dedup keys (a JSON array). Expiry grows with
-//!   the id, so expired rows are deleted from the head, a step with each batch.
+//!   the id, so expired rows are deleted from the head.
 //! - `series_log`: one row a batch with the new value of each counter it changed (a JSON array).
 //!   Only the last [`SERIES_ROWS`] rows are kept: a batch also writes again the counters whose
 //!   newest value is about to leave that window, a few each time. So there is no fold, and no
 //!   stall: upserting the counters in place dirtied most pages of their table at every batch (a
 //!   batch touches the counters of most domains), and folding a log of them into the table took
 //!   10-25 ms at a time. `series` holds what a schema-1 database had; values in the log win.
+//!
+//! Rows leave the head of the three logs every [`TRIM_EVERY`] commits, not at each.
 //!
 //! After any failed write the connection is dropped and reopened on the next attempt (and what
 //! this store holds in memory is read again), so a database that became read-only, full or
@@ -55,6 +57,11 @@ const SERIES_ROWS: i64 = 256;
 /// 2.3 ms at 100, and 27 ms at 8,000; the same closed-loop throughput at 250 and 1,000. Each
 /// checkpoint also costs an fsync, hence not lower.
 const WAL_AUTOCHECKPOINT_PAGES: i64 = 256;
+/// Commits between deletions from the head of the logs (folds, expired keys, old counter rows).
+/// Deleting the oldest row of a table at every commit dirtied its first page, the free list and
+/// the header each time, about a third of a small commit's WAL frames; deleting every 32nd
+/// commit writes each of those pages once for 32 commits' rows.
+const TRIM_EVERY: u64 = 32;
 /// Expired delivered-key batches deleted by one statement.
 const PURGE_STEP: i64 = 256;
 
@@ -166,6 +173,8 @@ pub struct SqliteStore {
     unfolded: Option<Unfolded>,
     /// Session-log rows left unfolded: [`FOLD_LAG`], smaller in tests.
     fold_lag: usize,
+    /// Commits between trims of the logs: [`TRIM_EVERY`], other values in tests.
+    trim_every: u64,
 }
 
 /// The session-log rows not folded into `sessions`, in memory so that folding needs no reads.
@@ -177,6 +186,10 @@ struct Unfolded {
     newest: FastMap<StreamKey, i64>,
     /// What `series_log` holds.
     series: SeriesLog,
+    /// Batches written since the connection was opened, to trim the logs every few.
+    writes: u64,
+    /// The newest row folded but still in the log, to delete at the next trim.
+    folded_through: Option<i64>,
 }
 
 /// A counter as a `series_log` row holds it: metric, labels (as JSON), value, sum of
@@ -265,6 +278,7 @@ impl SqliteStore {
             conn: None,
             unfolded: None,
             fold_lag: FOLD_LAG,
+            trim_every: TRIM_EVERY,
         };
         store.with_conn(|_, _| Ok(()))?;
         Ok(store)
@@ -462,10 +476,13 @@ fn read_unfolded(conn: &Connection) -> rusqlite::Result<Unfolded> {
     Ok(unfolded)
 }
 
-/// Folds the `n` oldest session-log rows into `sessions` and deletes them from the log.
+/// Folds the `n` oldest session-log rows into `sessions`. They are deleted from the log later,
+/// a chunk at a time ([`TRIM_EVERY`]); until then they repeat what `sessions` holds, and read
+/// again after a restart they are folded again to the same result.
 fn fold(conn: &Connection, unfolded: &mut Unfolded, n: usize) -> rusqlite::Result<()> {
     let (effective, last) = unfolded.take_oldest(n);
     let Some(last) = last else { return Ok(()) };
+    unfolded.folded_through = Some(last);
     let mut upsert = conn.prepare_cached(
         "INSERT OR REPLACE INTO sessions (app, appname, stream_id, sequence, area, since)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -487,8 +504,6 @@ fn fold(conn: &Connection, unfolded: &mut Unfolded, n: usize) -> rusqlite::Resul
             None => delete.execute(params![key.0, key.1, key.2])?,
         };
     }
-    conn.prepare_cached("DELETE FROM session_log WHERE id <= ?1")?
-        .execute([last])?;
     Ok(())
 }
 
@@ -574,7 +589,7 @@ impl Store for SqliteStore {
         if commit.is_empty() {
             return Ok(());
         }
-        let lag = self.fold_lag;
+        let (lag, trim_every) = (self.fold_lag, self.trim_every);
         self.with_conn(|conn, unfolded| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             {
@@ -601,7 +616,15 @@ impl Store for SqliteStore {
                     ])?;
                     unfolded.push(tx.last_insert_rowid(), stream.clone(), session.clone());
                 }
+                unfolded.writes += 1;
+                let trim = unfolded.writes % trim_every == 0;
                 fold(&tx, unfolded, unfolded.rows.len().saturating_sub(lag))?;
+                if trim {
+                    if let Some(last) = unfolded.folded_through.take() {
+                        tx.prepare_cached("DELETE FROM session_log WHERE id <= ?1")?
+                            .execute([last])?;
+                    }
+                }
 
                 if let Some(latest) = commit.delivered.iter().map(|(_, e)| *e).max() {
                     let keys: Vec<_> = commit
@@ -615,9 +638,11 @@ impl Store for SqliteStore {
                     tx.prepare_cached("INSERT INTO delivered (expires_ms, keys) VALUES (?1, ?2)")?
                         .execute(params![latest, keys])?;
                 }
-                // A few expired batches go with each new one, so the table keeps pace with
+                // Expired batches go with every few new ones, so the table keeps pace with
                 // steady traffic in small steps instead of large purges.
-                expire(&tx, now_ms, 4)?;
+                if trim {
+                    expire(&tx, now_ms, 4 * trim_every as i64)?;
+                }
 
                 if !commit.series.is_empty() {
                     let row = unfolded.series.last_row + 1;
@@ -638,8 +663,10 @@ impl Store for SqliteStore {
                     let values = serde_json::to_string(&values).expect("values serialize");
                     tx.prepare_cached("INSERT INTO series_log (id, batch) VALUES (?1, ?2)")?
                         .execute(params![row, values])?;
-                    tx.prepare_cached("DELETE FROM series_log WHERE id <= ?1")?
-                        .execute([row - SERIES_ROWS])?;
+                    if trim {
+                        tx.prepare_cached("DELETE FROM series_log WHERE id <= ?1")?
+                            .execute([row - SERIES_ROWS])?;
+                    }
                     unfolded.series.last_row = row;
                 }
             }
@@ -763,12 +790,21 @@ mod tests {
 
     /// Streams pushed, replaced and ended over many batches: what the log folds, what it
     /// skips and what it still holds add up to the same sessions, now and after a reopen.
+    /// With trims at every commit and every third: rows folded but not deleted yet repeat what
+    /// `sessions` holds and change nothing, also when read again after a reopen.
     #[test]
     fn folding_keeps_the_newest_session_of_each_stream() {
+        for trim_every in [1, 3] {
+            folding_keeps_the_newest_session(trim_every);
+        }
+    }
+
+    fn folding_keeps_the_newest_session(trim_every: u64) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fold.db");
         let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
         store.fold_lag = 7;
+        store.trim_every = trim_every;
         let mut expected = HashMap::new();
         for batch in 0..40_u32 {
             let mut commit = Commit::default();
@@ -785,7 +821,8 @@ mod tests {
                 commit.sessions.push((stream(n), session));
             }
             store.write(&commit, NOW).unwrap();
-            assert!(count(&path, "session_log") <= 7);
+            // Up to the lag, plus what was folded since the last trim.
+            assert!(count(&path, "session_log") <= 7 + 5 * trim_every as i64);
         }
         assert!(count(&path, "sessions") > 0, "some rows were folded");
         assert_eq!(sessions_of(&mut store), expected);
@@ -805,6 +842,18 @@ mod tests {
         assert_eq!(viewed, expected_ids);
         drop(store);
         let mut reopened = SqliteStore::open(path, SyncMode::Normal).unwrap();
+        reopened.fold_lag = 7;
+        reopened.trim_every = trim_every;
+        assert_eq!(sessions_of(&mut reopened), expected);
+        // Folding on from what was read again (folded rows among it) ends the same way.
+        for n in 0..23 {
+            let commit = Commit {
+                sessions: vec![(stream(n), live(&format!("after-{n}")))],
+                ..Commit::default()
+            };
+            reopened.write(&commit, NOW).unwrap();
+            expected.insert(stream(n), format!("after-{n}"));
+        }
         assert_eq!(sessions_of(&mut reopened), expected);
     }
 
@@ -849,6 +898,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("expire.db");
         let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        store.trim_every = 1;
         let keys = |from: u32, expires: i64| Commit {
             delivered: (from..from + 100)
                 .map(|n| (DeliveryKey::new(&n.to_string(), EventKind::Push), expires))
@@ -896,7 +946,7 @@ mod tests {
             };
             store.write(&commit, NOW).unwrap();
         }
-        assert!(count(&path, "series_log") <= SERIES_ROWS);
+        assert!(count(&path, "series_log") < SERIES_ROWS + TRIM_EVERY as i64);
         let viewed: i64 = Connection::open(&path)
             .unwrap()
             .query_row("SELECT max(value) FROM current_series", [], |r| r.get(0))
