@@ -10,7 +10,8 @@
 //! Keys, under `--storage.redis-prefix` (default `tencent_css:`):
 //! - `session:<json [app, appname, stream_id]>`: hash `seq`, `area`, `since`, `live` (its field
 //!   in the `live` hash);
-//! - `delivered:<sequence>:<event_type>`: a delivered event, expiring after the dedup window;
+//! - `delivered:<sequence>:<event_type>`: a delivered event, expiring one dedup window after it
+//!   was delivered (a push: one window after its session ended);
 //! - `live`: hash `<domain>\x1f<area>` → live streams;
 //! - `counters`: hash `<metric>\x1f<labels json>[\x1fb<bucket>|\x1fsum]` → counter values;
 //! - `last_callback_ms`: the last accepted callback time; `domains`: the admitted domains.
@@ -41,8 +42,14 @@ const MAX_ATTEMPTS: usize = 16;
 
 /// Applies one accepted event if the facts it was decided on still hold. Returns 1 when applied,
 /// 0 when another replica changed the stream in between (the caller decides again).
+///
+/// A session that ends (or is replaced) has its push key set again for a whole window, as the
+/// local ledger remembers it from the session's end: while the session was live its push was
+/// known from the session itself, and the key set at the push may have expired since, after
+/// which a retried push would be counted again.
 const APPLY: &str = r#"
 local session, delivered, disconnect, live, counters, last = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local ended_push = KEYS[7]
 local current = redis.call('HGET', session, 'seq') or ''
 if current ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', delivered) == 1 then return 0 end
@@ -52,6 +59,7 @@ local effect = ARGV[4]
 if effect ~= 'keep' then
   if current ~= '' then
     redis.call('HINCRBY', live, redis.call('HGET', session, 'live'), -1)
+    redis.call('SET', ended_push, '1', 'PX', ARGV[3])
   end
   if effect == 'start' then
     redis.call('HSET', session, 'seq', ARGV[5], 'area', ARGV[6], 'since', ARGV[7], 'live', ARGV[8])
@@ -309,6 +317,11 @@ impl RedisLedger {
                 .key(self.keys.named("live"))
                 .key(self.keys.named("counters"))
                 .key(self.keys.named("last_callback_ms"))
+                // The push key of the live session read above; used only if there is one.
+                .key(
+                    self.keys
+                        .delivered(seq.as_deref().unwrap_or(""), EventKind::Push),
+                )
                 .arg(seq.as_deref().unwrap_or(""))
                 .arg(if disconnected { "1" } else { "0" })
                 .arg(self.dedup_window_ms.max(1));

@@ -302,3 +302,42 @@ async fn redis_down_means_503_then_both_replicas_recover() {
         4.0
     );
 }
+
+/// A session that outlives the dedup window: its push key, set at the push, has expired by the
+/// time it ends, and is set again then, so a retry of the push after the disconnect is still a
+/// duplicate (as with the local store), not a second push.
+#[tokio::test]
+async fn a_push_is_remembered_for_a_window_after_its_session_ends() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let replica = Exporter::start_on(
+        free_port(),
+        vec![
+            "--storage.redis-url".into(),
+            redis.url(),
+            "--callback.dedup-window".into(),
+            "1s".into(),
+        ],
+    )
+    .await;
+    let d = "long.example.com";
+    let hello = push(d, "s1", "q1", 1);
+    ok(&replica, hello.clone()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ok(&replica, disconnect(d, "s1", "q1", 1, 1)).await;
+    ok(&replica, hello).await;
+
+    // Past the replica's one-second cache of the numbers.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let s = replica.scrape().await;
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
+    assert_eq!(
+        s.value(
+            "tencent_css_callbacks_total",
+            &[("event", "push"), ("outcome", "duplicate")]
+        ),
+        1.0
+    );
+    assert_eq!(s.sum("tencent_css_active_streams", &[]), 0.0);
+}
