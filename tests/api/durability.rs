@@ -279,13 +279,7 @@ async fn sigterm_restart_keeps_every_metric() {
     assert_eq!(exporter.post(&retry).await.status, 200);
     let s = exporter.scrape().await;
     assert_eq!(s.sum("tencent_css_pushes_total", &[]), 8.0);
-    assert_eq!(
-        s.value(
-            "tencent_css_callbacks_total",
-            &[("event", "push"), ("outcome", "duplicate")]
-        ),
-        4.0
-    );
+    assert_eq!(s.callbacks("push", "duplicate"), 4.0);
     exporter.terminate();
 }
 
@@ -360,13 +354,7 @@ async fn locked_database_answers_503_then_recovers() {
         0,
         "the refused event left no series behind"
     );
-    assert_eq!(
-        s.value(
-            "tencent_css_callbacks_total",
-            &[("event", "disconnect"), ("outcome", "error")]
-        ),
-        1.0
-    );
+    assert_eq!(s.callbacks("disconnect", "error"), 1.0);
 
     blocker.execute_batch("ROLLBACK;").unwrap();
     eventually(

@@ -131,6 +131,14 @@ impl Scrape {
     }
 
     /// Sum over every series of `name` whose labels include `labels`.
+    /// `tencent_css_callbacks_total` of one event type and outcome.
+    pub fn callbacks(&self, event: &str, outcome: &str) -> f64 {
+        self.value(
+            "tencent_css_callbacks_total",
+            &[("event", event), ("outcome", outcome)],
+        )
+    }
+
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.matching(name, labels).map(|s| s.value).sum()
     }

@@ -1434,17 +1434,11 @@ async fn hostile_bodies_over_http_get_a_client_status_and_are_all_counted() {
     );
     assert_eq!(outcomes(&["error"]), 0.0);
     assert_eq!(
-        s.value(
-            "tencent_css_callbacks_total",
-            &[("event", "push"), ("outcome", "accepted")]
-        ),
+        s.callbacks("push", "accepted"),
         s.sum("tencent_css_pushes_total", &[])
     );
     assert_eq!(
-        s.value(
-            "tencent_css_callbacks_total",
-            &[("event", "disconnect"), ("outcome", "accepted")]
-        ),
+        s.callbacks("disconnect", "accepted"),
         s.sum("tencent_css_disconnects_total", &[])
     );
     assert!(s.sum("tencent_css_active_streams", &[]) <= s.sum("tencent_css_pushes_total", &[]));

@@ -81,13 +81,7 @@ async fn replicas_share_sessions_retries_and_counters() {
         ),
         1.0
     );
-    assert_eq!(
-        s.value(
-            "tencent_css_callbacks_total",
-            &[("event", "push"), ("outcome", "duplicate")]
-        ),
-        2.0
-    );
+    assert_eq!(s.callbacks("push", "duplicate"), 2.0);
     assert_eq!(
         s.sum("tencent_css_callbacks_total", &[("outcome", "accepted")]),
         9.0
@@ -105,13 +99,7 @@ async fn replicas_share_sessions_retries_and_counters() {
         401
     );
     let s = agreed(&a, &b).await;
-    assert_eq!(
-        s.value(
-            "tencent_css_callbacks_total",
-            &[("event", "push"), ("outcome", "bad_signature")]
-        ),
-        1.0
-    );
+    assert_eq!(s.callbacks("push", "bad_signature"), 1.0);
 }
 
 #[tokio::test]
@@ -332,12 +320,6 @@ async fn a_push_is_remembered_for_a_window_after_its_session_ends() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let s = replica.scrape().await;
     assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
-    assert_eq!(
-        s.value(
-            "tencent_css_callbacks_total",
-            &[("event", "push"), ("outcome", "duplicate")]
-        ),
-        1.0
-    );
+    assert_eq!(s.callbacks("push", "duplicate"), 1.0);
     assert_eq!(s.sum("tencent_css_active_streams", &[]), 0.0);
 }

@@ -96,13 +96,7 @@ async fn retried_disconnect_is_counted_once() {
     }
     let s = app.scrape().await;
     assert_eq!(s.sum("tencent_css_disconnects_total", &[]), 1.0);
-    assert_eq!(
-        s.value(
-            "tencent_css_callbacks_total",
-            &[("event", "disconnect"), ("outcome", "duplicate")]
-        ),
-        2.0
-    );
+    assert_eq!(s.callbacks("disconnect", "duplicate"), 2.0);
     assert_eq!(s.sum("tencent_css_push_duration_seconds_count", &[]), 1.0);
 }
 
@@ -122,13 +116,7 @@ async fn retried_push_is_a_duplicate_while_live_and_after_its_disconnect() {
         "a late retry does not revive the stream"
     );
     assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
-    assert_eq!(
-        s.value(
-            "tencent_css_callbacks_total",
-            &[("event", "push"), ("outcome", "duplicate")]
-        ),
-        2.0
-    );
+    assert_eq!(s.callbacks("push", "duplicate"), 2.0);
 }
 
 #[tokio::test]
@@ -149,13 +137,7 @@ async fn without_a_dedup_window_the_live_session_still_knows_its_push() {
     let s = app.scrape().await;
     assert_eq!(s.sum(ACTIVE, &[]), 1.0);
     assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
-    assert_eq!(
-        s.value(
-            "tencent_css_callbacks_total",
-            &[("event", "push"), ("outcome", "duplicate")]
-        ),
-        1.0
-    );
+    assert_eq!(s.callbacks("push", "duplicate"), 1.0);
 }
 
 #[tokio::test]
