@@ -6,11 +6,12 @@
 //! cost about 3 KiB of writes an event. Appended rows share the last pages of their table, so a
 //! batch writes about the size of its rows.
 //!
-//! - `session_log`: each batch's session changes (the session now, or none), in commit order.
-//!   Once more than [`FOLD_LAG`] rows wait, the oldest are folded into `sessions` in the same
-//!   transaction. A row that a later row of the same stream supersedes is dropped without
-//!   touching `sessions`, so a session pushed and disconnected within the lag costs no random
-//!   write at all.
+//! - `session_log`: one row a batch with its session changes (the session now, or none; a JSON
+//!   array), in commit order. Once more than [`FOLD_LAG`] changes wait, the oldest are folded
+//!   into `sessions` in the same transaction. A change that a later one of the same stream
+//!   supersedes is dropped without touching `sessions`, so a session pushed and disconnected
+//!   within the lag costs no random write at all. (Schema 2 had a row a change: inserting them
+//!   one by one was a quarter of a batch's write.)
 //! - `delivered`: one row a batch with the batch's dedup keys (a JSON array). Expiry grows with
 //!   the id, so expired rows are deleted from the head.
 //! - `series_log`: one row a batch with the new value of each counter it changed (a JSON array).
@@ -42,9 +43,9 @@ use crate::state::rules::{Sequence, Session};
 use crate::state::{Commit, DeliveryKey, FastMap, Snapshot};
 
 /// The schema this release writes; stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
-/// Session-log rows left unfolded: enough that a short session's push and disconnect usually
+/// Session changes left unfolded: enough that a short session's push and disconnect usually
 /// meet in the log and cancel out; few enough to replay in milliseconds at start.
 pub const FOLD_LAG: usize = 65_536;
 /// Rows of `series_log` kept. Every counter is written again at least once in this many
@@ -76,16 +77,12 @@ CREATE TABLE sessions (
     PRIMARY KEY (app, appname, stream_id)
 ) WITHOUT ROWID;";
 
-/// `sequence`, `area` and `since` are NULL when the change ended the stream's session.
+/// `changes`: `[[app, appname, stream_id, sequence, area, since], ...]`, in order; `sequence`,
+/// `area` and `since` are null when the change ended the stream's session.
 const SESSION_LOG: &str = "
 CREATE TABLE session_log (
     id INTEGER PRIMARY KEY,
-    app TEXT NOT NULL,
-    appname TEXT NOT NULL,
-    stream_id TEXT NOT NULL,
-    sequence TEXT,
-    area TEXT,
-    since INTEGER
+    changes TEXT NOT NULL
 );";
 
 /// `keys`: `[[sequence, event_type, expires_ms], ...]`; `expires_ms`: the latest of them.
@@ -128,13 +125,20 @@ CREATE VIEW series_log_newest AS
 CREATE VIEW delivered_keys AS
     SELECT e.value ->> 0 AS sequence, e.value ->> 1 AS event_type, e.value ->> 2 AS expires_ms
     FROM delivered d, json_each(d.keys) e;
+CREATE VIEW session_changes AS
+    SELECT l.id AS id, e.key AS n, e.value ->> 0 AS app, e.value ->> 1 AS appname,
+        e.value ->> 2 AS stream_id, e.value ->> 3 AS sequence, e.value ->> 4 AS area,
+        e.value ->> 5 AS since
+    FROM session_log l, json_each(l.changes) e;
 CREATE VIEW live_sessions AS
     SELECT app, appname, stream_id, sequence, area, since FROM sessions
-    WHERE (app, appname, stream_id) NOT IN (SELECT app, appname, stream_id FROM session_log)
+    WHERE (app, appname, stream_id) NOT IN (SELECT app, appname, stream_id FROM session_changes)
     UNION ALL
-    SELECT app, appname, stream_id, sequence, area, since FROM session_log
-    WHERE id IN (SELECT max(id) FROM session_log GROUP BY app, appname, stream_id)
-        AND sequence IS NOT NULL;
+    SELECT app, appname, stream_id, sequence, area, since FROM (
+        SELECT *, row_number() OVER (PARTITION BY app, appname, stream_id
+            ORDER BY id DESC, n DESC) AS age
+        FROM session_changes)
+    WHERE age = 1 AND sequence IS NOT NULL;
 CREATE VIEW current_series AS
     SELECT metric, labels, value, sum_ms, buckets FROM series
     WHERE (metric, labels) NOT IN (SELECT metric, labels FROM series_log_newest)
@@ -152,6 +156,17 @@ INSERT INTO delivered (expires_ms, keys)
     SELECT max(expires_ms), json_group_array(json_array(sequence, event_type, expires_ms))
     FROM delivered_v1 GROUP BY expires_ms / 60000 ORDER BY expires_ms / 60000;
 DROP TABLE delivered_v1;";
+
+/// Schema 2 logged a row a session change; its rows become one row of schema 3, in order.
+const MIGRATE_FROM_2: &str = "
+DROP VIEW IF EXISTS live_sessions;
+ALTER TABLE session_log RENAME TO session_log_v2;";
+const MIGRATE_FROM_2_COPY: &str = "
+INSERT INTO session_log (changes)
+    SELECT json_group_array(json_array(app, appname, stream_id, sequence, area, since)
+        ORDER BY id)
+    FROM session_log_v2 HAVING count(*) > 0;
+DROP TABLE session_log_v2;";
 
 /// How hard each commit is pushed to disk (`--storage.sync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -177,13 +192,17 @@ pub struct SqliteStore {
     trim_every: u64,
 }
 
-/// The session-log rows not folded into `sessions`, in memory so that folding needs no reads.
+/// The session changes not folded into `sessions`, in memory so that folding needs no reads.
 #[derive(Debug, Default)]
 struct Unfolded {
-    /// Oldest first: row id, stream, the session the row set (`None`: ended).
-    rows: VecDeque<(i64, StreamKey, Option<Session>)>,
-    /// The newest row of each stream in `rows`: the only one of that stream that still matters.
-    newest: FastMap<StreamKey, i64>,
+    /// Oldest first: the change's number, the log row holding it, the stream, the session the
+    /// change set (`None`: ended).
+    rows: VecDeque<(u64, i64, StreamKey, Option<Session>)>,
+    /// The newest change of each stream in `rows`: the only one of that stream that still
+    /// matters.
+    newest: FastMap<StreamKey, u64>,
+    /// Number of the next change.
+    next: u64,
     /// What `series_log` holds.
     series: SeriesLog,
     /// Batches written since the connection was opened, to trim the logs every few.
@@ -241,24 +260,31 @@ impl SeriesLog {
 }
 
 impl Unfolded {
-    fn push(&mut self, id: i64, stream: StreamKey, session: Option<Session>) {
-        self.newest.insert(stream.clone(), id);
-        self.rows.push_back((id, stream, session));
+    fn push(&mut self, row: i64, stream: StreamKey, session: Option<Session>) {
+        let n = self.next;
+        self.next += 1;
+        self.newest.insert(stream.clone(), n);
+        self.rows.push_back((n, row, stream, session));
     }
 
-    /// Removes the `n` oldest rows; returns the changes among them that no later row supersedes,
-    /// and the id of the last row removed.
+    /// Removes the `n` oldest changes; returns those among them that no later change
+    /// supersedes, and the newest log row all of whose changes are now removed.
     fn take_oldest(&mut self, n: usize) -> (Vec<(StreamKey, Option<Session>)>, Option<i64>) {
         let mut effective = Vec::new();
-        let mut last = None;
-        for (id, stream, session) in self.rows.drain(..n.min(self.rows.len())) {
-            last = Some(id);
-            if self.newest.get(&stream) == Some(&id) {
+        let mut last_row = None;
+        for (n, row, stream, session) in self.rows.drain(..n.min(self.rows.len())) {
+            last_row = Some(row);
+            if self.newest.get(&stream) == Some(&n) {
                 self.newest.remove(&stream);
                 effective.push((stream, session));
             }
         }
-        (effective, last)
+        // A row whose later changes are still unfolded stays whole.
+        let done = match (last_row, self.rows.front()) {
+            (Some(last), Some((_, next_row, _, _))) if *next_row == last => Some(last - 1),
+            (last, _) => last,
+        };
+        (effective, done)
     }
 }
 
@@ -382,21 +408,32 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
             }
             format!("{SESSIONS}{SESSION_LOG}{DELIVERED}{SERIES}{SERIES_LOG}{VIEWS}")
         }
-        1 => {
-            tracing::info!(path = %path.display(), "upgrading the database from schema 1 to 2");
-            format!(
-                "{MIGRATE_FROM_1}{DELIVERED}{MIGRATE_FROM_1_COPY}{SESSION_LOG}{SERIES_LOG}{VIEWS}"
-            )
-        }
-        newer => {
+        1 => format!(
+            "{MIGRATE_FROM_1}{DELIVERED}{MIGRATE_FROM_1_COPY}{SESSION_LOG}{SERIES_LOG}{VIEWS}"
+        ),
+        2 => format!(
+            "{MIGRATE_FROM_2}{SESSION_LOG}{MIGRATE_FROM_2_COPY}
+             DROP VIEW IF EXISTS series_log_newest; DROP VIEW IF EXISTS delivered_keys;
+             DROP VIEW IF EXISTS current_series; {VIEWS}"
+        ),
+        other => {
+            let relation = if other > SCHEMA_VERSION {
+                "newer than"
+            } else {
+                "not one"
+            };
             return Err(StoreError::Invalid {
                 path: path.to_owned(),
                 reason: format!(
-                "schema version {newer} is newer than this release understands ({SCHEMA_VERSION})"
-            ),
-            })
+                    "schema version {other} is {relation} this release understands \
+                     ({SCHEMA_VERSION} and older)"
+                ),
+            });
         }
     };
+    if version != 0 {
+        tracing::info!(path = %path.display(), from = version, to = SCHEMA_VERSION, "upgrading the database schema");
+    }
     conn.execute_batch(&format!(
         "BEGIN IMMEDIATE; {script} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
     ))
@@ -454,7 +491,9 @@ fn session(r: &Row) -> rusqlite::Result<Option<Session>> {
 fn read_unfolded(conn: &Connection) -> rusqlite::Result<Unfolded> {
     let mut unfolded = Unfolded::default();
     let mut stmt = conn.prepare(
-        "SELECT app, appname, stream_id, sequence, area, since, id FROM session_log ORDER BY id",
+        "SELECT e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 3, e.value ->> 4,
+            e.value ->> 5, l.id
+         FROM session_log l, json_each(l.changes) e ORDER BY l.id, e.key",
     )?;
     let mut rows = stmt.query([])?;
     let mut names = HashSet::new();
@@ -480,9 +519,10 @@ fn read_unfolded(conn: &Connection) -> rusqlite::Result<Unfolded> {
 /// a chunk at a time ([`TRIM_EVERY`]); until then they repeat what `sessions` holds, and read
 /// again after a restart they are folded again to the same result.
 fn fold(conn: &Connection, unfolded: &mut Unfolded, n: usize) -> rusqlite::Result<()> {
-    let (effective, last) = unfolded.take_oldest(n);
-    let Some(last) = last else { return Ok(()) };
-    unfolded.folded_through = Some(last);
+    let (effective, done) = unfolded.take_oldest(n);
+    if done.is_some() {
+        unfolded.folded_through = done;
+    }
     let mut upsert = conn.prepare_cached(
         "INSERT OR REPLACE INTO sessions (app, appname, stream_id, sequence, area, since)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -545,9 +585,9 @@ impl Store for SqliteStore {
                     snapshot.sessions.push((stream, session));
                 }
             }
-            for (id, stream, session) in &unfolded.rows {
+            for (n, _, stream, session) in &unfolded.rows {
                 if let (Some(session), Some(newest)) = (session, unfolded.newest.get(stream)) {
-                    if newest == id {
+                    if newest == n {
                         snapshot.sessions.push((stream.clone(), session.clone()));
                     }
                 }
@@ -593,28 +633,36 @@ impl Store for SqliteStore {
         self.with_conn(|conn, unfolded| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             {
-                let mut log = tx.prepare_cached(
-                    "INSERT INTO session_log (app, appname, stream_id, sequence, area, since)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?;
-                for (stream, session) in &commit.sessions {
-                    let (sequence, area, since) = match session {
-                        Some(s) => (
-                            Some(s.sequence.to_string()),
-                            Some(s.area.as_str()),
-                            Some(s.since),
-                        ),
-                        None => (None, None, None),
-                    };
-                    log.execute(params![
-                        &*stream.app,
-                        &*stream.appname,
-                        &*stream.stream_id,
-                        sequence,
-                        area,
-                        since
-                    ])?;
-                    unfolded.push(tx.last_insert_rowid(), stream.clone(), session.clone());
+                if !commit.sessions.is_empty() {
+                    let changes: Vec<_> = commit
+                        .sessions
+                        .iter()
+                        .map(|(stream, session)| {
+                            let (sequence, area, since) = match session {
+                                Some(s) => (
+                                    Some(s.sequence.to_string()),
+                                    Some(s.area.as_str()),
+                                    Some(s.since),
+                                ),
+                                None => (None, None, None),
+                            };
+                            (
+                                &*stream.app,
+                                &*stream.appname,
+                                &*stream.stream_id,
+                                sequence,
+                                area,
+                                since,
+                            )
+                        })
+                        .collect();
+                    let changes = serde_json::to_string(&changes).expect("changes serialize");
+                    tx.prepare_cached("INSERT INTO session_log (changes) VALUES (?1)")?
+                        .execute([changes])?;
+                    let row = tx.last_insert_rowid();
+                    for (stream, session) in &commit.sessions {
+                        unfolded.push(row, stream.clone(), session.clone());
+                    }
                 }
                 unfolded.writes += 1;
                 let trim = unfolded.writes % trim_every == 0;
@@ -966,6 +1014,63 @@ mod tests {
             .collect();
         expected.insert(0, (pushes(0), Value::Count(7)));
         assert_eq!(loaded, expected);
+    }
+
+    /// A schema-2 database (a session-log row a change) is upgraded in place: its changes keep
+    /// their order in one row, and what they add up to is unchanged.
+    #[test]
+    fn schema_2_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(&format!(
+                "{SESSIONS}{DELIVERED}{SERIES}{SERIES_LOG}
+                 CREATE TABLE session_log (id INTEGER PRIMARY KEY, app TEXT NOT NULL,
+                    appname TEXT NOT NULL, stream_id TEXT NOT NULL, sequence TEXT, area TEXT,
+                    since INTEGER);
+                 CREATE VIEW live_sessions AS SELECT app FROM session_log;
+                 CREATE VIEW delivered_keys AS SELECT keys FROM delivered;
+                 INSERT INTO sessions VALUES ('d.example.com', 'live', 's3', '30', 'overseas', 3);
+                 INSERT INTO session_log (app, appname, stream_id, sequence, area, since) VALUES
+                    ('d.example.com', 'live', 's1', '10', 'mainland', 1),
+                    ('d.example.com', 'live', 's2', '20', 'mainland', 2),
+                    ('d.example.com', 'live', 's1', NULL, NULL, NULL),
+                    ('d.example.com', 'live', 's2', '21', 'overseas', 4);
+                 PRAGMA user_version = 2;"
+            ))
+            .unwrap();
+        let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        let expected: HashMap<_, _> = [(2, "21"), (3, "30")]
+            .map(|(n, s)| (stream(n), s.to_string()))
+            .into_iter()
+            .map(|(mut k, s)| {
+                k.app = "d.example.com".into();
+                (k, s)
+            })
+            .collect();
+        assert_eq!(sessions_of(&mut store), expected);
+        assert_eq!(count(&path, "session_log"), 1);
+        assert_eq!(count(&path, "live_sessions"), 2);
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        // The upgraded log folds like a new one.
+        store.fold_lag = 0;
+        store.trim_every = 1;
+        store
+            .write(
+                &Commit {
+                    sessions: vec![(stream(9), live("90"))],
+                    ..Commit::default()
+                },
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(count(&path, "session_log"), 0);
+        assert_eq!(count(&path, "sessions"), 3);
     }
 
     /// A database of the first release is upgraded in place, keeping everything it held.
