@@ -905,6 +905,53 @@ mod tests {
         assert_eq!(sessions_of(&mut reopened), expected);
     }
 
+    /// Stream ids and sequences of any text, numbers among them, come back from the session
+    /// log's JSON as they went in, after a reopen and in the `live_sessions` view.
+    #[test]
+    fn odd_stream_ids_round_trip_through_the_session_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("odd.db");
+        let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        let odd = [
+            "q\"uote\\back\nline\u{1f}日本",
+            "12345",
+            "null",
+            "[1,2]",
+            "",
+        ];
+        let mut expected = HashMap::new();
+        for (i, id) in odd.iter().enumerate() {
+            let key = StreamKey {
+                app: "d.example.com".into(),
+                appname: "li\"ve".into(),
+                stream_id: (*id).into(),
+            };
+            let sequence = ["007", "18446744073709551615", "x\"y", "1e3", "-1"][i];
+            let commit = Commit {
+                sessions: vec![(key.clone(), live(sequence))],
+                ..Commit::default()
+            };
+            store.write(&commit, NOW).unwrap();
+            expected.insert(key, sequence.to_string());
+        }
+        drop(store);
+        let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        assert_eq!(sessions_of(&mut store), expected);
+        let viewed: HashMap<String, String> = Connection::open(&path)
+            .unwrap()
+            .prepare("SELECT stream_id, sequence FROM live_sessions")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let expected_ids: HashMap<String, String> = expected
+            .iter()
+            .map(|(k, s)| (k.stream_id.to_string(), s.clone()))
+            .collect();
+        assert_eq!(viewed, expected_ids);
+    }
+
     /// A write that fails rolls back in the database and in what the store holds in memory.
     #[test]
     fn a_failed_write_leaves_nothing_behind() {
