@@ -14,7 +14,9 @@
 //!   one by one was a quarter of a batch's write.)
 //! - `delivered`: one row a batch with the batch's dedup keys (a JSON array). Expiry grows with
 //!   the id, so expired rows are deleted from the head.
-//! - `series_log`: one row a batch with the new value of each counter it changed (a JSON array).
+//! - `series_log`: one row a batch with the new value of each counter it changed (a JSON array),
+//!   each counter named by its number in `series_names`. (Schema 3 repeated its metric and
+//!   JSON labels in every row: over half of a commit's bytes.)
 //!   Only the last [`SERIES_ROWS`] rows are kept: a batch also writes again the counters whose
 //!   newest value is about to leave that window, a few each time. So there is no fold, and no
 //!   stall: upserting the counters in place dirtied most pages of their table at every batch (a
@@ -27,7 +29,7 @@
 //! this store holds in memory is read again), so a database that became read-only, full or
 //! locked recovers by itself once the cause is gone.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +45,7 @@ use crate::state::rules::{Sequence, Session};
 use crate::state::{Commit, DeliveryKey, FastMap, Snapshot};
 
 /// The schema this release writes; stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Session changes left unfolded: enough that a short session's push and disconnect usually
 /// meet in the log and cancel out; few enough to replay in milliseconds at start.
@@ -103,11 +105,18 @@ CREATE TABLE series (
     PRIMARY KEY (metric, labels)
 ) WITHOUT ROWID;";
 
-/// `batch`: `[[metric, labels, value, sum_ms, buckets], ...]`, the columns of `series`.
+/// `batch`: `[[series, value], ...]` for counters and timestamps, `[series, count, sum_ms,
+/// buckets]` for histograms; `series` is an id of `series_names`.
 const SERIES_LOG: &str = "
 CREATE TABLE series_log (
     id INTEGER PRIMARY KEY,
     batch TEXT NOT NULL
+);
+CREATE TABLE series_names (
+    id INTEGER PRIMARY KEY,
+    metric TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    UNIQUE (metric, labels)
 );";
 
 /// What the tables add up to, for people inspecting the database with `sqlite3`: the folded
@@ -115,13 +124,13 @@ CREATE TABLE series_log (
 /// series.
 const VIEWS: &str = "
 CREATE VIEW series_log_newest AS
-    SELECT metric, labels, value, sum_ms, buckets FROM (
-        SELECT e.value ->> 0 AS metric, e.value ->> 1 AS labels, e.value ->> 2 AS value,
-            e.value ->> 3 AS sum_ms, e.value ->> 4 AS buckets,
-            row_number() OVER (PARTITION BY e.value ->> 0, e.value ->> 1
-                ORDER BY l.id DESC, e.key DESC) AS age
-        FROM series_log l, json_each(l.batch) e)
-    WHERE age = 1;
+    SELECT n.metric, n.labels, v.value, v.sum_ms, v.buckets FROM (
+        SELECT e.value ->> 0 AS series, e.value ->> 1 AS value, e.value ->> 2 AS sum_ms,
+            e.value ->> 3 AS buckets,
+            row_number() OVER (PARTITION BY e.value ->> 0 ORDER BY l.id DESC, e.key DESC) AS age
+        FROM series_log l, json_each(l.batch) e) v
+    JOIN series_names n ON n.id = v.series
+    WHERE v.age = 1;
 CREATE VIEW delivered_keys AS
     SELECT e.value ->> 0 AS sequence, e.value ->> 1 AS event_type, e.value ->> 2 AS expires_ms
     FROM delivered d, json_each(d.keys) e;
@@ -159,7 +168,6 @@ DROP TABLE delivered_v1;";
 
 /// Schema 2 logged a row a session change; its rows become one row of schema 3, in order.
 const MIGRATE_FROM_2: &str = "
-DROP VIEW IF EXISTS live_sessions;
 ALTER TABLE session_log RENAME TO session_log_v2;";
 const MIGRATE_FROM_2_COPY: &str = "
 INSERT INTO session_log (changes)
@@ -167,6 +175,24 @@ INSERT INTO session_log (changes)
         ORDER BY id)
     FROM session_log_v2 HAVING count(*) > 0;
 DROP TABLE session_log_v2;";
+
+/// Schemas 2 and 3 repeated each counter's metric and labels in the counter log: the newest
+/// value of each goes to `series` (which log values override), and the log starts anew.
+const MIGRATE_SERIES_LOG: &str = "
+INSERT OR REPLACE INTO series (metric, labels, value, sum_ms, buckets)
+    SELECT metric, labels, value, sum_ms, buckets FROM (
+        SELECT e.value ->> 0 AS metric, e.value ->> 1 AS labels, e.value ->> 2 AS value,
+            e.value ->> 3 AS sum_ms, e.value ->> 4 AS buckets,
+            row_number() OVER (PARTITION BY e.value ->> 0, e.value ->> 1
+                ORDER BY l.id DESC, e.key DESC) AS age
+        FROM series_log l, json_each(l.batch) e)
+    WHERE age = 1;
+DROP TABLE series_log;";
+/// Every view, before they are created again as this release defines them.
+const DROP_VIEWS: &str = "
+DROP VIEW IF EXISTS current_series; DROP VIEW IF EXISTS series_log_newest;
+DROP VIEW IF EXISTS delivered_keys; DROP VIEW IF EXISTS live_sessions;
+DROP VIEW IF EXISTS session_changes;";
 
 /// How hard each commit is pushed to disk (`--storage.sync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -211,9 +237,14 @@ struct Unfolded {
     folded_through: Option<i64>,
 }
 
-/// A counter as a `series_log` row holds it: metric, labels (as JSON), value, sum of
-/// milliseconds, buckets: the columns of `series`.
-type LoggedValue = (String, String, i64, Option<i64>, Option<String>);
+/// A counter as a `series_log` row holds it: its number in `series_names` and value, and for a
+/// histogram the sum of milliseconds and the buckets.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum LoggedValue {
+    Plain(i64, i64),
+    Histogram(i64, i64, i64, String),
+}
 
 /// What `series_log` holds, in memory so that a batch knows which counters to write again.
 #[derive(Debug, Default)]
@@ -225,6 +256,8 @@ struct SeriesLog {
     order: VecDeque<(Series, i64)>,
     /// Id of the newest row.
     last_row: i64,
+    /// Each counter's number in `series_names`.
+    ids: FastMap<Series, i64>,
 }
 
 impl SeriesLog {
@@ -412,10 +445,10 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
             "{MIGRATE_FROM_1}{DELIVERED}{MIGRATE_FROM_1_COPY}{SESSION_LOG}{SERIES_LOG}{VIEWS}"
         ),
         2 => format!(
-            "{MIGRATE_FROM_2}{SESSION_LOG}{MIGRATE_FROM_2_COPY}
-             DROP VIEW IF EXISTS series_log_newest; DROP VIEW IF EXISTS delivered_keys;
-             DROP VIEW IF EXISTS current_series; {VIEWS}"
+            "{DROP_VIEWS}{MIGRATE_FROM_2}{SESSION_LOG}{MIGRATE_FROM_2_COPY}\
+             {MIGRATE_SERIES_LOG}{SERIES_LOG}{VIEWS}"
         ),
+        3 => format!("{DROP_VIEWS}{MIGRATE_SERIES_LOG}{SERIES_LOG}{VIEWS}"),
         other => {
             let relation = if other > SCHEMA_VERSION {
                 "newer than"
@@ -500,17 +533,40 @@ fn read_unfolded(conn: &Connection) -> rusqlite::Result<Unfolded> {
     while let Some(r) = rows.next()? {
         unfolded.push(r.get(6)?, stream_key(r, &mut names)?, session(r)?);
     }
+    let mut stmt = conn.prepare("SELECT id, metric, labels FROM series_names")?;
+    let mut rows = stmt.query([])?;
+    let mut names = HashMap::new();
+    while let Some(r) = rows.next()? {
+        let (id, metric, labels): (i64, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        let series = decode_name(&metric, &labels)?;
+        unfolded.series.ids.insert(series.clone(), id);
+        names.insert(id, series);
+    }
     let mut stmt = conn.prepare("SELECT id, batch FROM series_log ORDER BY id")?;
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
-        let id: i64 = r.get(0)?;
+        let row: i64 = r.get(0)?;
         let batch: Vec<LoggedValue> = serde_json::from_str(r.get_ref(1)?.as_str()?)
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, Type::Text, Box::new(e)))?;
         for logged in batch {
-            let (series, value) = decode_series(logged)?;
-            unfolded.series.record(series, value, id);
+            let (id, value, sum_ms, buckets) = match logged {
+                LoggedValue::Plain(id, value) => (id, value, None, None),
+                LoggedValue::Histogram(id, count, sum_ms, buckets) => {
+                    (id, count, Some(sum_ms), Some(buckets))
+                }
+            };
+            let series = names.get(&id).ok_or_else(|| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    1,
+                    Type::Text,
+                    format!("counter {id} of the log has no name").into(),
+                )
+            })?;
+            let value = decode_value(series, value, sum_ms, buckets.as_deref())
+                .ok_or_else(|| unknown_series(series.metric(), &format!("{id}")))?;
+            unfolded.series.record(series.clone(), value, row);
         }
-        unfolded.series.last_row = id;
+        unfolded.series.last_row = row;
     }
     Ok(unfolded)
 }
@@ -695,20 +751,31 @@ impl Store for SqliteStore {
                 if !commit.series.is_empty() {
                     let row = unfolded.series.last_row + 1;
                     let again = unfolded.series.next_row(&commit.series, row);
-                    let latest = &unfolded.series.latest;
-                    let values: Vec<_> = commit
-                        .series
-                        .iter()
-                        .map(|(s, v)| (s, v))
-                        .chain(again.iter().map(|s| (s, &latest[s].0)))
-                        .map(|(s, v)| {
-                            let labels =
-                                serde_json::to_string(&s.labels()).expect("strings serialize");
-                            let (value, sum_ms, buckets) = encode_value(v);
-                            (s.metric(), labels, value, sum_ms, buckets)
-                        })
-                        .collect();
-                    let values = serde_json::to_string(&values).expect("values serialize");
+                    let log = &mut unfolded.series;
+                    let mut values = String::with_capacity(32 * (commit.series.len() + 1));
+                    values.push('[');
+                    let changed = commit.series.iter().map(|(s, _)| s);
+                    for series in changed.chain(&again) {
+                        let id = match log.ids.get(series) {
+                            Some(id) => *id,
+                            None => {
+                                let labels = serde_json::to_string(&series.labels())
+                                    .expect("strings serialize");
+                                tx.prepare_cached(
+                                    "INSERT INTO series_names (metric, labels) VALUES (?1, ?2)",
+                                )?
+                                .execute(params![series.metric(), labels])?;
+                                let id = tx.last_insert_rowid();
+                                log.ids.insert(series.clone(), id);
+                                id
+                            }
+                        };
+                        if values.len() > 1 {
+                            values.push(',');
+                        }
+                        encode_logged(&mut values, id, &log.latest[series].0);
+                    }
+                    values.push(']');
                     tx.prepare_cached("INSERT INTO series_log (id, batch) VALUES (?1, ?2)")?
                         .execute(params![row, values])?;
                     if trim {
@@ -753,24 +820,49 @@ fn encode_value(value: &Value) -> (i64, Option<i64>, Option<String>) {
     }
 }
 
-/// A counter from the columns of `series`; an unknown one is a conversion error, never a guess.
-fn decode_series(
-    (metric, labels, value, sum_ms, buckets): LoggedValue,
-) -> rusqlite::Result<(Series, Value)> {
-    serde_json::from_str::<Vec<String>>(&labels)
+/// A counter's entry of a `series_log` row, as JSON: `[id,value]`, or `[id,count,sum,"b,b"]`.
+fn encode_logged(out: &mut String, id: i64, value: &Value) {
+    let (value, sum_ms, buckets) = encode_value(value);
+    out.push('[');
+    out.push_str(itoa::Buffer::new().format(id));
+    out.push(',');
+    out.push_str(itoa::Buffer::new().format(value));
+    if let (Some(sum_ms), Some(buckets)) = (sum_ms, buckets) {
+        out.push(',');
+        out.push_str(itoa::Buffer::new().format(sum_ms));
+        // Digits and commas only: no escaping needed.
+        out.push_str(",\"");
+        out.push_str(&buckets);
+        out.push('"');
+    }
+    out.push(']');
+}
+
+fn unknown_series(metric: &str, labels: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        1,
+        Type::Text,
+        format!("unknown series or value: {metric}{labels}").into(),
+    )
+}
+
+/// A counter from its metric and JSON labels; an unknown one is a conversion error, never a
+/// guess.
+fn decode_name(metric: &str, labels: &str) -> rusqlite::Result<Series> {
+    serde_json::from_str::<Vec<String>>(labels)
         .ok()
-        .and_then(|l| Series::decode(&metric, &l))
-        .and_then(|series| {
-            let value = decode_value(&series, value, sum_ms, buckets.as_deref())?;
-            Some((series, value))
-        })
-        .ok_or_else(|| {
-            rusqlite::Error::FromSqlConversionFailure(
-                1,
-                Type::Text,
-                format!("unknown series or value: {metric}{labels}").into(),
-            )
-        })
+        .and_then(|l| Series::decode(metric, &l))
+        .ok_or_else(|| unknown_series(metric, labels))
+}
+
+/// A counter and its value from the columns of `series`.
+fn decode_series(
+    (metric, labels, value, sum_ms, buckets): (String, String, i64, Option<i64>, Option<String>),
+) -> rusqlite::Result<(Series, Value)> {
+    let series = decode_name(&metric, &labels)?;
+    let value = decode_value(&series, value, sum_ms, buckets.as_deref())
+        .ok_or_else(|| unknown_series(&metric, &labels))?;
+    Ok((series, value))
 }
 
 fn decode_value(
@@ -1063,8 +1155,10 @@ mod tests {
         assert_eq!(loaded, expected);
     }
 
-    /// A schema-2 database (a session-log row a change) is upgraded in place: its changes keep
-    /// their order in one row, and what they add up to is unchanged.
+    /// A schema-2 database (a session-log row a change, counters logged with their names) is
+    /// upgraded in place: its changes keep their order in one row, the newest logged value of
+    /// each counter is kept, and what they add up to is unchanged. (Schema 3 differs from 2 only
+    /// in the session log, so its upgrade is the second half of this one.)
     #[test]
     fn schema_2_is_upgraded() {
         let dir = tempfile::tempdir().unwrap();
@@ -1072,7 +1166,13 @@ mod tests {
         Connection::open(&path)
             .unwrap()
             .execute_batch(&format!(
-                "{SESSIONS}{DELIVERED}{SERIES}{SERIES_LOG}
+                "{SESSIONS}{DELIVERED}{SERIES}
+                 CREATE TABLE series_log (id INTEGER PRIMARY KEY, batch TEXT NOT NULL);
+                 INSERT INTO series VALUES ('pushes_total', '[\"d.example.com\",\"overseas\"]',
+                    3, NULL, NULL);
+                 INSERT INTO series_log (batch) VALUES
+                    ('[[\"pushes_total\",\"[\\\"d.example.com\\\",\\\"mainland\\\"]\",5,null,null]]'),
+                    ('[[\"pushes_total\",\"[\\\"d.example.com\\\",\\\"mainland\\\"]\",6,null,null]]');
                  CREATE TABLE session_log (id INTEGER PRIMARY KEY, app TEXT NOT NULL,
                     appname TEXT NOT NULL, stream_id TEXT NOT NULL, sequence TEXT, area TEXT,
                     since INTEGER);
@@ -1099,6 +1199,17 @@ mod tests {
         assert_eq!(sessions_of(&mut store), expected);
         assert_eq!(count(&path, "session_log"), 1);
         assert_eq!(count(&path, "live_sessions"), 2);
+        let mut series = store.load().unwrap().series;
+        series.sort_by_key(|(s, _)| s.labels());
+        let pushes = |area| Series::Pushes("d.example.com".into(), area);
+        assert_eq!(
+            series,
+            [
+                (pushes(Area::Mainland), Value::Count(6)),
+                (pushes(Area::Overseas), Value::Count(3))
+            ]
+        );
+        assert_eq!(count(&path, "series_log"), 0);
         let version: i64 = Connection::open(&path)
             .unwrap()
             .pragma_query_value(None, "user_version", |r| r.get(0))
