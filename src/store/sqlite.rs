@@ -921,6 +921,23 @@ mod tests {
         map
     }
 
+    /// The `live_sessions` view lists the expected sessions (stream ids are unique in tests).
+    fn assert_live_sessions_view(path: &Path, expected: &HashMap<StreamKey, String>) {
+        let viewed: HashMap<String, String> = Connection::open(path)
+            .unwrap()
+            .prepare("SELECT stream_id, sequence FROM live_sessions")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let expected_ids: HashMap<String, String> = expected
+            .iter()
+            .map(|(k, s)| (k.stream_id.to_string(), s.clone()))
+            .collect();
+        assert_eq!(viewed, expected_ids);
+    }
+
     fn count(path: &Path, table: &str) -> i64 {
         Connection::open(path)
             .unwrap()
@@ -967,19 +984,7 @@ mod tests {
         assert!(count(&path, "sessions") > 0, "some rows were folded");
         assert_eq!(sessions_of(&mut store), expected);
         // The view for people with `sqlite3` says the same.
-        let viewed: HashMap<_, _> = Connection::open(&path)
-            .unwrap()
-            .prepare("SELECT stream_id, sequence FROM live_sessions")
-            .unwrap()
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        let expected_ids: HashMap<_, _> = expected
-            .iter()
-            .map(|(k, s)| (k.stream_id.to_string(), s.clone()))
-            .collect();
-        assert_eq!(viewed, expected_ids);
+        assert_live_sessions_view(&path, &expected);
         drop(store);
         let mut reopened = SqliteStore::open(path, SyncMode::Normal).unwrap();
         reopened.fold_lag = 7;
@@ -1029,19 +1034,7 @@ mod tests {
         drop(store);
         let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
         assert_eq!(sessions_of(&mut store), expected);
-        let viewed: HashMap<String, String> = Connection::open(&path)
-            .unwrap()
-            .prepare("SELECT stream_id, sequence FROM live_sessions")
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        let expected_ids: HashMap<String, String> = expected
-            .iter()
-            .map(|(k, s)| (k.stream_id.to_string(), s.clone()))
-            .collect();
-        assert_eq!(viewed, expected_ids);
+        assert_live_sessions_view(&path, &expected);
     }
 
     /// A write that fails rolls back in the database and in what the store holds in memory.
