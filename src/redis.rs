@@ -257,9 +257,14 @@ impl RedisLedger {
         let fresh = lock(&self.view)
             .0
             .is_some_and(|at| at.elapsed() < VIEW_MAX_AGE);
-        if fresh {
-            return;
+        if !fresh {
+            self.refresh_now().await;
         }
+    }
+
+    /// Reads the numbers again whatever the age of the copy (a scrape right after a change that
+    /// must see it, as in tests).
+    pub async fn refresh_now(&self) {
         match self.read_view().await {
             Ok(view) => *lock(&self.view) = (Some(Instant::now()), view),
             Err(e) => tracing::warn!(error = %e, "cannot read the metrics from redis"),
