@@ -7,6 +7,7 @@ use tencent_css_exporter::{load, simulate, Listeners};
 use tokio::net::TcpListener;
 
 fn main() -> ExitCode {
+    ignore_file_size_signal();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("start the tokio runtime");
     match cli.command {
@@ -120,4 +121,17 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutdown signal received");
+}
+
+/// A write beyond the file-size limit (`ulimit -f`, systemd's `LimitFSIZE=`) raises SIGXFSZ,
+/// whose default action kills the process: an exporter killed that way drops every request in
+/// flight. Ignored, the write fails with EFBIG instead, like a full disk, and the exporter
+/// answers 503 (so Tencent retries) until writes work again.
+fn ignore_file_size_signal() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN, before any thread is started, installs
+    // no handler and has no precondition.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
 }

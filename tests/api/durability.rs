@@ -528,3 +528,76 @@ async fn expired_delivery_keys_are_purged_from_the_database() {
     .await;
     app.stop().await.unwrap();
 }
+
+/// Sets the exporter's soft limit on the size of the files it writes (`prlimit`, util-linux).
+fn limit_file_size(exporter: &Exporter, limit: &str) {
+    let status = std::process::Command::new("prlimit")
+        .arg("--pid")
+        .arg(exporter.child.id().to_string())
+        .arg(format!("--fsize={limit}:"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "prlimit --fsize={limit}:");
+}
+
+/// A full disk, as near as a test can make one without a filesystem of its own: a file-size
+/// limit of 0 makes every write of the database fail (EFBIG, and SIGXFSZ, which must not kill
+/// the exporter). Nothing is answered 200 meanwhile, and everything answered 200 survives a
+/// crash once writes work again.
+#[tokio::test]
+async fn failing_writes_answer_503_then_recover_and_lose_nothing() {
+    if !require_program("prlimit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut exporter = Exporter::start_on(free_port(), db_args(&dir)).await;
+    let d = "full.example.com";
+    assert_eq!(
+        exporter.post(&signed(push(d, "s1", "q1", 1))).await.status,
+        200
+    );
+
+    limit_file_size(&exporter, "0");
+    let bye = signed(disconnect(d, "s1", "q1", 1, 1));
+    let hello = signed(push(d, "s2", "q2", 1));
+    for body in [&bye, &hello] {
+        let answer = exporter.post(body).await;
+        assert_eq!(answer.status, 503, "{}", answer.body);
+    }
+    assert!(
+        exporter.child.try_wait().unwrap().is_none(),
+        "the exporter survives writes refused by the filesystem"
+    );
+    assert_eq!(exporter.ready().await.status, 503);
+    let s = exporter.scrape().await;
+    assert_eq!(
+        s.sum("tencent_css_active_streams", &[]),
+        1.0,
+        "nothing changed"
+    );
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
+    assert_eq!(s.callbacks("disconnect", "error"), 1.0);
+    assert_eq!(s.callbacks("push", "error"), 1.0);
+
+    limit_file_size(&exporter, "unlimited");
+    let client = exporter.client.clone();
+    eventually(
+        Duration::from_secs(10),
+        "readiness once writes work again",
+        || async { client.ready().await.status == 200 },
+    )
+    .await;
+    // Tencent's retries go through, once each.
+    for body in [&bye, &hello] {
+        assert_eq!(exporter.post(body).await.status, 200);
+    }
+    let before = exporter.scrape().await;
+    assert_eq!(before.sum("tencent_css_active_streams", &[]), 1.0);
+    assert_eq!(before.sum("tencent_css_pushes_total", &[]), 2.0);
+    assert_eq!(before.sum("tencent_css_disconnects_total", &[]), 1.0);
+
+    exporter.crash();
+    let exporter = Exporter::start_on(exporter.port, exporter.args.clone()).await;
+    let after = exporter.scrape().await;
+    assert_eq!(before.exporter_samples(), after.exporter_samples());
+}
