@@ -711,6 +711,36 @@ impl Backing {
     }
 }
 
+/// The events a step delivers (none for a retry before anything was delivered); `None` for a
+/// restart.
+fn events_of(step: &Step, delivered: &[Ev]) -> Option<Vec<Ev>> {
+    Some(match step {
+        Step::One(ev) => vec![ev.clone()],
+        Step::Again(_) if delivered.is_empty() => vec![],
+        Step::Again(index) => vec![index.get(delivered).clone()],
+        Step::Burst(events) => events.clone(),
+        Step::Restart => return None,
+    })
+}
+
+/// The answer to `ev` must be the outcome the model expects.
+fn check_outcome(
+    context: &str,
+    ev: &Ev,
+    answer: Answer,
+    expected: &str,
+) -> Result<(), TestCaseError> {
+    let outcome = answer.map_err(|e| TestCaseError::fail(format!("{context}: {e}")))?;
+    prop_assert_eq!(
+        outcome.as_str(),
+        expected,
+        "{}: outcome of {:?}",
+        context,
+        ev
+    );
+    Ok(())
+}
+
 /// Runs one history against the ledger and the model, checking after every step.
 async fn run_history(
     backing: Backing,
@@ -722,39 +752,26 @@ async fn run_history(
     let mut delivered: Vec<Ev> = Vec::new();
     for (n, step) in steps.iter().enumerate() {
         let context = format!("after step {n} ({step:?})");
-        let batch = match step {
-            Step::One(ev) => vec![ev.clone()],
-            Step::Again(index) if !delivered.is_empty() => vec![index.get(&delivered).clone()],
-            Step::Again(_) => continue,
-            Step::Burst(events) => events.clone(),
-            Step::Restart => {
-                let before = check_metrics(ledger.shared().clone(), &model)?;
-                ledger.close();
-                thread.join();
-                (ledger, thread) = backing.start(remembers)?;
-                check_state(ledger.shared(), &model, &context)?;
-                let after = check_metrics(ledger.shared().clone(), &model)?;
-                prop_assert_eq!(
-                    before.exporter_samples(),
-                    after.exporter_samples(),
-                    "a restart changes no exporter metric"
-                );
-                continue;
-            }
+        let Some(batch) = events_of(step, &delivered) else {
+            let before = check_metrics(ledger.shared().clone(), &model)?;
+            ledger.close();
+            thread.join();
+            (ledger, thread) = backing.start(remembers)?;
+            check_state(ledger.shared(), &model, &context)?;
+            let after = check_metrics(ledger.shared().clone(), &model)?;
+            prop_assert_eq!(
+                before.exporter_samples(),
+                after.exporter_samples(),
+                "a restart changes no exporter metric"
+            );
+            continue;
         };
         let lo = now_secs();
         let answers = record_together(&ledger, batch.iter().map(Ev::to_event).collect()).await;
         let hi = now_secs();
         for (ev, answer) in batch.iter().zip(answers) {
             let expected = model.apply(ev, Since::Received { lo, hi });
-            let outcome = answer.map_err(|e| TestCaseError::fail(format!("{context}: {e}")))?;
-            prop_assert_eq!(
-                outcome.as_str(),
-                expected,
-                "{}: outcome of {:?}",
-                context,
-                ev
-            );
+            check_outcome(&context, ev, answer, expected)?;
         }
         delivered.extend(batch);
         check_state(ledger.shared(), &model, &context)?;
@@ -782,36 +799,23 @@ async fn run_redis_history(url: &str, steps: Vec<Step>) -> Result<(), TestCaseEr
     let mut delivered: Vec<Ev> = Vec::new();
     for (n, step) in steps.iter().enumerate() {
         let context = format!("after step {n} ({step:?})");
-        let batch = match step {
-            Step::One(ev) => vec![ev.clone()],
-            Step::Again(index) if !delivered.is_empty() => vec![index.get(&delivered).clone()],
-            Step::Again(_) => continue,
-            Step::Burst(events) => events.clone(),
-            Step::Restart => {
-                let before = redis_metrics(&ledger, &model).await?;
-                ledger = connect().await?;
-                let after = redis_metrics(&ledger, &model).await?;
-                prop_assert_eq!(
-                    before.exporter_samples(),
-                    after.exporter_samples(),
-                    "a restart changes no exporter metric"
-                );
-                continue;
-            }
+        let Some(batch) = events_of(step, &delivered) else {
+            let before = redis_metrics(&ledger, &model).await?;
+            ledger = connect().await?;
+            let after = redis_metrics(&ledger, &model).await?;
+            prop_assert_eq!(
+                before.exporter_samples(),
+                after.exporter_samples(),
+                "a restart changes no exporter metric"
+            );
+            continue;
         };
         for ev in &batch {
             let lo = now_secs();
             let answer = ledger.record(ev.to_event()).await;
             let hi = now_secs();
             let expected = model.apply(ev, Since::Received { lo, hi });
-            let outcome = answer.map_err(|e| TestCaseError::fail(format!("{context}: {e}")))?;
-            prop_assert_eq!(
-                outcome.as_str(),
-                expected,
-                "{}: outcome of {:?}",
-                context,
-                ev
-            );
+            check_outcome(&context, ev, answer, expected)?;
         }
         delivered.extend(batch);
         redis_metrics(&ledger, &model).await?;
