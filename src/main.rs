@@ -93,7 +93,11 @@ fn init_logging(config: &Config) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr a file on a full disk) is lost; by default
+        // the subscriber reports it with `eprintln!`, which panics when stderr fails, and the
+        // panic would take down the request or the batch that was logging.
+        .log_internal_errors(false);
     match config.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -542,15 +542,17 @@ fn limit_file_size(exporter: &Exporter, limit: &str) {
 
 /// A full disk, as near as a test can make one without a filesystem of its own: a file-size
 /// limit of 0 makes every write of the database fail (EFBIG, and SIGXFSZ, which must not kill
-/// the exporter). Nothing is answered 200 meanwhile, and everything answered 200 survives a
-/// crash once writes work again.
+/// the exporter), and every write of its log, a file on the same disk. Nothing is answered 200
+/// meanwhile, and everything answered 200 survives a crash once writes work again.
 #[tokio::test]
 async fn failing_writes_answer_503_then_recover_and_lose_nothing() {
     if !require_program("prlimit") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut exporter = Exporter::start_on(free_port(), db_args(&dir)).await;
+    let log_path = dir.path().join("exporter.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut exporter = Exporter::start_logging_to(free_port(), db_args(&dir), log.into()).await;
     let d = "full.example.com";
     assert_eq!(
         exporter.post(&signed(push(d, "s1", "q1", 1))).await.status,
@@ -591,6 +593,8 @@ async fn failing_writes_answer_503_then_recover_and_lose_nothing() {
     for body in [&bye, &hello] {
         assert_eq!(exporter.post(body).await.status, 200);
     }
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("storage recovered"), "{log}");
     let before = exporter.scrape().await;
     assert_eq!(before.sum("tencent_css_active_streams", &[]), 1.0);
     assert_eq!(before.sum("tencent_css_pushes_total", &[]), 2.0);

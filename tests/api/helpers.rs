@@ -400,13 +400,18 @@ impl Exporter {
     }
 
     pub async fn start_on(port: u16, args: Vec<String>) -> Exporter {
+        Self::start_logging_to(port, args, Stdio::inherit()).await
+    }
+
+    /// [`Exporter::start_on`], with the log (stderr) going to `log`.
+    pub async fn start_logging_to(port: u16, args: Vec<String>, log: Stdio) -> Exporter {
         let mut cmd = binary();
         cmd.env("CSS_CALLBACK_KEY", KEY)
             .arg("--web.listen-address")
             .arg(format!("127.0.0.1:{port}"))
             .args(&args)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(log);
         let child = cmd.spawn().expect("start the exporter binary");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut exporter = Exporter {
