@@ -274,16 +274,11 @@ impl Drop for Checkpointer {
     }
 }
 
-/// Copies what the WAL holds into the database file, as far as no reader needs the WAL.
+/// Copies what the WAL holds into the database file, as far as no reader needs the WAL. The
+/// connection is set up as the writer's, so the checkpoint's fsyncs follow the same `sync`.
 fn checkpoint(conn: &mut Option<Connection>, path: &Path, sync: SyncMode) -> rusqlite::Result<()> {
     if conn.is_none() {
-        let c = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        // The checkpoint's fsyncs follow the connection's setting: the writer's.
-        c.pragma_update(None, "synchronous", sync_pragma(sync))?;
-        *conn = Some(c);
+        *conn = Some(connect(path, sync)?);
     }
     let conn = conn.as_ref().expect("just opened");
     conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
@@ -481,16 +476,13 @@ fn connect(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
     // Tencent waits about 20 s for an answer; a lock held longer than this is a fault to report.
     conn.busy_timeout(Duration::from_secs(2))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", sync_pragma(sync))?;
-    conn.pragma_update(None, "wal_autocheckpoint", WAL_LIMIT_PAGES)?;
-    Ok(conn)
-}
-
-fn sync_pragma(sync: SyncMode) -> &'static str {
-    match sync {
+    let sync = match sync {
         SyncMode::Normal => "NORMAL",
         SyncMode::Full => "FULL",
-    }
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_LIMIT_PAGES)?;
+    Ok(conn)
 }
 
 /// Creates the schema in a new database, upgrades an older one, and refuses one it does not

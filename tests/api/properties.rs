@@ -741,6 +741,16 @@ fn check_outcome(
     Ok(())
 }
 
+/// A restart changes no exporter metric.
+fn check_restart(before: &Scrape, after: &Scrape) -> Result<(), TestCaseError> {
+    prop_assert_eq!(
+        before.exporter_samples(),
+        after.exporter_samples(),
+        "a restart changes no exporter metric"
+    );
+    Ok(())
+}
+
 /// Runs one history against the ledger and the model, checking after every step.
 async fn run_history(
     backing: Backing,
@@ -759,11 +769,7 @@ async fn run_history(
             (ledger, thread) = backing.start(remembers)?;
             check_state(ledger.shared(), &model, &context)?;
             let after = check_metrics(ledger.shared().clone(), &model)?;
-            prop_assert_eq!(
-                before.exporter_samples(),
-                after.exporter_samples(),
-                "a restart changes no exporter metric"
-            );
+            check_restart(&before, &after)?;
             continue;
         };
         let lo = now_secs();
@@ -803,11 +809,7 @@ async fn run_redis_history(url: &str, steps: Vec<Step>) -> Result<(), TestCaseEr
             let before = redis_metrics(&ledger, &model).await?;
             ledger = connect().await?;
             let after = redis_metrics(&ledger, &model).await?;
-            prop_assert_eq!(
-                before.exporter_samples(),
-                after.exporter_samples(),
-                "a restart changes no exporter metric"
-            );
+            check_restart(&before, &after)?;
             continue;
         };
         for ev in &batch {
