@@ -5,7 +5,8 @@
 //! commit), applies every event to the state, writes the batch in one transaction, and only then
 //! answers each request; it goes on while events keep arriving and ends when the queue is empty.
 //! If the write fails, the batch is undone in memory and every request of it gets an error (503,
-//! so Tencent retries).
+//! so Tencent retries). A batch that panics (a bug) is refused the same way, and the state is
+//! then rebuilt from the store: memory never stays ahead of what is stored.
 //!
 //! The writer runs on the runtime's own threads instead of a dedicated one, because handing each
 //! event to another thread and each answer back cost more than the work itself: a sleeping
@@ -15,6 +16,7 @@
 //! ledger's own purges expired dedup keys, probes a failing store and stores what is left at
 //! shutdown.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
@@ -162,6 +164,8 @@ impl Ledger {
                 store,
                 shared: shared.clone(),
                 unsaved: Vec::new(),
+                limits,
+                suspect: false,
             }),
             shared,
             queue: Mutex::new(Queue::default()),
@@ -260,7 +264,7 @@ impl Inner {
             let rest = queue.commands.split_off(n);
             std::mem::replace(&mut queue.commands, rest)
         };
-        self.lock_worker().process(batch);
+        self.lock_worker().guarded(|worker| worker.process(batch));
         true
     }
 
@@ -281,14 +285,14 @@ impl Inner {
             }
             let probing = self.shared.fault().is_some();
             if probing || Instant::now() >= next_purge {
-                self.lock_worker().purge();
+                self.lock_worker().guarded(Worker::purge);
                 next_purge = Instant::now() + purge_every;
             }
         }
         // Shutting down: whatever is still queued (nothing once the servers have drained),
         // then what only memory holds.
         while self.write_batch() {}
-        self.lock_worker().flush();
+        self.lock_worker().guarded(Worker::flush);
     }
 }
 
@@ -298,9 +302,69 @@ struct Worker {
     /// Changes applied in memory whose counts are not stored yet (rejections and errors counted
     /// while the store was failing); written with the next batch.
     unsaved: Vec<Change>,
+    /// To rebuild the state from the store with the same limits.
+    limits: Limits,
+    /// A step panicked midway: memory may hold changes the store does not, so it is rebuilt
+    /// from the store before anything else is recorded.
+    suspect: bool,
 }
 
 impl Worker {
+    /// Runs one step (a batch, a purge). A panic in it is a bug, none is known; it must not
+    /// stop the ledger, nor leave memory ahead of the store, where a retried event would be
+    /// found delivered and answered 200 without being stored. The requests of the step are
+    /// answered 503 (their reply senders are dropped), and the state is rebuilt from the store.
+    fn guarded(&mut self, step: impl FnOnce(&mut Worker)) {
+        if catch_unwind(AssertUnwindSafe(|| step(self))).is_ok() {
+            return;
+        }
+        tracing::error!("a ledger step panicked; its callbacks were answered 503 and the state is rebuilt from the store");
+        self.suspect = true;
+        self.trustworthy();
+    }
+
+    /// Whether memory agrees with the store, rebuilding it first if a step panicked. While it
+    /// cannot be rebuilt, the store is reported failing and nothing is recorded.
+    fn trustworthy(&mut self) -> bool {
+        if !self.suspect {
+            return true;
+        }
+        let snapshot = match self.store.reload() {
+            // Memory is the only truth; it stays as the panic left it.
+            None => {
+                self.shared.truth.clear_poison();
+                self.suspect = false;
+                return true;
+            }
+            Some(Ok(snapshot)) => snapshot,
+            Some(Err(e)) => {
+                self.failing(format!("rebuilding the state after a panic: {e}"));
+                return false;
+            }
+        };
+        match Truth::restore(snapshot, self.limits, now_ms()) {
+            Ok(truth) => {
+                let old = std::mem::replace(
+                    &mut *self.shared.truth.write().unwrap_or_else(|e| e.into_inner()),
+                    truth,
+                );
+                drop(old);
+                self.shared.truth.clear_poison();
+                release_freed_memory();
+                // Counts that only memory held are lost with it.
+                self.unsaved.clear();
+                self.suspect = false;
+                tracing::info!("state rebuilt from the store");
+                self.healthy();
+                true
+            }
+            Err(reason) => {
+                self.failing(format!("rebuilding the state after a panic: {reason}"));
+                false
+            }
+        }
+    }
+
     /// Stores the counts only memory holds.
     fn flush(&mut self) {
         if !self.unsaved.is_empty() {
@@ -309,6 +373,15 @@ impl Worker {
     }
 
     fn process(&mut self, batch: Vec<Command>) {
+        if !self.trustworthy() {
+            let message = self.shared.fault().unwrap_or_default();
+            for cmd in batch {
+                if let Command::Record { reply, .. } = cmd {
+                    let _ = reply.send(Err(Unrecorded(message.clone())));
+                }
+            }
+            return;
+        }
         let now = now_ms();
         let mut truth = self.shared.truth.write().unwrap_or_else(|e| e.into_inner());
         let mut changes = std::mem::take(&mut self.unsaved);
@@ -370,6 +443,9 @@ impl Worker {
     }
 
     fn purge(&mut self) {
+        if !self.trustworthy() {
+            return;
+        }
         let now = now_ms();
         let expired = self
             .shared
@@ -431,4 +507,131 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::area::Area;
+    use crate::callback::{StreamEvent, StreamKey};
+    use crate::state::{Commit, Snapshot};
+    use crate::store::{MemoryStore, SqliteStore, SyncMode};
+
+    /// A store whose next write panics when told to, before it writes anything.
+    struct Panicking<S> {
+        inner: S,
+        armed: Arc<AtomicBool>,
+    }
+
+    impl<S: Store> Store for Panicking<S> {
+        fn load(&mut self) -> Result<Snapshot, StoreError> {
+            self.inner.load()
+        }
+
+        fn write(&mut self, commit: &Commit, now_ms: i64) -> Result<(), StoreError> {
+            if self.armed.swap(false, Ordering::SeqCst) {
+                panic!("injected panic in a store write");
+            }
+            self.inner.write(commit, now_ms)
+        }
+
+        fn purge(&mut self, now_ms: i64) -> Result<(), StoreError> {
+            self.inner.purge(now_ms)
+        }
+
+        fn reload(&mut self) -> Option<Result<Snapshot, StoreError>> {
+            self.inner.reload()
+        }
+    }
+
+    fn push(id: &str, sequence: &str) -> Event {
+        Event::Push(StreamEvent {
+            stream: StreamKey {
+                app: "d.example.com".into(),
+                appname: "live".into(),
+                stream_id: id.into(),
+            },
+            sequence: sequence.into(),
+            event_time: Some(1_700_000_000),
+            area: Area::Mainland,
+        })
+    }
+
+    fn start(store: impl Store + 'static) -> (Ledger, LedgerThread) {
+        Ledger::start(Box::new(store), Duration::from_secs(3600)).unwrap()
+    }
+
+    async fn record(ledger: &Ledger, event: Event) -> Result<Outcome, Unrecorded> {
+        tokio::time::timeout(Duration::from_secs(10), ledger.record(event))
+            .await
+            .expect("the ledger answers")
+    }
+
+    fn live(ledger: &Ledger) -> usize {
+        ledger.shared().truth.read().unwrap().live_total()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_batch_is_refused_and_the_state_rebuilt_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exporter.db");
+        let armed = Arc::new(AtomicBool::new(false));
+        let store = Panicking {
+            inner: SqliteStore::open(path.clone(), SyncMode::Normal).unwrap(),
+            armed: armed.clone(),
+        };
+        let (ledger, thread) = start(store);
+
+        assert_eq!(
+            record(&ledger, push("a", "1")).await.unwrap(),
+            Outcome::Accepted
+        );
+        armed.store(true, Ordering::SeqCst);
+        assert!(record(&ledger, push("b", "2")).await.is_err());
+        // Not stored, so not in memory either: its retry is recorded, not taken for a duplicate.
+        assert_eq!(
+            record(&ledger, push("b", "2")).await.unwrap(),
+            Outcome::Accepted
+        );
+        assert_eq!(live(&ledger), 2);
+        assert!(ledger.shared().fault().is_none());
+        assert_eq!(
+            record(&ledger, push("c", "3")).await.unwrap(),
+            Outcome::Accepted
+        );
+        assert_eq!(
+            record(&ledger, push("c", "3")).await.unwrap(),
+            Outcome::Duplicate
+        );
+        assert_eq!(live(&ledger), 3);
+        ledger.close();
+        drop(ledger);
+        thread.join();
+
+        let (ledger, thread) = start(SqliteStore::open(path, SyncMode::Normal).unwrap());
+        assert_eq!(live(&ledger), 3);
+        assert_eq!(
+            record(&ledger, push("b", "2")).await.unwrap(),
+            Outcome::Duplicate
+        );
+        ledger.close();
+        drop(ledger);
+        thread.join();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_memory_only_a_panicking_batch_does_not_stop_the_ledger() {
+        let armed = Arc::new(AtomicBool::new(true));
+        let (ledger, thread) = start(Panicking {
+            inner: MemoryStore,
+            armed,
+        });
+        assert!(record(&ledger, push("a", "1")).await.is_err());
+        assert!(record(&ledger, push("b", "2")).await.is_ok());
+        ledger.close();
+        drop(ledger);
+        thread.join();
+    }
 }

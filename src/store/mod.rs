@@ -42,6 +42,12 @@ pub trait Store: Send {
     fn write(&mut self, commit: &Commit, now_ms: i64) -> Result<(), StoreError>;
     /// Deletes delivered-event keys expired at `now_ms`.
     fn purge(&mut self, now_ms: i64) -> Result<(), StoreError>;
+    /// Everything stored, read anew, with nothing taken from what the store kept in memory: for
+    /// after a batch panicked midway, when memory may hold changes the database does not.
+    /// `None` for a store that keeps nothing beyond the ledger's memory.
+    fn reload(&mut self) -> Option<Result<Snapshot, StoreError>> {
+        None
+    }
 }
 
 /// `--storage.path` value that selects the in-memory store.

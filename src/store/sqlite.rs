@@ -859,6 +859,14 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn reload(&mut self) -> Option<Result<Snapshot, StoreError>> {
+        // A transaction cut short by a panic was rolled back when it was dropped; the unfolded
+        // rows and the series log may have taken its changes all the same.
+        self.conn = None;
+        self.unfolded = None;
+        Some(self.load())
+    }
+
     fn purge(&mut self, now_ms: i64) -> Result<(), StoreError> {
         self.with_conn(|conn, _| {
             // A few steps at most, so a purge after a long burst does not hold the ledger up;
