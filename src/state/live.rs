@@ -3,7 +3,9 @@
 //! One hash-table entry of 56 bytes a live stream, holding its stream id inline when the id is
 //! short (no allocation of its own), its session, and the place it is pushed to: the `app` and
 //! `appname` pair, interned once and named by a number. Nothing is lossy: stream ids of any
-//! length are kept exactly, and every (app, appname) keeps its own place.
+//! length are kept exactly, and every (app, appname) keeps its own place. A place is forgotten
+//! when its last stream ends, so pushes to ever new paths (an `appname` is whatever the push URL
+//! says) do not make the table grow for good.
 
 use std::borrow::Borrow;
 use std::hash::{Hash, Hasher};
@@ -133,11 +135,22 @@ impl<'a> Borrow<dyn Key + 'a> for Entry {
 #[derive(Debug, Default)]
 pub(super) struct Live {
     entries: FastSet<Entry>,
-    /// The place of each `app` and `appname` ever live. Only grows, like the strings it shares.
+    /// The place of each `app` and `appname` with a live stream.
     places: FastMap<Arc<str>, FastMap<Arc<str>, u32>>,
-    places_len: u32,
+    /// Each place's strings and live streams, by its number; to forget a place when its last
+    /// stream ends.
+    slots: Vec<Slot>,
+    /// Numbers of forgotten places, given to the next new ones.
+    free: Vec<u32>,
     /// The place looked up last, tried first: restored sessions come ordered by place.
     last: Option<(Arc<str>, Arc<str>, u32)>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    app: Arc<str>,
+    appname: Arc<str>,
+    live: u32,
 }
 
 impl Live {
@@ -173,20 +186,28 @@ impl Live {
         let before = match session {
             Some(s) => {
                 let place = self.intern(stream);
-                self.entries.replace(Entry {
+                let before = self.entries.replace(Entry {
                     place,
                     id: StreamId::new(&stream.stream_id),
                     sequence: s.sequence,
                     since: s.since,
                     area: s.area,
-                })
+                });
+                if before.is_none() {
+                    self.slots[place as usize].live += 1;
+                }
+                before
             }
             None => {
                 let place = self.place(stream)?;
-                self.entries.take(&Probe {
+                let before = self.entries.take(&Probe {
                     place,
                     id: &stream.stream_id,
-                } as &dyn Key)
+                } as &dyn Key);
+                if before.is_some() {
+                    self.ended(place);
+                }
+                before
             }
         };
         before.map(|e| Session {
@@ -222,16 +243,52 @@ impl Live {
         let (appname, place) = match names.get_key_value(&*stream.appname) {
             Some((appname, place)) => (appname.clone(), *place),
             None => {
-                let place = self.places_len;
-                self.places_len = place
-                    .checked_add(1)
-                    .expect("fewer than 2^32 (app, appname) pairs");
+                let slot = Slot {
+                    app: app.clone(),
+                    appname: stream.appname.clone(),
+                    live: 0,
+                };
+                let place = match self.free.pop() {
+                    Some(place) => {
+                        self.slots[place as usize] = slot;
+                        place
+                    }
+                    None => {
+                        // Fewer places than live streams, and those fit in memory.
+                        let place = u32::try_from(self.slots.len()).expect("under 2^32 places");
+                        self.slots.push(slot);
+                        place
+                    }
+                };
                 names.insert(stream.appname.clone(), place);
                 (stream.appname.clone(), place)
             }
         };
         self.last = Some((app, appname, place));
         place
+    }
+
+    /// A stream of `place` ended: the place is forgotten with its last stream.
+    fn ended(&mut self, place: u32) {
+        let slot = &mut self.slots[place as usize];
+        slot.live -= 1;
+        if slot.live > 0 {
+            return;
+        }
+        let (app, appname) = (slot.app.clone(), slot.appname.clone());
+        if let Some(names) = self.places.get_mut(&app) {
+            names.remove(&appname);
+            if names.is_empty() {
+                self.places.remove(&app);
+            }
+        }
+        if self.last.as_ref().is_some_and(|(_, _, p)| *p == place) {
+            self.last = None;
+        }
+        // The strings go now; the number waits for the next new place.
+        self.slots[place as usize].app = Arc::from("");
+        self.slots[place as usize].appname = Arc::from("");
+        self.free.push(place);
     }
 }
 
@@ -303,13 +360,48 @@ mod tests {
                 Some(session("1", 0)),
             );
         }
-        assert_eq!(live.places_len, 3);
+        assert_eq!(live.slots.len(), 3);
         // Lookups with strings of their own find the same places.
         for i in 0..100 {
             assert!(live
                 .get(&key(&format!("d{}", i % 3), "live", &i.to_string()))
                 .is_some());
         }
+    }
+
+    #[test]
+    fn a_place_is_forgotten_with_its_last_stream() {
+        let mut live = Live::default();
+        let kept = key("d", "live", "kept");
+        live.set(&kept, Some(session("1", 0)));
+        for i in 0..1000 {
+            let a = key("d", &format!("path{i}"), "a");
+            let b = key("d", &format!("path{i}"), "b");
+            live.set(&a, Some(session("2", 0)));
+            live.set(&b, Some(session("3", 0)));
+            // Replacing a live stream's session keeps its place.
+            live.set(&b, Some(session("4", 0)));
+            live.set(&a, None);
+            assert_eq!(live.get(&b), Some(session("4", 0)));
+            live.set(&b, None);
+            // Ending what is not live changes nothing.
+            assert_eq!(live.set(&b, None), None);
+            assert_eq!(live.get(&b), None);
+        }
+        // A thousand paths came and went; two numbers served them all.
+        assert_eq!(live.slots.len(), 2);
+        assert_eq!(live.places.len(), 1);
+        assert_eq!(live.places["d"].len(), 1);
+        assert_eq!(live.get(&kept), Some(session("1", 0)));
+        assert_eq!(live.len(), 1);
+        // A forgotten place that comes back is a place again.
+        let again = key("d", "path7", "c");
+        live.set(&again, Some(session("5", 0)));
+        assert_eq!(live.get(&again), Some(session("5", 0)));
+        assert_eq!(live.get(&kept), Some(session("1", 0)));
+        live.set(&kept, None);
+        assert_eq!(live.get(&again), Some(session("5", 0)));
+        assert_eq!(live.get(&kept), None);
     }
 
     #[test]
