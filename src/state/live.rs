@@ -275,7 +275,11 @@ impl Live {
         if slot.live > 0 {
             return;
         }
-        let (app, appname) = (slot.app.clone(), slot.appname.clone());
+        // The strings go now; the number waits for the next new place.
+        let (app, appname) = (
+            std::mem::take(&mut slot.app),
+            std::mem::take(&mut slot.appname),
+        );
         if let Some(names) = self.places.get_mut(&app) {
             names.remove(&appname);
             if names.is_empty() {
@@ -285,9 +289,6 @@ impl Live {
         if self.last.as_ref().is_some_and(|(_, _, p)| *p == place) {
             self.last = None;
         }
-        // The strings go now; the number waits for the next new place.
-        self.slots[place as usize].app = Arc::from("");
-        self.slots[place as usize].appname = Arc::from("");
         self.free.push(place);
     }
 }
