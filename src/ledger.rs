@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prometheus::core::Collector;
+use prometheus::{Histogram, HistogramOpts, IntCounter};
 use tokio::sync::oneshot;
 
 use crate::callback::{Event, EventKind, Outcome};
@@ -67,6 +69,76 @@ impl Shared {
     }
 }
 
+/// The ledger's writes since start, for `/metrics`: whether and how fast the store keeps up, and
+/// how many callbacks share a commit. Kept in memory only, like the process metrics: they
+/// describe this process, not the events, so they start at 0 with it.
+#[derive(Clone)]
+pub struct CommitStats {
+    /// How long each batch's write to the store took (a slow or saturated disk shows here
+    /// before callbacks time out).
+    duration: Histogram,
+    /// Batch writes attempted.
+    commits: IntCounter,
+    /// Batch writes the store refused; their callbacks got 503.
+    failures: IntCounter,
+    /// Callbacks answered by the writes that succeeded; over `commits`, the average batch.
+    callbacks: IntCounter,
+}
+
+/// Upper bounds of `tencent_css_exporter_storage_commit_duration_seconds`: from a commit of a
+/// few events in page cache to one waiting on a slow fsync or a lock.
+const COMMIT_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+impl CommitStats {
+    fn new() -> Self {
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid counter");
+        CommitStats {
+            duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tencent_css_exporter_storage_commit_duration_seconds",
+                    "Time taken to write one batch of callbacks to the store.",
+                )
+                .buckets(COMMIT_BUCKETS.to_vec()),
+            )
+            .expect("valid histogram"),
+            commits: counter(
+                "tencent_css_exporter_storage_commits_total",
+                "Batch writes to the store attempted since the exporter started.",
+            ),
+            failures: counter(
+                "tencent_css_exporter_storage_commit_failures_total",
+                "Batch writes the store refused since the exporter started (their callbacks got 503).",
+            ),
+            callbacks: counter(
+                "tencent_css_exporter_storage_committed_callbacks_total",
+                "Callbacks written by successful batch writes since the exporter started.",
+            ),
+        }
+    }
+
+    /// The collectors to register for `/metrics`.
+    pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
+            Box::new(self.duration.clone()),
+            Box::new(self.commits.clone()),
+            Box::new(self.failures.clone()),
+            Box::new(self.callbacks.clone()),
+        ]
+    }
+
+    fn written(&self, took: Duration, callbacks: usize, ok: bool) {
+        self.duration.observe(took.as_secs_f64());
+        self.commits.inc();
+        if ok {
+            self.callbacks.inc_by(callbacks as u64);
+        } else {
+            self.failures.inc();
+        }
+    }
+}
+
 /// The store could not record the event.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("event not recorded: {0}")]
@@ -103,6 +175,8 @@ struct Inner {
     /// The store and what goes with it; locked by whoever writes (the writer task, or the
     /// ledger's thread for a purge), so batches and purges never interleave.
     worker: Mutex<Worker>,
+    /// The same counters the worker updates, for `/metrics`.
+    stats: CommitStats,
 }
 
 #[derive(Default)]
@@ -159,6 +233,7 @@ impl Ledger {
             truth: RwLock::new(truth),
             fault: Mutex::new(None),
         });
+        let stats = CommitStats::new();
         let inner = Arc::new(Inner {
             worker: Mutex::new(Worker {
                 store,
@@ -166,7 +241,9 @@ impl Ledger {
                 unsaved: Vec::new(),
                 limits,
                 suspect: false,
+                stats: stats.clone(),
             }),
+            stats,
             shared,
             queue: Mutex::new(Queue::default()),
         });
@@ -182,6 +259,10 @@ impl Ledger {
 
     pub fn shared(&self) -> &Arc<Shared> {
         &self.inner.shared
+    }
+
+    pub fn commit_stats(&self) -> &CommitStats {
+        &self.inner.stats
     }
 
     /// Records a verified event; resolves once it is durable (or could not be made so).
@@ -307,6 +388,8 @@ struct Worker {
     /// A step panicked midway: memory may hold changes the store does not, so it is rebuilt
     /// from the store before anything else is recorded.
     suspect: bool,
+    /// Every batch write is timed and counted here.
+    stats: CommitStats,
 }
 
 impl Worker {
@@ -404,7 +487,13 @@ impl Worker {
             }
         }
         let commit = truth.commit_of(&changes);
+        let started = Instant::now();
         let result = self.store.write(&commit, now);
+        self.stats.written(
+            started.elapsed(),
+            replies.len() + counted.len(),
+            result.is_ok(),
+        );
         for done in counted {
             let _ = done.send(());
         }

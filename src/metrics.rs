@@ -17,8 +17,9 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::area::Area;
 use crate::callback::{EventKind, Outcome};
@@ -265,6 +266,14 @@ impl Metrics {
             last_len: AtomicUsize::new(16 * 1024),
             spare: Mutex::new(None),
         }
+    }
+
+    /// Adds the exporter's own metrics of a part that keeps them (the ledger's commits, the
+    /// store's readiness) to every page.
+    pub fn register(&self, collector: Box<dyn Collector>) {
+        self.registry
+            .register(collector)
+            .expect("each of the exporter's own metrics registers once");
     }
 
     /// The text exposition of every metric.
@@ -569,6 +578,32 @@ fn push_escaped(out: &mut String, value: &str, quote: bool) {
             c => out.push(c),
         }
     }
+}
+
+/// `tencent_css_exporter_storage_ready`: 1 while the store accepts writes, 0 while it fails (what
+/// `/readyz` says), read at each scrape from the part that knows.
+pub fn storage_ready(ready: impl Fn() -> bool + Send + Sync + 'static) -> Box<dyn Collector> {
+    struct StorageReady<F> {
+        gauge: IntGauge,
+        ready: F,
+    }
+    impl<F: Fn() -> bool + Send + Sync> Collector for StorageReady<F> {
+        fn desc(&self) -> Vec<&Desc> {
+            self.gauge.desc()
+        }
+        fn collect(&self) -> Vec<MetricFamily> {
+            self.gauge.set(i64::from((self.ready)()));
+            self.gauge.collect()
+        }
+    }
+    Box::new(StorageReady {
+        gauge: IntGauge::new(
+            "tencent_css_exporter_storage_ready",
+            "1 while the store accepts writes, 0 while it fails and callbacks get 503 (as /readyz).",
+        )
+        .expect("valid gauge"),
+        ready,
+    })
 }
 
 #[cfg(test)]

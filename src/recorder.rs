@@ -3,9 +3,11 @@
 
 use std::sync::Arc;
 
+use prometheus::core::Collector;
+
 use crate::callback::{Event, EventKind, Outcome};
 use crate::ledger::{Ledger, Unrecorded};
-use crate::metrics::ViewSource;
+use crate::metrics::{storage_ready, ViewSource};
 use crate::redis::RedisLedger;
 
 /// The recording backend.
@@ -44,6 +46,22 @@ impl Recorder {
     pub async fn refresh(&self) {
         if let Recorder::Redis(r) = self {
             r.refresh().await;
+        }
+    }
+
+    /// The exporter's own storage metrics: readiness, and for the local ledger its commits.
+    pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        match self {
+            Recorder::Local(l) => {
+                let shared = l.shared().clone();
+                let mut all = l.commit_stats().collectors();
+                all.push(storage_ready(move || shared.fault().is_none()));
+                all
+            }
+            Recorder::Redis(r) => {
+                let redis = r.clone();
+                vec![storage_ready(move || redis.fault().is_none())]
+            }
         }
     }
 

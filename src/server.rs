@@ -48,8 +48,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let (recorder, thread) = open_recorder(config).await?;
+    let metrics = Metrics::new(recorder.view_source());
+    for collector in recorder.collectors() {
+        metrics.register(collector);
+    }
     let state = AppState {
-        metrics: Arc::new(Metrics::new(recorder.view_source())),
+        metrics: Arc::new(metrics),
         recorder,
         verifier: Arc::new(Verifier::new(
             keys,

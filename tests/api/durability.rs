@@ -460,13 +460,10 @@ async fn read_only_database_answers_503_until_writable_again() {
     let ready = exporter.ready().await;
     assert_eq!(ready.status, 503);
     assert!(ready.body.contains("readonly"), "{}", ready.body);
-    assert_eq!(
-        exporter
-            .scrape()
-            .await
-            .sum("tencent_css_active_streams", &[]),
-        1.0
-    );
+    let s = exporter.scrape().await;
+    assert_eq!(s.sum("tencent_css_active_streams", &[]), 1.0);
+    assert_eq!(s.value("tencent_css_exporter_storage_ready", &[]), 0.0);
+    assert!(s.value("tencent_css_exporter_storage_commit_failures_total", &[]) >= 1.0);
 
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
     let client = exporter.client.clone();
@@ -477,12 +474,14 @@ async fn read_only_database_answers_503_until_writable_again() {
     )
     .await;
     assert_eq!(exporter.post(&bye).await.status, 200);
-    assert_eq!(
-        exporter
-            .scrape()
-            .await
-            .sum("tencent_css_active_streams", &[]),
-        0.0
+    let s = exporter.scrape().await;
+    assert_eq!(s.sum("tencent_css_active_streams", &[]), 0.0);
+    assert_eq!(s.value("tencent_css_exporter_storage_ready", &[]), 1.0);
+    assert!(
+        s.value(
+            "tencent_css_exporter_storage_committed_callbacks_total",
+            &[]
+        ) >= 1.0
     );
     assert_eq!(exporter.terminate().code(), Some(0));
 }

@@ -273,3 +273,89 @@ async fn simulate_moves_the_metrics_of_a_running_exporter() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn storage_metrics_count_the_commits_and_the_callbacks_they_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir
+        .path()
+        .join("exporter.db")
+        .to_string_lossy()
+        .into_owned();
+    let app = spawn_app_with(AppOptions {
+        args: vec!["--storage.path".into(), db],
+        ..Default::default()
+    })
+    .await;
+    let before = app.scrape().await;
+    assert_eq!(
+        before.get("tencent_css_exporter_storage_ready", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        before.get("tencent_css_exporter_storage_commits_total", &[]),
+        Some(0.0)
+    );
+
+    // 32 pushes at once (batched as they come), a retry, and a forged callback: every one of
+    // them is written by some commit, the forged one as a count.
+    let pushes: Vec<_> = (0..32)
+        .map(|i| {
+            signed(push(
+                "store.example.com",
+                &format!("s{i}"),
+                &format!("q{i}"),
+                1,
+            ))
+        })
+        .collect();
+    let mut posts = tokio::task::JoinSet::new();
+    for p in pushes.clone() {
+        let client = app.client.clone();
+        posts.spawn(async move { client.post(&p).await.status });
+    }
+    while let Some(status) = posts.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    assert_eq!(app.post(&pushes[0]).await.status, 200);
+    let mut forged = pushes[1].clone();
+    forged["sign"] = serde_json::json!("0123456789abcdef0123456789abcdef");
+    assert_eq!(app.post(&forged).await.status, 401);
+
+    let s = app.scrape().await;
+    assert_eq!(s.callbacks("push", "duplicate"), 1.0);
+    assert_eq!(
+        s.value(
+            "tencent_css_exporter_storage_committed_callbacks_total",
+            &[]
+        ),
+        34.0
+    );
+    let commits = s.value("tencent_css_exporter_storage_commits_total", &[]);
+    assert!((3.0..=34.0).contains(&commits), "{commits} commits");
+    assert_eq!(
+        s.value("tencent_css_exporter_storage_commit_failures_total", &[]),
+        0.0
+    );
+    assert_eq!(
+        s.value(
+            "tencent_css_exporter_storage_commit_duration_seconds_count",
+            &[]
+        ),
+        commits
+    );
+    assert_eq!(
+        s.value(
+            "tencent_css_exporter_storage_commit_duration_seconds_bucket",
+            &[("le", "+Inf")]
+        ),
+        commits
+    );
+    assert!(
+        s.value(
+            "tencent_css_exporter_storage_commit_duration_seconds_sum",
+            &[]
+        ) > 0.0
+    );
+    app.stop().await.unwrap();
+}
