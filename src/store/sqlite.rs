@@ -60,6 +60,11 @@ const SERIES_ROWS: i64 = 256;
 /// out 4.6 ms. Once the checkpointer has copied every frame, the next commit starts the WAL over
 /// from its beginning, so the file stays under about this many pages (16 MiB).
 const WAL_LIMIT_PAGES: i64 = 4096;
+/// Size the WAL file is cut back to when it starts over, once a burst (or a reader holding an old
+/// snapshot, such as a long `sqlite3` session) made it grow past it: without a limit the file
+/// keeps its largest size for good. Above what the WAL holds between checkpoints at the maximum
+/// rate (a few hundred pages), so steady traffic never truncates and regrows it.
+const WAL_KEEP_BYTES: i64 = 4 << 20;
 /// How long the checkpointer lets commits gather after one is reported before it checkpoints:
 /// a checkpoint costs an fsync or two whatever it copies. Short enough that a checkpoint has
 /// little to copy and often ends between two commits, which is when the next commit can start
@@ -485,6 +490,7 @@ fn connect(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
     };
     conn.pragma_update(None, "synchronous", sync)?;
     conn.pragma_update(None, "wal_autocheckpoint", WAL_LIMIT_PAGES)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)?;
     Ok(conn)
 }
 
@@ -1158,6 +1164,49 @@ mod tests {
             store.write(&batch(round), NOW).unwrap();
             let wal = size(&wal);
             assert!(wal <= limit, "WAL of {wal} bytes after {round} batches");
+        }
+    }
+
+    /// A WAL that grew large (here behind a reader that kept an old snapshot) is cut back to
+    /// `WAL_KEEP_BYTES` once it can start over, instead of keeping its size for good.
+    #[test]
+    fn a_grown_wal_shrinks_once_it_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grown.db");
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let size = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        let batch = |round: u32| Commit {
+            sessions: (0..64)
+                .map(|n| (stream(round * 64 + n), live(&format!("grown-{round}-{n}"))))
+                .collect(),
+            ..Commit::default()
+        };
+        store.write(&batch(0), NOW).unwrap();
+        let mut reader = Connection::open(&path).unwrap();
+        let snapshot = reader.transaction().unwrap();
+        let _: i64 = snapshot
+            .query_row("SELECT count(*) FROM session_log", [], |r| r.get(0))
+            .unwrap();
+        let mut round = 1;
+        while size() <= 2 * WAL_KEEP_BYTES as u64 {
+            store.write(&batch(round), NOW).unwrap();
+            round += 1;
+        }
+        drop(snapshot);
+        drop(reader);
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while size() > WAL_KEEP_BYTES as u64 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the WAL stayed at {} bytes",
+                size()
+            );
+            store.write(&batch(round), NOW).unwrap();
+            round += 1;
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
