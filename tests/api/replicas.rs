@@ -268,6 +268,13 @@ async fn redis_down_means_503_then_both_replicas_recover() {
         let ready = r.ready().await;
         assert_eq!(ready.status, 503);
         assert!(ready.body.contains("redis"), "{}", ready.body);
+        let s = r.scrape().await;
+        assert_eq!(s.value("tencent_css_exporter_storage_ready", &[]), 0.0);
+        // Commits are the local ledger's; a Redis replica has none to count.
+        assert_eq!(
+            s.get("tencent_css_exporter_storage_commits_total", &[]),
+            None
+        );
     }
 
     redis.restart().await;
@@ -289,6 +296,7 @@ async fn redis_down_means_503_then_both_replicas_recover() {
         s.sum("tencent_css_callbacks_total", &[("outcome", "error")]),
         4.0
     );
+    assert_eq!(s.value("tencent_css_exporter_storage_ready", &[]), 1.0);
 }
 
 /// A session that outlives the dedup window: its push key, set at the push, has expired by the
