@@ -10,7 +10,7 @@ mod delivered;
 mod live;
 pub mod rules;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use crate::area::Area;
 use crate::callback::{Event, EventKind, Outcome, StreamKey};
@@ -262,8 +262,9 @@ impl Truth {
 
     /// What a batch of changes (already applied) leaves to persist.
     pub fn commit_of(&self, changes: &[Change]) -> Commit {
-        let mut streams = HashSet::new();
-        let mut series = HashSet::new();
+        // A batch's streams and series are few and keyed by signed callbacks: the fast hash.
+        let mut streams = FastSet::default();
+        let mut series = FastSet::default();
         let mut commit = Commit::default();
         for change in changes {
             if let Some((stream, _)) = &change.session {
@@ -280,9 +281,9 @@ impl Truth {
             }
             for delta in &change.deltas {
                 let s = delta.series();
-                if !series.contains(&s) {
-                    commit.series.push((s.clone(), self.counters.value(&s)));
-                    series.insert(s);
+                if series.insert(s.clone()) {
+                    let value = self.counters.value(&s);
+                    commit.series.push((s, value));
                 }
             }
         }
