@@ -22,11 +22,10 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use prometheus::core::Collector;
-use prometheus::{Histogram, HistogramOpts, IntCounter};
 use tokio::sync::oneshot;
 
 use crate::callback::{Event, EventKind, Outcome};
+use crate::metrics::CommitStats;
 use crate::state::{Change, Limits, Truth};
 
 /// `--metrics.max-domains` default.
@@ -66,76 +65,6 @@ impl Shared {
 
     fn set_fault(&self, fault: Option<String>) {
         *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
-    }
-}
-
-/// The ledger's writes since start, for `/metrics`: whether and how fast the store keeps up, and
-/// how many callbacks share a commit. Kept in memory only, like the process metrics: they
-/// describe this process, not the events, so they start at 0 with it.
-#[derive(Clone)]
-pub struct CommitStats {
-    /// How long each batch's write to the store took (a slow or saturated disk shows here
-    /// before callbacks time out).
-    duration: Histogram,
-    /// Batch writes attempted.
-    commits: IntCounter,
-    /// Batch writes the store refused; their callbacks got 503.
-    failures: IntCounter,
-    /// Callbacks answered by the writes that succeeded; over `commits`, the average batch.
-    callbacks: IntCounter,
-}
-
-/// Upper bounds of `tencent_css_exporter_storage_commit_duration_seconds`: from a commit of a
-/// few events in page cache to one waiting on a slow fsync or a lock.
-const COMMIT_BUCKETS: [f64; 14] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
-
-impl CommitStats {
-    fn new() -> Self {
-        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid counter");
-        CommitStats {
-            duration: Histogram::with_opts(
-                HistogramOpts::new(
-                    "tencent_css_exporter_storage_commit_duration_seconds",
-                    "Time taken to write one batch of callbacks to the store.",
-                )
-                .buckets(COMMIT_BUCKETS.to_vec()),
-            )
-            .expect("valid histogram"),
-            commits: counter(
-                "tencent_css_exporter_storage_commits_total",
-                "Batch writes to the store attempted since the exporter started.",
-            ),
-            failures: counter(
-                "tencent_css_exporter_storage_commit_failures_total",
-                "Batch writes the store refused since the exporter started (their callbacks got 503).",
-            ),
-            callbacks: counter(
-                "tencent_css_exporter_storage_committed_callbacks_total",
-                "Callbacks written by successful batch writes since the exporter started.",
-            ),
-        }
-    }
-
-    /// The collectors to register for `/metrics`.
-    pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
-        vec![
-            Box::new(self.duration.clone()),
-            Box::new(self.commits.clone()),
-            Box::new(self.failures.clone()),
-            Box::new(self.callbacks.clone()),
-        ]
-    }
-
-    fn written(&self, took: Duration, callbacks: usize, ok: bool) {
-        self.duration.observe(took.as_secs_f64());
-        self.commits.inc();
-        if ok {
-            self.callbacks.inc_by(callbacks as u64);
-        } else {
-            self.failures.inc();
-        }
     }
 }
 
@@ -233,7 +162,7 @@ impl Ledger {
             truth: RwLock::new(truth),
             fault: Mutex::new(None),
         });
-        let stats = CommitStats::new();
+        let stats = CommitStats::default();
         let inner = Arc::new(Inner {
             worker: Mutex::new(Worker {
                 store,

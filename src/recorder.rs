@@ -49,7 +49,7 @@ impl Recorder {
         }
     }
 
-    /// The exporter's own storage metrics: readiness, and for the local ledger its commits.
+    /// The exporter's own storage metrics: readiness and the commits of this process.
     pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
         match self {
             Recorder::Local(l) => {
@@ -60,7 +60,9 @@ impl Recorder {
             }
             Recorder::Redis(r) => {
                 let redis = r.clone();
-                vec![storage_ready(move || redis.fault().is_none())]
+                let mut all = r.commit_stats().collectors();
+                all.push(storage_ready(move || redis.fault().is_none()));
+                all
             }
         }
     }

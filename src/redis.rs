@@ -26,7 +26,7 @@ use redis::{RedisResult, Script};
 use crate::area::Area;
 use crate::callback::{Event, EventKind, Outcome, StreamKey};
 use crate::ledger::{now_ms, Unrecorded};
-use crate::metrics::{Frame, ViewSource};
+use crate::metrics::{CommitStats, Frame, ViewSource};
 use crate::state::counters::{tally, Count, Counters, Domain, Histogram, Series, Value};
 use crate::state::rules::{self, Decision, Effect, Facts, Sequence, Session};
 use crate::state::{View, OTHER_DOMAIN};
@@ -157,6 +157,8 @@ pub struct RedisLedger {
     pending: Mutex<HashMap<String, i64>>,
     /// The numbers last read from Redis, and when.
     view: Mutex<(Option<Instant>, View)>,
+    /// Every recorded callback's transaction is timed and counted here, for `/metrics`.
+    stats: CommitStats,
 }
 
 impl RedisLedger {
@@ -198,6 +200,7 @@ impl RedisLedger {
             fault: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             view: Mutex::new((None, View::default())),
+            stats: CommitStats::default(),
         });
         tracing::info!(prefix, "recording in redis");
         let weak = Arc::downgrade(&ledger);
@@ -217,8 +220,13 @@ impl RedisLedger {
         lock(&self.fault).clone()
     }
 
+    pub fn commit_stats(&self) -> &CommitStats {
+        &self.stats
+    }
+
     pub async fn record(&self, event: Event) -> Result<Outcome, Unrecorded> {
         let kind = event.kind();
+        let started = Instant::now();
         let result = match &event {
             Event::Other { .. } => self
                 .incr(vec![(
@@ -229,6 +237,7 @@ impl RedisLedger {
                 .map(|()| Outcome::Ignored),
             _ => self.transition(&event).await,
         };
+        self.stats.written(started.elapsed(), 1, result.is_ok());
         match result {
             Ok(outcome) => {
                 self.healthy();

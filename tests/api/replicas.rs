@@ -270,10 +270,10 @@ async fn redis_down_means_503_then_both_replicas_recover() {
         assert!(ready.body.contains("redis"), "{}", ready.body);
         let s = r.scrape().await;
         assert_eq!(s.value("tencent_css_exporter_storage_ready", &[]), 0.0);
-        // Commits are the local ledger's; a Redis replica has none to count.
+        // Each replica sent two of the four callbacks into the outage.
         assert_eq!(
-            s.get("tencent_css_exporter_storage_commits_total", &[]),
-            None
+            s.value("tencent_css_exporter_storage_commit_failures_total", &[]),
+            2.0
         );
     }
 
@@ -297,6 +297,27 @@ async fn redis_down_means_503_then_both_replicas_recover() {
         4.0
     );
     assert_eq!(s.value("tencent_css_exporter_storage_ready", &[]), 1.0);
+    // Every callback a replica recorded is a transaction of its own in Redis: one commit each.
+    for r in [&a, &b] {
+        let s = r.scrape().await;
+        let commits = s.value("tencent_css_exporter_storage_commits_total", &[]);
+        let failures = s.value("tencent_css_exporter_storage_commit_failures_total", &[]);
+        assert_eq!(
+            s.value(
+                "tencent_css_exporter_storage_committed_callbacks_total",
+                &[]
+            ),
+            commits - failures
+        );
+        assert!(commits - failures >= N as f64 / 2.0, "{commits} commits");
+        assert_eq!(
+            s.value(
+                "tencent_css_exporter_storage_commit_duration_seconds_count",
+                &[]
+            ),
+            commits
+        );
+    }
 }
 
 /// A session that outlives the dedup window: its push key, set at the push, has expired by the
