@@ -1127,22 +1127,35 @@ mod tests {
         assert_live_sessions_view(&path, &expected);
     }
 
+    /// The WAL file of the database at `path`.
+    fn wal_of(path: &Path) -> std::ffi::OsString {
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        wal
+    }
+
+    fn size(p: &std::ffi::OsStr) -> u64 {
+        std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// 64 new live sessions, numbered from `round * 64`.
+    fn batch(round: u32) -> Commit {
+        Commit {
+            sessions: (0..64)
+                .map(|n| (stream(round * 64 + n), live(&format!("s{round}-{n}"))))
+                .collect(),
+            ..Commit::default()
+        }
+    }
+
     /// Commits reach the database file soon, long before the WAL reaches the writer's own
     /// checkpoint limit, and the WAL file stays bounded under continuous writes.
     #[test]
     fn the_wal_is_checkpointed_off_the_commit_path() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal.db");
-        let mut wal = path.as_os_str().to_owned();
-        wal.push("-wal");
-        let size = |p: &std::ffi::OsStr| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let wal = wal_of(&path);
         let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
-        let batch = |round: u32| Commit {
-            sessions: (0..64)
-                .map(|n| (stream(round * 64 + n), live(&format!("s{round}-{n}"))))
-                .collect(),
-            ..Commit::default()
-        };
         let before = size(path.as_os_str());
         for round in 0..4 {
             store.write(&batch(round), NOW).unwrap();
@@ -1174,16 +1187,9 @@ mod tests {
     fn a_grown_wal_shrinks_once_it_starts_over() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("grown.db");
-        let mut wal = path.as_os_str().to_owned();
-        wal.push("-wal");
-        let size = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        let wal = wal_of(&path);
+        let size = || size(&wal);
         let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
-        let batch = |round: u32| Commit {
-            sessions: (0..64)
-                .map(|n| (stream(round * 64 + n), live(&format!("grown-{round}-{n}"))))
-                .collect(),
-            ..Commit::default()
-        };
         store.write(&batch(0), NOW).unwrap();
         let mut reader = Connection::open(&path).unwrap();
         let snapshot = reader.transaction().unwrap();
