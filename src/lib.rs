@@ -19,7 +19,8 @@
 //! - [`redis`]: the same truth rules applied atomically in Redis, for several replicas;
 //!   [`recorder`] is the one interface the HTTP side sees over both.
 //! - [`metrics`]: `/metrics`: at each scrape, copies the state's numbers and writes them in
-//!   the Prometheus text format, with the process and build metrics.
+//!   the Prometheus text format, with the process and build metrics and the storage metrics of
+//!   this process ([`metrics::CommitStats`], kept by the ledger and by Redis).
 //! - [`http`]: routes, status codes and logging of outcomes.
 //! - [`web`]: connection handling: header deadline, connection cap, graceful drain.
 //! - [`server`]: [`run`] wires the above to listeners and a shutdown signal.
