@@ -126,7 +126,7 @@ pub struct Config {
     pub storage_path: String,
 
     /// Redis holding the state instead of SQLite, shared by several replicas behind a load
-    /// balancer: redis://[:password@]host:port/db, or rediss:// for TLS.
+    /// balancer: redis://host:port/db, redis://:password@host:port/db, or rediss:// for TLS.
     #[arg(long = "storage.redis-url", env = "CSS_EXPORTER_REDIS_URL")]
     pub redis_url: Option<String>,
 

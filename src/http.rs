@@ -1,7 +1,7 @@
 //! The HTTP surface: the callback endpoint, `/metrics`, health, readiness and the landing page.
 //!
-//! Every way a callback can fail is a [`CallbackError`], turned into a status, a log line and a
-//! counted outcome in one place ([`CallbackError::into_response`]).
+//! Every way a callback can fail is a `CallbackError`, turned into a status, a log line and a
+//! counted outcome in one place (`CallbackError::respond`).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -260,7 +260,7 @@ impl RedisLedger {
         }
     }
 
-    /// Reads the numbers again if the copy is older than [`VIEW_MAX_AGE`]; keeps the old copy
+    /// Reads the numbers again if the copy is older than `VIEW_MAX_AGE`; keeps the old copy
     /// while Redis is unreachable.
     pub async fn refresh(&self) {
         let fresh = lock(&self.view)
