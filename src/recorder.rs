@@ -51,20 +51,14 @@ impl Recorder {
 
     /// The exporter's own storage metrics: readiness and the commits of this process.
     pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
-        match self {
-            Recorder::Local(l) => {
-                let shared = l.shared().clone();
-                let mut all = l.commit_stats().collectors();
-                all.push(storage_ready(move || shared.fault().is_none()));
-                all
-            }
-            Recorder::Redis(r) => {
-                let redis = r.clone();
-                let mut all = r.commit_stats().collectors();
-                all.push(storage_ready(move || redis.fault().is_none()));
-                all
-            }
-        }
+        let stats = match self {
+            Recorder::Local(l) => l.commit_stats(),
+            Recorder::Redis(r) => r.commit_stats(),
+        };
+        let mut all = stats.collectors();
+        let recorder = self.clone();
+        all.push(storage_ready(move || recorder.fault().is_none()));
+        all
     }
 
     pub fn view_source(&self) -> Arc<dyn ViewSource> {

@@ -1188,7 +1188,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("grown.db");
         let wal = wal_of(&path);
-        let size = || size(&wal);
         let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
         store.write(&batch(0), NOW).unwrap();
         let mut reader = Connection::open(&path).unwrap();
@@ -1197,7 +1196,7 @@ mod tests {
             .query_row("SELECT count(*) FROM session_log", [], |r| r.get(0))
             .unwrap();
         let mut round = 1;
-        while size() <= WAL_KEEP_BYTES as u64 + (4 << 20) {
+        while size(&wal) <= WAL_KEEP_BYTES as u64 + (4 << 20) {
             store.write(&batch(round), NOW).unwrap();
             round += 1;
         }
@@ -1205,11 +1204,11 @@ mod tests {
         drop(reader);
 
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while size() > WAL_KEEP_BYTES as u64 {
+        while size(&wal) > WAL_KEEP_BYTES as u64 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the WAL stayed at {} bytes",
-                size()
+                size(&wal)
             );
             store.write(&batch(round), NOW).unwrap();
             round += 1;
