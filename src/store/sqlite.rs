@@ -7,11 +7,11 @@
 //! batch writes about the size of its rows.
 //!
 //! - `session_log`: one row a batch with its session changes (the session now, or none; a JSON
-//!   array), in commit order. Once more than [`FOLD_LAG`] changes wait, the oldest are folded
-//!   into `sessions` in the same transaction. A change that a later one of the same stream
-//!   supersedes is dropped without touching `sessions`, so a session pushed and disconnected
-//!   within the lag costs no random write at all. (Schema 2 had a row a change: inserting them
-//!   one by one was a quarter of a batch's write.)
+//!   array), in commit order. Changes older than half of [`FOLD_LAG`] are folded into
+//!   `sessions` in the same transaction, swept in key order so that folds share pages. A change
+//!   that a later one of the same stream supersedes is dropped without touching `sessions`, so a
+//!   session pushed and disconnected within the lag costs no random write at all. (Schema 2 had
+//!   a row a change: inserting them one by one was a quarter of a batch's write.)
 //! - `delivered`: one row a batch with the batch's dedup keys (a JSON array). Expiry grows with
 //!   the id, so expired rows are deleted from the head.
 //! - `series_log`: one row a batch with the new value of each counter it changed (a JSON array),
@@ -29,7 +29,8 @@
 //! this store holds in memory is read again), so a database that became read-only, full or
 //! locked recovers by itself once the cause is gone.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,8 +48,9 @@ use crate::state::{Commit, DeliveryKey, FastMap, Snapshot};
 /// The schema this release writes; stored in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 4;
 
-/// Session changes left unfolded: enough that a short session's push and disconnect usually
-/// meet in the log and cancel out; few enough to replay in milliseconds at start.
+/// Session changes left unfolded, about: enough that a short session's push and disconnect
+/// usually meet in the log and cancel out, and that folds share pages; few enough to replay in
+/// milliseconds at start.
 pub const FOLD_LAG: usize = 65_536;
 /// Rows of `series_log` kept. Every counter is written again at least once in this many
 /// batches: with N counters, about N / 256 extra values a batch.
@@ -296,20 +298,33 @@ fn checkpoint(conn: &mut Option<Connection>, path: &Path, sync: SyncMode) -> rus
 /// The session changes not folded into `sessions`, in memory so that folding needs no reads.
 #[derive(Debug, Default)]
 struct Unfolded {
-    /// Oldest first: the change's number, the log row holding it, the stream, the session the
-    /// change set (`None`: ended).
-    rows: VecDeque<(u64, i64, StreamKey, Option<Session>)>,
-    /// The newest change of each stream in `rows`: the only one of that stream that still
-    /// matters.
-    newest: FastMap<StreamKey, u64>,
-    /// Number of the next change.
+    /// The newest unfolded change of each stream, in the order of `sessions`' primary key, so
+    /// that a fold sweeps the table's pages in order (see [`Unfolded::sweep`]).
+    pending: BTreeMap<StreamKey, Pending>,
+    /// Log rows not deleted yet, oldest first, with how many of their changes are in `pending`.
+    /// The oldest rows with none left are done: their changes are folded or superseded.
+    rows: VecDeque<(i64, usize)>,
+    /// Where the next sweep starts: just after this stream.
+    cursor: Option<StreamKey>,
+    /// Number of the next change, to tell a change's age in changes.
     next: u64,
     /// What `series_log` holds.
     series: SeriesLog,
     /// Batches written since the connection was opened, to trim the logs every few.
     writes: u64,
-    /// The newest row folded but still in the log, to delete at the next trim.
+    /// The newest row done but still in the log, to delete at the next trim.
     folded_through: Option<i64>,
+}
+
+/// A stream's newest unfolded change.
+#[derive(Debug)]
+struct Pending {
+    /// The log row holding it.
+    row: i64,
+    /// Its number (see [`Unfolded::next`]).
+    number: u64,
+    /// The session it set; `None`: ended.
+    session: Option<Session>,
 }
 
 /// A counter as a `series_log` row holds it: its number in `series_names` and value, and for a
@@ -369,30 +384,66 @@ impl SeriesLog {
 
 impl Unfolded {
     fn push(&mut self, row: i64, stream: StreamKey, session: Option<Session>) {
-        let n = self.next;
+        let number = self.next;
         self.next += 1;
-        self.newest.insert(stream.clone(), n);
-        self.rows.push_back((n, row, stream, session));
+        match self.rows.back_mut() {
+            Some((last, count)) if *last == row => *count += 1,
+            _ => self.rows.push_back((row, 1)),
+        }
+        let change = Pending {
+            row,
+            number,
+            session,
+        };
+        if let Some(superseded) = self.pending.insert(stream, change) {
+            self.resolved(superseded.row);
+        }
     }
 
-    /// Removes the `n` oldest changes; returns those among them that no later change
-    /// supersedes, and the newest log row all of whose changes are now removed.
-    fn take_oldest(&mut self, n: usize) -> (Vec<(StreamKey, Option<Session>)>, Option<i64>) {
-        let mut effective = Vec::new();
-        let mut last_row = None;
-        for (n, row, stream, session) in self.rows.drain(..n.min(self.rows.len())) {
-            last_row = Some(row);
-            if self.newest.get(&stream) == Some(&n) {
-                self.newest.remove(&stream);
-                effective.push((stream, session));
-            }
+    /// One change of `row` left `pending`; the oldest rows with none left are done.
+    fn resolved(&mut self, row: i64) {
+        if let Ok(i) = self.rows.binary_search_by_key(&row, |(r, _)| *r) {
+            self.rows[i].1 -= 1;
         }
-        // A row whose later changes are still unfolded stays whole.
-        let done = match (last_row, self.rows.front()) {
-            (Some(last), Some((_, next_row, _, _))) if *next_row == last => Some(last - 1),
-            (last, _) => last,
+        while let Some((row, 0)) = self.rows.front() {
+            self.folded_through = Some(*row);
+            self.rows.pop_front();
+        }
+    }
+
+    /// Takes the changes to fold now: of up to `visit` pending streams, from where the last
+    /// sweep ended (in key order, around the end), those whose change is at least `min_age`
+    /// changes old. A short session's push and disconnect usually meet in `pending` within
+    /// that age and cost no write to `sessions`. The others are folded in key order, a stretch
+    /// of the table at a time: with many pending changes, several of them share each page the
+    /// fold writes, where taking the oldest first wrote a random page for nearly each one.
+    fn sweep(&mut self, visit: usize, min_age: u64) -> Vec<(StreamKey, Option<Session>)> {
+        let young = self.next.saturating_sub(min_age);
+        let mut due = Vec::new();
+        let cursor = self.cursor.take();
+        let (after, before) = match &cursor {
+            Some(c) => (
+                self.pending
+                    .range::<StreamKey, _>((Bound::Excluded(c), Bound::Unbounded)),
+                Some(self.pending.range::<StreamKey, _>(..=c)),
+            ),
+            None => (self.pending.range::<StreamKey, _>(..), None),
         };
-        (effective, done)
+        let mut last = None;
+        for (stream, change) in after.chain(before.into_iter().flatten()).take(visit) {
+            if change.number < young {
+                due.push(stream.clone());
+            }
+            last = Some(stream);
+        }
+        self.cursor = last.cloned().or(cursor);
+        due.into_iter()
+            .map(|stream| {
+                let change = self.pending.remove(&stream).expect("just seen");
+                self.resolved(change.row);
+                (stream, change.session)
+            })
+            .collect()
     }
 }
 
@@ -649,13 +700,23 @@ fn read_unfolded(conn: &Connection) -> rusqlite::Result<Unfolded> {
     Ok(unfolded)
 }
 
-/// Folds the `n` oldest session-log rows into `sessions`. They are deleted from the log later,
-/// a chunk at a time ([`TRIM_EVERY`]); until then they repeat what `sessions` holds, and read
-/// again after a restart they are folded again to the same result.
-fn fold(conn: &Connection, unfolded: &mut Unfolded, n: usize) -> rusqlite::Result<()> {
-    let (effective, done) = unfolded.take_oldest(n);
-    if done.is_some() {
-        unfolded.folded_through = done;
+/// Folds pending session changes into `sessions` (see [`Unfolded::sweep`]): each batch visits
+/// twice as many pending streams as it brings changes, more while over `lag` are pending, and
+/// folds those at least `lag / 2` changes old. So a change waits between `lag / 2` and about
+/// `lag` changes, and at most about `lag` are pending. Rows whose changes are all folded or
+/// superseded are deleted from the log later, a chunk at a time ([`TRIM_EVERY`]); until then
+/// they repeat what `sessions` holds, and read again after a restart they are folded again to
+/// the same result.
+fn fold(
+    conn: &Connection,
+    unfolded: &mut Unfolded,
+    changes: usize,
+    lag: usize,
+) -> rusqlite::Result<()> {
+    let visit = (2 * changes + 1).max(unfolded.pending.len().saturating_sub(lag));
+    let effective = unfolded.sweep(visit, (lag / 2) as u64);
+    if effective.is_empty() {
+        return Ok(());
     }
     let mut upsert = conn.prepare_cached(
         "INSERT OR REPLACE INTO sessions (app, appname, stream_id, sequence, area, since)
@@ -712,18 +773,16 @@ impl Store for SqliteStore {
             let mut names = HashSet::new();
             while let Some(r) = rows.next()? {
                 let stream = stream_key(r, &mut names)?;
-                if unfolded.newest.contains_key(&stream) {
+                if unfolded.pending.contains_key(&stream) {
                     continue;
                 }
                 if let Some(session) = session(r)? {
                     snapshot.sessions.push((stream, session));
                 }
             }
-            for (n, _, stream, session) in &unfolded.rows {
-                if let (Some(session), Some(newest)) = (session, unfolded.newest.get(stream)) {
-                    if newest == n {
-                        snapshot.sessions.push((stream.clone(), session.clone()));
-                    }
+            for (stream, change) in &unfolded.pending {
+                if let Some(session) = &change.session {
+                    snapshot.sessions.push((stream.clone(), session.clone()));
                 }
             }
             let mut stmt = conn.prepare("SELECT keys FROM delivered ORDER BY id")?;
@@ -800,7 +859,7 @@ impl Store for SqliteStore {
                 }
                 unfolded.writes += 1;
                 let trim = unfolded.writes % trim_every == 0;
-                fold(&tx, unfolded, unfolded.rows.len().saturating_sub(lag))?;
+                fold(&tx, unfolded, commit.sessions.len(), lag)?;
                 if trim {
                     if let Some(last) = unfolded.folded_through.take() {
                         tx.prepare_cached("DELETE FROM session_log WHERE id <= ?1")?
@@ -1090,6 +1149,54 @@ mod tests {
             expected.insert(stream(n), format!("after-{n}"));
         }
         assert_eq!(sessions_of(&mut reopened), expected);
+    }
+
+    /// Rows whose changes were all superseded leave the log even while few streams are
+    /// pending, and a fold writes the pending streams in key order from where the last ended.
+    #[test]
+    fn superseded_rows_leave_the_log_and_folds_sweep_in_key_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sweep.db");
+        let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        store.fold_lag = 1_000;
+        store.trim_every = 1;
+        for batch in 0..200_u32 {
+            let commit = Commit {
+                sessions: (0..3)
+                    .map(|n| (stream(n), live(&format!("{batch}"))))
+                    .collect(),
+                ..Commit::default()
+            };
+            store.write(&commit, NOW).unwrap();
+            assert!(
+                count(&path, "session_log") <= 2,
+                "the log keeps only live rows"
+            );
+        }
+        assert_eq!(
+            count(&path, "sessions"),
+            0,
+            "nothing was old enough to fold"
+        );
+
+        let mut unfolded = Unfolded::default();
+        for n in [5, 1, 4, 2, 3] {
+            unfolded.push(1, stream(n), live("s"));
+        }
+        let keys = |taken: Vec<(StreamKey, Option<Session>)>| -> Vec<StreamKey> {
+            taken.into_iter().map(|(k, _)| k).collect()
+        };
+        // Key order: domain first (`stream(n)` is on push{n % 3}), then the stream id.
+        assert_eq!(keys(unfolded.sweep(2, 0)), [stream(3), stream(1)]);
+        unfolded.push(2, stream(0), live("t"));
+        // Young changes are passed over; the sweep goes on around the end.
+        assert_eq!(
+            keys(unfolded.sweep(3, 1)),
+            [stream(4), stream(2), stream(5)]
+        );
+        assert_eq!(unfolded.folded_through, Some(1), "row 1 is done");
+        assert_eq!(keys(unfolded.sweep(3, 0)), [stream(0)]);
+        assert_eq!(unfolded.folded_through, Some(2));
     }
 
     /// Stream ids and sequences of any text, numbers among them, come back from the session
