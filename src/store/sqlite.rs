@@ -1044,6 +1044,14 @@ mod tests {
 
     const NOW: i64 = 1_700_000_000_000;
 
+    /// A new store in a temporary folder (removed when the folder is dropped), and its path.
+    fn new_store(name: &str) -> (tempfile::TempDir, PathBuf, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        let store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        (dir, path, store)
+    }
+
     fn stream(n: u32) -> StreamKey {
         StreamKey {
             app: format!("push{}.example.com", n % 3).into(),
@@ -1106,9 +1114,7 @@ mod tests {
     }
 
     fn folding_keeps_the_newest_session(trim_every: u64) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("fold.db");
-        let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        let (_dir, path, mut store) = new_store("fold.db");
         store.fold_lag = 7;
         store.trim_every = trim_every;
         let mut expected = HashMap::new();
@@ -1155,9 +1161,7 @@ mod tests {
     /// pending, and a fold writes the pending streams in key order from where the last ended.
     #[test]
     fn superseded_rows_leave_the_log_and_folds_sweep_in_key_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sweep.db");
-        let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        let (_dir, path, mut store) = new_store("sweep.db");
         store.fold_lag = 1_000;
         store.trim_every = 1;
         for batch in 0..200_u32 {
@@ -1203,9 +1207,7 @@ mod tests {
     /// log's JSON as they went in, after a reopen and in the `live_sessions` view.
     #[test]
     fn odd_stream_ids_round_trip_through_the_session_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("odd.db");
-        let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        let (_dir, path, mut store) = new_store("odd.db");
         let odd = [
             "q\"uote\\back\nline\u{1f}日本",
             "12345",
@@ -1326,9 +1328,7 @@ mod tests {
     /// A write that fails rolls back in the database and in what the store holds in memory.
     #[test]
     fn a_failed_write_leaves_nothing_behind() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("fail.db");
-        let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        let (_dir, path, mut store) = new_store("fail.db");
         store.fold_lag = 1;
         let commit = |n: u32, seq: &str| Commit {
             sessions: vec![(stream(n), live(seq))],
@@ -1361,9 +1361,7 @@ mod tests {
     /// Expired keys leave from the head of the table as batches come, valid ones stay.
     #[test]
     fn writes_and_purges_delete_expired_delivered_keys() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("expire.db");
-        let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        let (_dir, path, mut store) = new_store("expire.db");
         store.trim_every = 1;
         let keys = |from: u32, expires: i64| Commit {
             delivered: (from..from + 100)
@@ -1388,9 +1386,7 @@ mod tests {
     /// value of every counter, odd labels byte for byte.
     #[test]
     fn series_keep_their_newest_value_through_the_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("series.db");
-        let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        let (_dir, path, mut store) = new_store("series.db");
         let pushes = |d: u64| {
             let domain = match d {
                 0 => "q\"uote\\back\nline\u{1f}日本.example.com".to_string(),
