@@ -109,13 +109,40 @@ impl Outcome {
 
 /// A stream, as the truth rules identify it. Compact because a million of them may be live:
 /// the state shares one `app` and `appname` string between all streams that have it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Ordered by `app`, `appname`, then `stream_id`, byte by byte (as SQLite's `BINARY` collation
+/// orders the stored sessions' key).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StreamKey {
     /// Push domain (`app`); also the `domain` label.
     pub app: Arc<str>,
     /// Push path (`appname`), often `live`; empty when Tencent leaves it out.
     pub appname: Arc<str>,
     pub stream_id: Box<str>,
+}
+
+impl Ord for StreamKey {
+    /// Shared strings are equal without reading them (`Arc`'s `==` does the same): most keys
+    /// compared in an ordered map share their `app` and `appname` with their neighbours, and
+    /// reading both strings was most of an insert's cost.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        fn shared(a: &Arc<str>, b: &Arc<str>) -> std::cmp::Ordering {
+            if Arc::ptr_eq(a, b) {
+                std::cmp::Ordering::Equal
+            } else {
+                a.cmp(b)
+            }
+        }
+        shared(&self.app, &other.app)
+            .then_with(|| shared(&self.appname, &other.appname))
+            .then_with(|| self.stream_id.cmp(&other.stream_id))
+    }
+}
+
+impl PartialOrd for StreamKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl fmt::Display for StreamKey {
@@ -356,6 +383,33 @@ mod tests {
 
     fn parse_json(v: serde_json::Value) -> Result<Callback, ParseError> {
         parse(v.to_string().as_bytes())
+    }
+
+    proptest::proptest! {
+        /// Keys order as their three strings do, in turn, whether or not they share them.
+        #[test]
+        fn keys_order_by_app_appname_then_stream_id(
+            a in proptest::collection::vec("[ab]{0,2}", 3),
+            b in proptest::collection::vec("[ab]{0,2}", 3),
+            share in 0..4usize,
+        ) {
+            let key = |v: &[String]| StreamKey {
+                app: v[0].as_str().into(),
+                appname: v[1].as_str().into(),
+                stream_id: v[2].as_str().into(),
+            };
+            let x = key(&a);
+            let mut y = key(&b);
+            // Share the strings that are equal, as the state's keys do.
+            if share & 1 == 1 && a[0] == b[0] {
+                y.app = x.app.clone();
+            }
+            if share & 2 == 2 && a[1] == b[1] {
+                y.appname = x.appname.clone();
+            }
+            proptest::prop_assert_eq!(x.cmp(&y), a.cmp(&b));
+            proptest::prop_assert_eq!(x == y, a == b);
+        }
     }
 
     #[test]

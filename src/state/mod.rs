@@ -271,7 +271,7 @@ impl Truth {
                 if streams.insert(stream) {
                     commit
                         .sessions
-                        .push((stream.clone(), self.sessions.get(stream)));
+                        .push((self.sessions.shared_key(stream), self.sessions.get(stream)));
                 }
             }
             for key in change.delivered.iter().flatten() {

@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::types::Type;
-use rusqlite::{params, Connection, OpenFlags, Row, TransactionBehavior};
+use rusqlite::{params, Connection, OpenFlags, Row};
 
 use super::{Store, StoreError};
 use crate::area::Area;
@@ -292,7 +292,8 @@ fn checkpoint(conn: &mut Option<Connection>, path: &Path, sync: SyncMode) -> rus
         *conn = Some(connect(path, sync)?);
     }
     let conn = conn.as_ref().expect("just opened");
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+    conn.prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")?
+        .query_row([], |_| Ok(()))
 }
 
 /// The session changes not folded into `sessions`, in memory so that folding needs no reads.
@@ -521,6 +522,42 @@ fn align_sidecar_permissions(path: &Path) {
         };
         if meta.permissions() != db.permissions() {
             let _ = std::fs::set_permissions(&sidecar, db.permissions());
+        }
+    }
+}
+
+/// A batch's transaction, begun and committed through cached statements:
+/// `Connection::transaction` parses `BEGIN IMMEDIATE` and `COMMIT` again at every batch (about
+/// 2 % of the exporter's CPU at 20,000 callbacks/s). Rolled back when dropped uncommitted (a
+/// failed statement or commit, or a panic).
+struct WriteTransaction<'c> {
+    conn: &'c Connection,
+}
+
+impl<'c> WriteTransaction<'c> {
+    fn begin(conn: &'c Connection) -> rusqlite::Result<Self> {
+        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        Ok(WriteTransaction { conn })
+    }
+
+    fn commit(self) -> rusqlite::Result<()> {
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for WriteTransaction<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
+impl Drop for WriteTransaction<'_> {
+    fn drop(&mut self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
         }
     }
 }
@@ -824,7 +861,7 @@ impl Store for SqliteStore {
         }
         let (lag, trim_every) = (self.fold_lag, self.trim_every);
         self.with_conn(|conn, unfolded| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = WriteTransaction::begin(conn)?;
             {
                 if !commit.sessions.is_empty() {
                     let changes: Vec<_> = commit
