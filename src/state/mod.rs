@@ -62,8 +62,33 @@ impl Commit {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub sessions: Vec<(StreamKey, Session)>,
+    /// More sessions, still being read by the store on a thread of its own while the state is
+    /// rebuilt from what came first: reading a million stored sessions and indexing them take
+    /// about as long each.
+    pub more_sessions: Option<SessionFeed>,
     pub delivered: Vec<(DeliveryKey, i64)>,
     pub series: Vec<(Series, Value)>,
+}
+
+/// Sessions that come in chunks as they are read; an error ends the feed.
+#[derive(Debug)]
+pub struct SessionFeed {
+    /// At most how many sessions will come, to make room for them at once.
+    pub expected: usize,
+    pub chunks: std::sync::mpsc::Receiver<Result<Vec<(StreamKey, Session)>, String>>,
+}
+
+impl Snapshot {
+    /// Every session, once all are read.
+    pub fn all_sessions(self) -> Result<Vec<(StreamKey, Session)>, String> {
+        let mut all = self.sessions;
+        if let Some(feed) = self.more_sessions {
+            for chunk in feed.chunks {
+                all.extend(chunk?);
+            }
+        }
+        Ok(all)
+    }
 }
 
 /// The numbers `/metrics` shows: live streams per (domain, area) and every counter, as read from
@@ -128,21 +153,31 @@ impl Truth {
             let series = truth.intern_series(series);
             truth.counters.restore(&series, value)?;
         }
-        truth.sessions.reserve(snapshot.sessions.len());
-        truth.delivered.reserve_held(snapshot.sessions.len());
+        let (first, more) = (snapshot.sessions, snapshot.more_sessions);
+        let expected = first.len() + more.as_ref().map_or(0, |feed| feed.expected);
+        truth.sessions.reserve(expected);
+        truth.delivered.reserve_held(expected);
         // Rows mostly come ordered by stream (the stored table's key): the label is then looked
         // up once a domain.
         let mut last: Option<(std::sync::Arc<str>, Domain)> = None;
-        for (stream, session) in snapshot.sessions {
-            let label = match &last {
-                Some((app, label)) if *app == stream.app => label.clone(),
-                _ => {
-                    let label = truth.domain(&stream.app);
-                    last = Some((stream.app.clone(), label.clone()));
-                    label
-                }
-            };
-            truth.set_session_labelled(&stream, Some(session), label);
+        let mut restore = |sessions: Vec<(StreamKey, Session)>| {
+            for (stream, session) in sessions {
+                let label = match &last {
+                    Some((app, label)) if *app == stream.app => label.clone(),
+                    _ => {
+                        let label = truth.domain(&stream.app);
+                        last = Some((stream.app.clone(), label.clone()));
+                        label
+                    }
+                };
+                truth.set_session_labelled(&stream, Some(session), label);
+            }
+        };
+        restore(first);
+        if let Some(feed) = more {
+            for chunk in feed.chunks {
+                restore(chunk?);
+            }
         }
         for (key, expires_ms) in snapshot.delivered {
             truth.delivered.restore(key, expires_ms, now_ms);
@@ -459,6 +494,7 @@ mod tests {
 
         fn snapshot(&self) -> Snapshot {
             Snapshot {
+                more_sessions: None,
                 sessions: self
                     .sessions
                     .iter()
@@ -692,6 +728,47 @@ mod tests {
             outcomes,
             [Duplicate, Accepted, Accepted, Accepted, Duplicate, Duplicate]
         );
+    }
+
+    /// Sessions that a store still reads while the state is rebuilt count as the others do,
+    /// and a feed that fails fails the restore.
+    #[test]
+    fn sessions_fed_in_chunks_are_restored_and_a_failed_feed_fails() {
+        let session = |sequence: &str| Session {
+            sequence: sequence.into(),
+            area: Area::Overseas,
+            since: 10,
+        };
+        let (chunks, feed) = std::sync::mpsc::sync_channel(4);
+        chunks.send(Ok(vec![(stream("b"), session("2"))])).unwrap();
+        chunks.send(Ok(vec![(stream("c"), session("3"))])).unwrap();
+        drop(chunks);
+        let snapshot = Snapshot {
+            sessions: vec![(stream("a"), session("1"))],
+            more_sessions: Some(SessionFeed {
+                expected: 2,
+                chunks: feed,
+            }),
+            ..Snapshot::default()
+        };
+        let mut truth = Truth::restore(snapshot, limits(HOUR), T).unwrap();
+        assert_eq!(truth.live_total(), 3);
+        assert_eq!(truth.apply(&push("c", "3", 10), T).outcome, Duplicate);
+
+        let (chunks, feed) = std::sync::mpsc::sync_channel(4);
+        chunks.send(Ok(vec![(stream("b"), session("2"))])).unwrap();
+        chunks
+            .send(Err("database x: disk I/O error".into()))
+            .unwrap();
+        let snapshot = Snapshot {
+            more_sessions: Some(SessionFeed {
+                expected: 2,
+                chunks: feed,
+            }),
+            ..Snapshot::default()
+        };
+        let err = Truth::restore(snapshot, limits(HOUR), T).unwrap_err();
+        assert_eq!(err, "database x: disk I/O error");
     }
 
     #[test]

@@ -43,7 +43,7 @@ use crate::area::Area;
 use crate::callback::{EventKind, StreamKey};
 use crate::state::counters::{Histogram, Series, Value};
 use crate::state::rules::{Sequence, Session};
-use crate::state::{Commit, DeliveryKey, FastMap, FastSet, Snapshot};
+use crate::state::{Commit, DeliveryKey, FastMap, FastSet, SessionFeed, Snapshot};
 
 /// The schema this release writes; stored in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 4;
@@ -690,6 +690,41 @@ fn session(r: &Row) -> rusqlite::Result<Option<Session>> {
     }))
 }
 
+/// Stored sessions sent at a time by [`read_sessions`], and chunks it may read ahead.
+const SESSION_CHUNK: usize = 8192;
+const SESSION_CHUNKS: usize = 8;
+
+/// Sends the sessions of `sessions` whose streams have no pending change, in chunks; stops
+/// early if nobody listens any more.
+fn read_sessions(
+    conn: &Connection,
+    pending: &FastSet<StreamKey>,
+    chunks: &std::sync::mpsc::SyncSender<Result<Vec<(StreamKey, Session)>, String>>,
+) -> rusqlite::Result<()> {
+    let mut stmt =
+        conn.prepare("SELECT app, appname, stream_id, sequence, area, since FROM sessions")?;
+    let mut rows = stmt.query([])?;
+    let mut names = Names::default();
+    let mut chunk = Vec::with_capacity(SESSION_CHUNK);
+    while let Some(r) = rows.next()? {
+        let stream = stream_key(r, &mut names)?;
+        if pending.contains(&stream) {
+            continue;
+        }
+        if let Some(session) = session(r)? {
+            chunk.push((stream, session));
+        }
+        if chunk.len() == SESSION_CHUNK {
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(SESSION_CHUNK));
+            if chunks.send(Ok(full)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    let _ = chunks.send(Ok(chunk));
+    Ok(())
+}
+
 /// A change of a `session_log` row, as [`SESSION_LOG`] describes it.
 type LoggedChange = (
     String,
@@ -840,24 +875,14 @@ fn expire(conn: &Connection, now_ms: i64, step: i64) -> rusqlite::Result<usize> 
 
 impl Store for SqliteStore {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
-        self.with_conn(|conn, unfolded| {
+        let (mut snapshot, pending, expected) = self.with_conn(|conn, unfolded| {
             let mut snapshot = Snapshot::default();
-            // Folded sessions of streams the log has not changed since, then the log's word.
-            let mut stmt = conn
-                .prepare("SELECT app, appname, stream_id, sequence, area, since FROM sessions")?;
-            let mut rows = stmt.query([])?;
-            // A hash lookup a row: the ordered map took 30 comparisons.
-            let pending: FastSet<&StreamKey> = unfolded.pending.keys().collect();
-            let mut names = Names::default();
-            while let Some(r) = rows.next()? {
-                let stream = stream_key(r, &mut names)?;
-                if pending.contains(&stream) {
-                    continue;
-                }
-                if let Some(session) = session(r)? {
-                    snapshot.sessions.push((stream, session));
-                }
-            }
+            // Folded sessions of streams the log has not changed since are read below, on a
+            // connection and thread of their own while the state is rebuilt; the log's word
+            // is here.
+            let expected: i64 =
+                conn.query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))?;
+            let pending: FastSet<StreamKey> = unfolded.pending.keys().cloned().collect();
             for (stream, change) in &unfolded.pending {
                 if let Some(session) = &change.session {
                     snapshot.sessions.push((stream.clone(), session.clone()));
@@ -892,8 +917,27 @@ impl Store for SqliteStore {
             snapshot
                 .series
                 .extend(latest.iter().map(|(s, (v, _))| (s.clone(), v.clone())));
-            Ok(snapshot)
-        })
+            Ok((snapshot, pending, expected))
+        })?;
+        let reader = connect(&self.path, self.sync).map_err(|e| self.err(e))?;
+        let path = self.path.clone();
+        let (chunks, feed) = std::sync::mpsc::sync_channel(SESSION_CHUNKS);
+        std::thread::Builder::new()
+            .name("session-loader".into())
+            .spawn(move || {
+                if let Err(e) = read_sessions(&reader, &pending, &chunks) {
+                    let _ = chunks.send(Err(format!("database {}: {e}", path.display())));
+                }
+            })
+            .map_err(|e| StoreError::Invalid {
+                path: self.path.clone(),
+                reason: format!("cannot start the thread that reads the sessions: {e}"),
+            })?;
+        snapshot.more_sessions = Some(SessionFeed {
+            expected: usize::try_from(expected).unwrap_or(0),
+            chunks: feed,
+        });
+        Ok(snapshot)
     }
 
     fn write(&mut self, commit: &Commit, now_ms: i64) -> Result<(), StoreError> {
@@ -1147,9 +1191,8 @@ mod tests {
     }
 
     fn sessions_of(store: &mut SqliteStore) -> HashMap<StreamKey, String> {
-        let snapshot = store.load().unwrap();
-        let map: HashMap<_, _> = snapshot
-            .sessions
+        let sessions = store.load().unwrap().all_sessions().unwrap();
+        let map: HashMap<_, _> = sessions
             .into_iter()
             .map(|(k, s)| (k, s.sequence.to_string()))
             .collect();
@@ -1312,6 +1355,43 @@ mod tests {
         let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
         assert_eq!(sessions_of(&mut store), expected);
         assert_live_sessions_view(&path, &expected);
+    }
+
+    /// More stored sessions than one chunk of the loader: every one arrives once, and a row
+    /// that cannot be read fails the load instead of being skipped.
+    #[test]
+    fn stored_sessions_load_in_chunks_and_a_bad_row_fails_the_load() {
+        let (_dir, path, mut store) = new_store("chunks.db");
+        store.fold_lag = 64;
+        let mut expected = HashMap::new();
+        let rounds = (SESSION_CHUNK as u32 * 2) / 64 + 3;
+        for round in 0..rounds {
+            let commit = batch(round);
+            for (stream, session) in &commit.sessions {
+                let sequence = session.as_ref().unwrap().sequence.to_string();
+                expected.insert(stream.clone(), sequence);
+            }
+            store.write(&commit, NOW).unwrap();
+        }
+        drop(store);
+        assert!(count(&path, "sessions") > 2 * SESSION_CHUNK as i64);
+        let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        let sessions = store.load().unwrap().all_sessions().unwrap();
+        assert_eq!(sessions.len(), expected.len());
+        let loaded: HashMap<_, _> = sessions
+            .into_iter()
+            .map(|(k, s)| (k, s.sequence.to_string()))
+            .collect();
+        assert_eq!(loaded, expected);
+        drop(store);
+
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("UPDATE sessions SET area = 'moon' WHERE stream_id = 's5000'")
+            .unwrap();
+        let mut store = SqliteStore::open(path, SyncMode::Normal).unwrap();
+        let err = store.load().unwrap().all_sessions().unwrap_err();
+        assert!(err.contains("unknown area \"moon\""), "{err}");
     }
 
     #[test]
@@ -1624,9 +1704,6 @@ mod tests {
             .unwrap();
         let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
         let snapshot = store.load().unwrap();
-        assert_eq!(snapshot.sessions.len(), 1);
-        assert_eq!(snapshot.sessions[0].0.stream_id.as_ref(), "s1");
-        assert_eq!(snapshot.sessions[0].1.since, 7);
         let mut delivered: Vec<_> = snapshot
             .delivered
             .iter()
@@ -1637,6 +1714,10 @@ mod tests {
             delivered,
             [("41".to_string(), 1000), ("42".to_string(), 2000)]
         );
+        let sessions = snapshot.all_sessions().unwrap();
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0].0.stream_id.as_ref(), "s1");
+        assert_eq!(sessions[0].1.since, 7);
         let version: i64 = Connection::open(&path)
             .unwrap()
             .pragma_query_value(None, "user_version", |r| r.get(0))
