@@ -14,6 +14,7 @@ Then, for example:
     scripts/perf.py metrics               # /metrics with 1,000 domains, scrape vs callback latency
     scripts/perf.py memory                # idle RSS, 1,000,000 live streams, restart readiness
     scripts/perf.py soak                  # 10 minutes of unique events, RSS/db/fds every 10 s
+    scripts/perf.py restart OLD NEW       # restart readiness of two builds, alternated
 
 Each load waits until the rest of the machine is idle (up to 15 minutes; PERF_NO_WAIT=1 skips
 that) and reports the CPU the server, the load generator and everything else used meanwhile.
@@ -84,9 +85,10 @@ def db_mib(path):
 class Exporter:
     """The release binary serving on EXPORTER_PORT with a database at `db`."""
 
-    def __init__(self, db, extra=()):
+    def __init__(self, db, extra=(), bin=None):
         self.db = db
         self.extra = list(extra)
+        self.bin = bin or BIN
         self.proc = None
         self.ready_seconds = None
 
@@ -97,7 +99,7 @@ class Exporter:
     def start(self, ready_timeout=120.0):
         env = dict(os.environ, CSS_CALLBACK_KEY=KEY)
         cmd = [
-            BIN,
+            self.bin,
             "--web.listen-address", f"{HOST}:{EXPORTER_PORT}",
             "--storage.path", self.db,
             "--log.level", "warn",
@@ -384,6 +386,37 @@ def cmd_memory(a):
     print(json.dumps(out))
 
 
+def cmd_restart(a):
+    """Restart readiness of several builds on one database, alternated so that they share the
+    machine's state of the moment."""
+    builds = a.builds or [BIN]
+    for b in builds:
+        if not os.path.exists(b):
+            raise SystemExit(f"{b} missing")
+    tmp = workdir()
+    db = os.path.join(tmp, "exporter.db")
+    out = {b: [] for b in builds}
+    try:
+        with Exporter(db, bin=builds[0]) as ex:
+            load(ex.url, "--push-only", "--requests", a.streams, "--concurrency", 64, server_pid=ex.pid)
+        for _ in range(a.rounds):
+            for b in builds:
+                copy = os.path.join(tmp, "copy.db")
+                for suffix in ("", "-wal", "-shm"):
+                    if os.path.exists(copy + suffix):
+                        os.remove(copy + suffix)
+                    if os.path.exists(db + suffix):
+                        shutil.copyfile(db + suffix, copy + suffix)
+                ex = Exporter(copy, bin=b).start()
+                rss = rss_mib(ex.pid)
+                ex.stop()
+                out[b].append({"ready_seconds": ex.ready_seconds, "rss_mib": rss})
+                log(f"{b}: /readyz 200 after {ex.ready_seconds:.2f} s, RSS {rss:.1f} MiB")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(out))
+
+
 def cmd_soak(a):
     tmp = workdir()
     db = os.path.join(tmp, "exporter.db")
@@ -453,6 +486,10 @@ def main():
     mem.add_argument("--streams", default="1000000")
     mem.add_argument("--idle", type=float, default=10.0)
     mem.add_argument("--restarts", type=int, default=3)
+    r = sub.add_parser("restart", help="restart readiness of builds, alternated, on one database")
+    r.add_argument("--streams", default="1000000")
+    r.add_argument("--rounds", type=int, default=3)
+    r.add_argument("builds", nargs="*", help="exporter binaries (default: EXPORTER_BIN or the release build)")
     s = sub.add_parser("soak", help="unique events at a fixed rate; RSS, db size and fds sampled")
     s.add_argument("--duration", default="10m")
     s.add_argument("--rate", default="5000")
@@ -464,7 +501,7 @@ def main():
         if not os.path.exists(path):
             raise SystemExit(f"{path} missing: cargo build --release && cargo build --release --example bare_server")
     {"throughput": cmd_throughput, "latency": cmd_latency, "metrics": cmd_metrics,
-     "memory": cmd_memory, "soak": cmd_soak}[a.cmd](a)
+     "memory": cmd_memory, "restart": cmd_restart, "soak": cmd_soak}[a.cmd](a)
 
 
 if __name__ == "__main__":

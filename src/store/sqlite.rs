@@ -25,6 +25,10 @@
 //!
 //! Rows leave the head of the three logs every [`TRIM_EVERY`] commits, not at each.
 //!
+//! At start the logs are read first; `sessions` (a million rows, say) is then read on a
+//! connection and thread of its own and handed over in chunks while the state is rebuilt from
+//! them, so reading and indexing take the machine's two cores instead of one after the other.
+//!
 //! After any failed write the connection is dropped and reopened on the next attempt (and what
 //! this store holds in memory is read again), so a database that became read-only, full or
 //! locked recovers by itself once the cause is gone.
