@@ -172,6 +172,7 @@ impl Stored {
 
     fn snapshot(&self) -> Snapshot {
         Snapshot {
+            more_sessions: None,
             sessions: self
                 .sessions
                 .iter()
