@@ -311,6 +311,10 @@ struct Unfolded {
     rows: VecDeque<(i64, usize)>,
     /// Where the next sweep starts: just after this stream.
     cursor: Option<StreamKey>,
+    /// The `app` and `appname` strings of the keys in `pending`, shared so that those keys
+    /// compare by pointer (the state forgets its own copy with a domain's last live stream);
+    /// strings no key holds any more leave at each trim.
+    names: Names,
     /// Number of the next change, to tell a change's age in changes.
     next: u64,
     /// What `series_log` holds.
@@ -399,6 +403,11 @@ impl Unfolded {
             row,
             number,
             session,
+        };
+        let stream = StreamKey {
+            app: intern(&mut self.names, &stream.app),
+            appname: intern(&mut self.names, &stream.appname),
+            stream_id: stream.stream_id,
         };
         if let Some(superseded) = self.pending.insert(stream, change) {
             self.resolved(superseded.row);
@@ -739,14 +748,12 @@ type LoggedChange = (
     Option<i64>,
 );
 
-fn logged_change(
-    change: LoggedChange,
-    names: &mut Names,
-) -> Result<(StreamKey, Option<Session>), String> {
+fn logged_change(change: LoggedChange) -> Result<(StreamKey, Option<Session>), String> {
     let (app, appname, stream_id, sequence, area, since) = change;
+    // Shared once pending (see `Unfolded::names`).
     let stream = StreamKey {
-        app: intern(names, &app),
-        appname: intern(names, &appname),
+        app: app.into(),
+        appname: appname.into(),
         stream_id: stream_id.into(),
     };
     let session = match (sequence, area, since) {
@@ -766,14 +773,13 @@ fn read_unfolded(conn: &Connection) -> rusqlite::Result<Unfolded> {
     // Parsed here rather than with `json_each`, which took five times as long.
     let mut stmt = conn.prepare("SELECT id, changes FROM session_log ORDER BY id")?;
     let mut rows = stmt.query([])?;
-    let mut names = Names::default();
     while let Some(r) = rows.next()? {
         let id: i64 = r.get(0)?;
         let bad = |e: String| rusqlite::Error::FromSqlConversionFailure(1, Type::Text, e.into());
         let changes: Vec<LoggedChange> =
             serde_json::from_str(r.get_ref(1)?.as_str()?).map_err(|e| bad(e.to_string()))?;
         for change in changes {
-            let (stream, session) = logged_change(change, &mut names).map_err(bad)?;
+            let (stream, session) = logged_change(change).map_err(bad)?;
             unfolded.push(id, stream, session);
         }
     }
@@ -987,6 +993,7 @@ impl Store for SqliteStore {
                 let trim = unfolded.writes % trim_every == 0;
                 fold(&tx, unfolded, commit.sessions.len(), lag)?;
                 if trim {
+                    unfolded.names.retain(|name| Arc::strong_count(name) > 1);
                     if let Some(last) = unfolded.folded_through.take() {
                         tx.prepare_cached("DELETE FROM session_log WHERE id <= ?1")?
                             .execute([last])?;
@@ -1326,6 +1333,41 @@ mod tests {
         assert_eq!(unfolded.folded_through, Some(1), "row 1 is done");
         assert_eq!(keys(unfolded.sweep(3, 0)), [stream(0)]);
         assert_eq!(unfolded.folded_through, Some(2));
+
+        // Pending keys of one domain share its strings, however they came.
+        for n in [1, 4, 7] {
+            unfolded.push(3, stream(n), live("u"));
+        }
+        let apps: Vec<_> = unfolded.pending.keys().map(|k| k.app.clone()).collect();
+        assert_eq!(apps.len(), 3);
+        assert!(apps.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])));
+    }
+
+    /// The strings the pending keys share leave once no key holds them: domains come and go.
+    #[test]
+    fn shared_names_of_folded_streams_are_let_go() {
+        let (_dir, _path, mut store) = new_store("names.db");
+        store.fold_lag = 8;
+        store.trim_every = 1;
+        for batch in 0..100_u32 {
+            let stream = StreamKey {
+                app: format!("push{batch}.example.com").into(),
+                appname: "live".into(),
+                stream_id: "s".into(),
+            };
+            let commit = Commit {
+                sessions: vec![(stream, live("1"))],
+                ..Commit::default()
+            };
+            store.write(&commit, NOW).unwrap();
+        }
+        let unfolded = store.unfolded.as_ref().unwrap();
+        assert!(unfolded.pending.len() <= 8);
+        assert!(
+            unfolded.names.len() <= 8 + 2,
+            "{} names",
+            unfolded.names.len()
+        );
     }
 
     /// Stream ids and sequences of any text, numbers among them, come back from the session
