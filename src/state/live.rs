@@ -217,22 +217,6 @@ impl Live {
         })
     }
 
-    /// `stream` with the `app` and `appname` strings this table shares (the same as the
-    /// given ones when no live stream has them), so that keys handed on compare quickly.
-    pub fn shared_key(&self, stream: &StreamKey) -> StreamKey {
-        match self.place(stream) {
-            Some(place) => {
-                let slot = &self.slots[place as usize];
-                StreamKey {
-                    app: slot.app.clone(),
-                    appname: slot.appname.clone(),
-                    stream_id: stream.stream_id.clone(),
-                }
-            }
-            None => stream.clone(),
-        }
-    }
-
     fn place(&self, stream: &StreamKey) -> Option<u32> {
         match &self.last {
             Some((app, appname, place)) if *app == stream.app && *appname == stream.appname => {

@@ -306,7 +306,7 @@ impl Truth {
                 if streams.insert(stream) {
                     commit
                         .sessions
-                        .push((self.sessions.shared_key(stream), self.sessions.get(stream)));
+                        .push((stream.clone(), self.sessions.get(stream)));
                 }
             }
             for key in change.delivered.iter().flatten() {
