@@ -1502,8 +1502,12 @@ mod tests {
             .unwrap()
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .unwrap();
-        let limit = (WAL_LIMIT_PAGES as u64 + 256) * (page + 24) + 32;
-        for round in 4..1_000 {
+        // A commit's own checkpoint at the limit is a passive one, which SQLite skips while the
+        // checkpointer thread holds the checkpoint lock: the WAL overshoots by what commits
+        // write during one background checkpoint (258 pages once, on a slow disk). Without
+        // the commits' own checkpoints the WAL passes this bound after about 1,016 batches.
+        let limit = (WAL_LIMIT_PAGES as u64 + 1024) * (page + 24) + 32;
+        for round in 4..2_000 {
             store.write(&batch(round), NOW).unwrap();
             let wal = size(&wal);
             assert!(wal <= limit, "WAL of {wal} bytes after {round} batches");
