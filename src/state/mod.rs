@@ -79,7 +79,8 @@ pub struct SessionFeed {
 }
 
 impl Snapshot {
-    /// Every session, once all are read.
+    /// Every session, once all are read (for tests: the state takes them chunk by chunk).
+    #[cfg(test)]
     pub fn all_sessions(self) -> Result<Vec<(StreamKey, Session)>, String> {
         let mut all = self.sessions;
         if let Some(feed) = self.more_sessions {

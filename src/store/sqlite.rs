@@ -392,7 +392,7 @@ impl SeriesLog {
 }
 
 impl Unfolded {
-    fn push(&mut self, row: i64, stream: StreamKey, session: Option<Session>) {
+    fn push(&mut self, row: i64, stream: &StreamKey, session: Option<Session>) {
         let number = self.next;
         self.next += 1;
         match self.rows.back_mut() {
@@ -407,7 +407,7 @@ impl Unfolded {
         let stream = StreamKey {
             app: intern(&mut self.names, &stream.app),
             appname: intern(&mut self.names, &stream.appname),
-            stream_id: stream.stream_id,
+            stream_id: stream.stream_id.clone(),
         };
         if let Some(superseded) = self.pending.insert(stream, change) {
             self.resolved(superseded.row);
@@ -655,16 +655,15 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     })
 }
 
-/// An `area` column; an unknown value is a conversion error, never a guess.
+/// A stored area; an unknown one is an error, never a guess.
+fn area_of(text: &str) -> Result<Area, String> {
+    Area::from_label(text).ok_or_else(|| format!("unknown area {text:?}"))
+}
+
+/// An `area` column (see [`area_of`]).
 fn area(r: &Row, idx: usize) -> rusqlite::Result<Area> {
-    let text = r.get_ref(idx)?.as_str()?;
-    Area::from_label(text).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(
-            idx,
-            Type::Text,
-            format!("unknown area {text:?}").into(),
-        )
-    })
+    area_of(r.get_ref(idx)?.as_str()?)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, e.into()))
 }
 
 /// The strings of `app` and `appname` read so far: a million streams of a hundred domains then
@@ -760,7 +759,7 @@ fn logged_change(change: LoggedChange) -> Result<(StreamKey, Option<Session>), S
         (None, _, _) => None,
         (Some(sequence), Some(area), Some(since)) => Some(Session {
             sequence: Sequence::from(sequence.as_str()),
-            area: Area::from_label(&area).ok_or_else(|| format!("unknown area {area:?}"))?,
+            area: area_of(&area)?,
             since,
         }),
         _ => return Err(format!("the session of {stream} lacks its area or start")),
@@ -780,7 +779,7 @@ fn read_unfolded(conn: &Connection) -> rusqlite::Result<Unfolded> {
             serde_json::from_str(r.get_ref(1)?.as_str()?).map_err(|e| bad(e.to_string()))?;
         for change in changes {
             let (stream, session) = logged_change(change).map_err(bad)?;
-            unfolded.push(id, stream, session);
+            unfolded.push(id, &stream, session);
         }
     }
     let mut stmt = conn.prepare("SELECT id, metric, labels FROM series_names")?;
@@ -986,7 +985,7 @@ impl Store for SqliteStore {
                         .execute([changes])?;
                     let row = tx.last_insert_rowid();
                     for (stream, session) in &commit.sessions {
-                        unfolded.push(row, stream.clone(), session.clone());
+                        unfolded.push(row, stream, session.clone());
                     }
                 }
                 unfolded.writes += 1;
@@ -1317,14 +1316,14 @@ mod tests {
 
         let mut unfolded = Unfolded::default();
         for n in [5, 1, 4, 2, 3] {
-            unfolded.push(1, stream(n), live("s"));
+            unfolded.push(1, &stream(n), live("s"));
         }
         let keys = |taken: Vec<(StreamKey, Option<Session>)>| -> Vec<StreamKey> {
             taken.into_iter().map(|(k, _)| k).collect()
         };
         // Key order: domain first (`stream(n)` is on push{n % 3}), then the stream id.
         assert_eq!(keys(unfolded.sweep(2, 0)), [stream(3), stream(1)]);
-        unfolded.push(2, stream(0), live("t"));
+        unfolded.push(2, &stream(0), live("t"));
         // Young changes are passed over; the sweep goes on around the end.
         assert_eq!(
             keys(unfolded.sweep(3, 1)),
@@ -1336,7 +1335,7 @@ mod tests {
 
         // Pending keys of one domain share its strings, however they came.
         for n in [1, 4, 7] {
-            unfolded.push(3, stream(n), live("u"));
+            unfolded.push(3, &stream(n), live("u"));
         }
         let apps: Vec<_> = unfolded.pending.keys().map(|k| k.app.clone()).collect();
         assert_eq!(apps.len(), 3);
