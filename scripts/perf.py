@@ -43,6 +43,14 @@ KEY = "perf-measurement-key"
 HOST = "127.0.0.1"
 EXPORTER_PORT = 19877
 BARE_PORT = 19878
+# CPUs the servers and the load generator are confined to (`throughput --pin`); None: any.
+AFFINITY = {"server": None, "load": None}
+
+
+def pinned(role):
+    """A Popen preexec_fn confining the child to the CPUs of `role`, or None."""
+    cpus = AFFINITY[role]
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
 
 
 def log(*parts):
@@ -106,7 +114,7 @@ class Exporter:
             *self.extra,
         ]
         started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, env=env)
+        self.proc = subprocess.Popen(cmd, env=env, preexec_fn=pinned("server"))
         while time.monotonic() - started < ready_timeout:
             if self.proc.poll() is not None:
                 raise SystemExit(f"exporter exited with {self.proc.returncode}")
@@ -143,7 +151,7 @@ class Bare:
     url = f"http://{HOST}:{BARE_PORT}"
 
     def __enter__(self):
-        self.proc = subprocess.Popen([BARE, f"{HOST}:{BARE_PORT}"])
+        self.proc = subprocess.Popen([BARE, f"{HOST}:{BARE_PORT}"], preexec_fn=pinned("server"))
         for _ in range(500):
             try:
                 import socket
@@ -209,7 +217,7 @@ def load(target, *args, server_pid=None, quiet=True):
     env = dict(os.environ, CSS_CALLBACK_KEY=KEY)
     busy0, t0 = busy_seconds(), time.monotonic()
     server0 = process_seconds(server_pid) if server_pid else 0.0
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=pinned("load"))
     stdout = proc.stdout.read()
     _, _, usage = os.wait4(proc.pid, 0)
     elapsed = time.monotonic() - t0
@@ -244,6 +252,14 @@ def workdir():
 
 
 def cmd_throughput(a):
+    if a.pin:
+        # The load generator on the first CPU, the server on the others: each server gets the
+        # same CPU whatever the generator needs to drive it.
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs at least 2 CPUs")
+        AFFINITY.update(load={cpus[0]}, server=set(cpus[1:]))
+        log(f"load generator on CPU {cpus[0]}, servers on CPU {','.join(map(str, cpus[1:]))}")
     results = {}
     with Bare() as bare:
         s = load(bare.url, "--concurrency", a.concurrency, "--duration", a.duration, server_pid=bare.pid)
@@ -470,6 +486,8 @@ def main():
     t = sub.add_parser("throughput", help="max rate of the bare HTTP stack and of the exporter")
     t.add_argument("--duration", default="60s")
     t.add_argument("--concurrency", default="64")
+    t.add_argument("--pin", action="store_true",
+                   help="load generator on the first CPU, servers on the rest (no CPU shared between them)")
     lat = sub.add_parser("latency", help="latency at a fixed (open-loop) rate")
     lat.add_argument("--rate", required=True)
     lat.add_argument("--duration", default="60s")
