@@ -791,16 +791,30 @@ async fn run_history(
 /// Runs one history against the Redis ledger and the model. Events are recorded one after the
 /// other (a burst too): concurrent scripts may run in any order, and the model needs one. A
 /// restart is a new connection, with a new ledger, to the same keys.
-async fn run_redis_history(url: &str, steps: Vec<Step>) -> Result<(), TestCaseError> {
+///
+/// A ledger that does not remember (a zero window) gives its keys the shortest expiry Redis
+/// takes, 1 ms, and every event waits a little longer than that, so each key it set has expired
+/// in Redis itself: the model's "forgotten at once".
+async fn run_redis_history(
+    url: &str,
+    remembers: bool,
+    steps: Vec<Step>,
+) -> Result<(), TestCaseError> {
     // Every case has keys of its own on the shared server.
     static CASES: AtomicUsize = AtomicUsize::new(0);
     let prefix = format!("case{}:", CASES.fetch_add(1, Ordering::Relaxed));
     let connect = || async {
-        RedisLedger::connect(url, &prefix, window(true), 10_000, Duration::from_secs(5))
-            .await
-            .map_err(|e| TestCaseError::fail(format!("connect to redis: {e}")))
+        RedisLedger::connect(
+            url,
+            &prefix,
+            window(remembers),
+            10_000,
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| TestCaseError::fail(format!("connect to redis: {e}")))
     };
-    let mut model = Model::new(true);
+    let mut model = Model::new(remembers);
     let mut ledger = connect().await?;
     let mut delivered: Vec<Ev> = Vec::new();
     for (n, step) in steps.iter().enumerate() {
@@ -813,6 +827,9 @@ async fn run_redis_history(url: &str, steps: Vec<Step>) -> Result<(), TestCaseEr
             continue;
         };
         for ev in &batch {
+            if !remembers {
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
             let lo = now_secs();
             let answer = ledger.record(ev.to_event()).await;
             let hi = now_secs();
@@ -891,10 +908,32 @@ fn truth_rules_hold_for_random_histories_in_redis() {
     };
     let url = redis.url();
     run(300, history(true, 30), |steps| {
-        rt.block_on(run_redis_history(&url, steps))
+        rt.block_on(run_redis_history(&url, true, steps))
     });
     // The dedup window is an hour here: a push of the live session is always a retry it holds.
     assert_rules_seen(&["push of the live session again"]);
+}
+
+/// The same with keys that expire: what Redis forgets must be what the local ledger forgets,
+/// the live session's push excepted (still a retry, known from the session itself).
+#[test]
+fn truth_rules_hold_for_random_histories_in_redis_with_expired_keys() {
+    let rt = runtime();
+    let Some(redis) = rt.block_on(RedisServer::start()) else {
+        return;
+    };
+    let url = redis.url();
+    run(100, history(true, 30), |steps| {
+        rt.block_on(run_redis_history(&url, false, steps))
+    });
+    // Nothing delivered is remembered, so no event is a retry of a delivered one, and no push
+    // finds its disconnect delivered before it.
+    assert_rules_seen(&[
+        "duplicate push",
+        "duplicate disconnect",
+        "push after its disconnect ends the live session",
+        "push after its disconnect, nothing live",
+    ]);
 }
 
 // ---------------------------------------------------------------------------------------------
