@@ -27,11 +27,10 @@ use tokio::sync::oneshot;
 use crate::callback::{Event, EventKind, Outcome};
 use crate::metrics::CommitStats;
 use crate::state::{Change, Limits, Truth};
+use crate::store::{Store, StoreError};
 
 /// `--metrics.max-domains` default.
 pub const DEFAULT_MAX_DOMAINS: usize = 10_000;
-use crate::store::{Store, StoreError};
-
 /// Largest batch written in one transaction; bounds the latency of the first request of a burst.
 const MAX_BATCH: usize = 4096;
 /// How often expired delivered keys are purged while the store is healthy (more often when the
