@@ -145,6 +145,108 @@ async fn connection_cap_queues_new_connections_until_a_slot_frees() {
     }
 }
 
+/// One keep-alive exchange: writes a callback, reads the answer; its status and whether the
+/// server said it closes the connection.
+async fn exchange(stream: &mut TcpStream, body: &[u8]) -> std::io::Result<(u16, bool)> {
+    let head = format!(
+        "POST /callback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(&[head.as_bytes(), body].concat()).await?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got.extend_from_slice(&buf[..n]);
+        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        if got.len() >= end + 4 + length {
+            let status = head[9..12].parse().unwrap();
+            return Ok((status, head.contains("\r\nconnection: close")));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_busy_connections_take_turns_with_waiting_ones() {
+    // Idle connections are closed only after a minute: what frees a slot here is the rotation.
+    let app = spawn_app_with(AppOptions {
+        args: args(&[
+            "--web.max-connections",
+            "2",
+            "--web.read-header-timeout",
+            "60s",
+        ]),
+        ..Default::default()
+    })
+    .await;
+    let addr = app.callback_addr;
+    let body = serde_json::to_vec(&signed(sample("push"))).unwrap();
+    // Two clients that never pause hold both slots, each connecting again when told to close.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, body) = (stop.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut closed = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut s = TcpStream::connect(addr).await.unwrap();
+                    loop {
+                        let (status, close) = exchange(&mut s, &body).await.unwrap();
+                        assert_eq!(status, 200);
+                        if close {
+                            closed += 1;
+                            break;
+                        }
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            return closed;
+                        }
+                    }
+                }
+                closed
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = app.scrape().await.callbacks("push", "duplicate");
+
+    // A third client waits in the accept queue; it is served while the two keep sending.
+    let started = Instant::now();
+    let mut waiting = TcpStream::connect(addr).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), exchange(&mut waiting, &body))
+        .await
+        .expect("a waiting connection was not served while busy ones held every slot");
+    assert_eq!(answer.unwrap().0, 200);
+    let waited = started.elapsed();
+    let after = app.scrape().await.callbacks("push", "duplicate");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut closed = 0;
+    for b in busy {
+        closed += b.await.unwrap();
+    }
+    assert!(
+        after > before,
+        "the busy connections were not sending meanwhile"
+    );
+    assert!(closed >= 1, "no busy connection was asked to close");
+    // Below the cap nothing is closed: with the busy clients gone, a connection stays open.
+    drop(waiting);
+    let mut alone = TcpStream::connect(addr).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(exchange(&mut alone, &body).await.unwrap(), (200, false));
+    }
+    eprintln!("served after {waited:?}; busy connections closed {closed} times");
+}
+
 #[tokio::test]
 async fn domains_past_the_cap_are_counted_under_other() {
     let dir = tempfile::tempdir().unwrap();
