@@ -15,6 +15,15 @@ fn args(extra: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// The exporter in memory with `flags`.
+async fn app_with(flags: &[&str]) -> TestApp {
+    spawn_app_with(AppOptions {
+        args: args(flags),
+        ..Default::default()
+    })
+    .await
+}
+
 /// Reads until the peer closes the connection (whatever it answered before); false on timeout.
 async fn closed_within(stream: &mut TcpStream, timeout: Duration) -> bool {
     let mut buf = [0u8; 1024];
@@ -30,15 +39,12 @@ async fn closed_within(stream: &mut TcpStream, timeout: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_do_not_delay_a_real_callback_and_get_closed() {
-    let app = spawn_app_with(AppOptions {
-        args: args(&[
-            "--web.read-header-timeout",
-            "3s",
-            "--web.request-timeout",
-            "4s",
-        ]),
-        ..Default::default()
-    })
+    let app = app_with(&[
+        "--web.read-header-timeout",
+        "3s",
+        "--web.request-timeout",
+        "4s",
+    ])
     .await;
     let addr = app.callback_addr;
     let mut idle = Vec::new();
@@ -108,15 +114,12 @@ async fn slow_clients_do_not_delay_a_real_callback_and_get_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cap_queues_new_connections_until_a_slot_frees() {
-    let app = spawn_app_with(AppOptions {
-        args: args(&[
-            "--web.max-connections",
-            "20",
-            "--web.read-header-timeout",
-            "1s",
-        ]),
-        ..Default::default()
-    })
+    let app = app_with(&[
+        "--web.max-connections",
+        "20",
+        "--web.read-header-timeout",
+        "1s",
+    ])
     .await;
     let mut hogs = Vec::new();
     for _ in 0..20 {
@@ -179,15 +182,12 @@ async fn exchange(stream: &mut TcpStream, body: &[u8]) -> std::io::Result<(u16, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_cap_busy_connections_take_turns_with_waiting_ones() {
     // Idle connections are closed only after a minute: what frees a slot here is the rotation.
-    let app = spawn_app_with(AppOptions {
-        args: args(&[
-            "--web.max-connections",
-            "2",
-            "--web.read-header-timeout",
-            "60s",
-        ]),
-        ..Default::default()
-    })
+    let app = app_with(&[
+        "--web.max-connections",
+        "2",
+        "--web.read-header-timeout",
+        "60s",
+    ])
     .await;
     let addr = app.callback_addr;
     let body = serde_json::to_vec(&signed(sample("push"))).unwrap();
