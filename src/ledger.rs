@@ -31,6 +31,7 @@ use crate::store::{Store, StoreError};
 
 /// `--metrics.max-domains` default.
 pub const DEFAULT_MAX_DOMAINS: usize = 10_000;
+
 /// Largest batch written in one transaction; bounds the latency of the first request of a burst.
 const MAX_BATCH: usize = 4096;
 /// How often expired delivered keys are purged while the store is healthy (more often when the

@@ -1,5 +1,7 @@
 //! Slow and abusive clients, and the cap on domain cardinality.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -192,13 +194,13 @@ async fn at_the_cap_busy_connections_take_turns_with_waiting_ones() {
     let addr = app.callback_addr;
     let body = serde_json::to_vec(&signed(sample("push"))).unwrap();
     // Two clients that never pause hold both slots, each connecting again when told to close.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let busy: Vec<_> = (0..2)
         .map(|_| {
             let (stop, body) = (stop.clone(), body.clone());
             tokio::spawn(async move {
                 let mut closed = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     let mut s = TcpStream::connect(addr).await.unwrap();
                     loop {
                         let (status, close) = exchange(&mut s, &body).await.unwrap();
@@ -207,7 +209,7 @@ async fn at_the_cap_busy_connections_take_turns_with_waiting_ones() {
                             closed += 1;
                             break;
                         }
-                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if stop.load(Ordering::Relaxed) {
                             return closed;
                         }
                     }
@@ -228,7 +230,7 @@ async fn at_the_cap_busy_connections_take_turns_with_waiting_ones() {
     assert_eq!(answer.unwrap().0, 200);
     let waited = started.elapsed();
     let after = app.scrape().await.callbacks("push", "duplicate");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     let mut closed = 0;
     for b in busy {
         closed += b.await.unwrap();
