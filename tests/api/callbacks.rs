@@ -18,6 +18,7 @@ async fn accepted_push_answers_code_0() {
     let answer = app.post(&signed(sample("push"))).await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.body, r#"{"code":0}"#);
+    assert_eq!(answer.content_type.as_deref(), Some("application/json"));
     assert_eq!(outcome(&app, "push", "accepted").await, 1.0);
 }
 

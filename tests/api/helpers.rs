@@ -175,7 +175,14 @@ impl Scrape {
 #[derive(Debug)]
 pub struct Answer {
     pub status: u16,
+    /// The `Content-Type` header, if any.
+    pub content_type: Option<String>,
     pub body: String,
+}
+
+fn content_type_of(response: &reqwest::Response) -> Option<String> {
+    let value = response.headers().get(reqwest::header::CONTENT_TYPE)?;
+    value.to_str().ok().map(str::to_owned)
 }
 
 /// Talks to an exporter at a callback address and a metrics address.
@@ -214,6 +221,7 @@ impl Client {
             .await?;
         Ok(Answer {
             status: response.status().as_u16(),
+            content_type: content_type_of(&response),
             body: response.text().await?,
         })
     }
@@ -229,6 +237,7 @@ impl Client {
             .expect("callback request");
         Answer {
             status: response.status().as_u16(),
+            content_type: content_type_of(&response),
             body: response.text().await.unwrap(),
         }
     }
@@ -237,6 +246,7 @@ impl Client {
         let response = self.http.get(url).send().await.expect("GET");
         Answer {
             status: response.status().as_u16(),
+            content_type: content_type_of(&response),
             body: response.text().await.unwrap(),
         }
     }
