@@ -1,0 +1,309 @@
+//! The SQLite store: the default, durable across crashes and restarts.
+//!
+//! WAL journal, one transaction per batch, and a batch mostly *appends*. Rows keyed by stream or
+//! by sequence land on random pages of a B-tree, and a commit writes every page it dirtied
+//! (4 KiB) to the WAL and again at the checkpoint: upserting sessions and delivered keys in place
+//! cost about 3 KiB of writes an event. Appended rows share the last pages of their table, so a
+//! batch writes about the size of its rows.
+//!
+//! - `session_log`: one row a batch with its session changes (the session now, or none; a JSON
+//!   array), in commit order. Changes older than half of [`FOLD_LAG`] are folded into
+//!   `sessions` in the same transaction, swept in key order so that folds share pages. A change
+//!   that a later one of the same stream supersedes is dropped without touching `sessions`, so a
+//!   session pushed and disconnected within the lag costs no random write at all. (Schema 2 had
+//!   a row a change: inserting them one by one was a quarter of a batch's write.)
+//! - `delivered`: one row a batch with the batch's dedup keys (a JSON array). Expiry grows with
+//!   the id, so expired rows are deleted from the head.
+//! - `series_log`: one row a batch with the new value of each counter it changed (a JSON array),
+//!   each counter named by its number in `series_names`. (Schema 3 repeated its metric and
+//!   JSON labels in every row: over half of a commit's bytes.)
+//!   Only the last [`SERIES_ROWS`](unfolded::SERIES_ROWS) rows are kept: a batch also writes again the counters whose
+//!   newest value is about to leave that window, a few each time. So there is no fold, and no
+//!   stall: upserting the counters in place dirtied most pages of their table at every batch (a
+//!   batch touches the counters of most domains), and folding a log of them into the table took
+//!   10-25 ms at a time. `series` holds what a schema-1 database had; values in the log win.
+//!
+//! Rows leave the head of the three logs every [`TRIM_EVERY`] commits, not at each.
+//!
+//! At start the logs are read first; `sessions` (a million rows, say) is then read on a
+//! connection and thread of its own and handed over in chunks while the state is rebuilt from
+//! them, so reading and indexing take the machine's two cores instead of one after the other.
+//!
+//! After any failed write the connection is dropped and reopened on the next attempt (and what
+//! this store holds in memory is read again), so a database that became read-only, full or
+//! locked recovers by itself once the cause is gone.
+//!
+//! Layout: [`schema`] (the tables and the upgrades), [`connection`] (connections, the batch's
+//! transaction, the checkpoint thread), [`unfolded`] (what the logs hold, in memory, and the
+//! fold), [`rows`] (values to and from columns), [`restore`] (what start reads back); the store
+//! itself, below, writes a batch and answers for it.
+
+mod connection;
+mod restore;
+mod rows;
+mod schema;
+mod unfolded;
+
+use std::path::PathBuf;
+
+use rusqlite::types::Type;
+use rusqlite::{params, Connection};
+
+use super::{Store, StoreError};
+use crate::callback::{EventKind, StreamKey};
+use crate::state::{Commit, DeliveryKey, FastSet, SessionFeed, Snapshot};
+use connection::{connect, Checkpointer, WriteTransaction};
+use restore::{read_sessions, read_unfolded, SESSION_CHUNKS};
+use rows::decode_series;
+use schema::migrate;
+use unfolded::Unfolded;
+
+/// Session changes left unfolded, about: enough that a short session's push and disconnect
+/// usually meet in the log and cancel out, and that folds share pages; few enough to replay in
+/// milliseconds at start.
+pub const FOLD_LAG: usize = 65_536;
+
+/// Commits between deletions from the head of the logs (folds, expired keys, old counter rows).
+/// Deleting the oldest row of a table at every commit dirtied its first page, the free list and
+/// the header each time, about a third of a small commit's WAL frames; deleting every 32nd
+/// commit writes each of those pages once for 32 commits' rows.
+const TRIM_EVERY: u64 = 32;
+/// Expired delivered-key batches deleted by one statement.
+const PURGE_STEP: i64 = 256;
+
+/// How hard each commit is pushed to disk (`--storage.sync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyncMode {
+    /// Survives a crash of the process; a power loss may lose the last commits.
+    Normal,
+    /// Also survives power loss: fsync on every commit.
+    Full,
+}
+
+/// A SQLite database file.
+pub struct SqliteStore {
+    path: PathBuf,
+    sync: SyncMode,
+    /// `None` after a failure: reopened before the next write.
+    conn: Option<Connection>,
+    /// The session-log rows not folded yet, as committed; `None` whenever `conn` is, because a
+    /// failed write may have changed it before its transaction rolled back.
+    unfolded: Option<Unfolded>,
+    /// Session-log rows left unfolded: [`FOLD_LAG`], smaller in tests.
+    fold_lag: usize,
+    /// Commits between trims of the logs: [`TRIM_EVERY`], other values in tests.
+    trim_every: u64,
+    /// Copies the WAL into the database off the commit path; told after every commit.
+    checkpointer: Checkpointer,
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its folder if needed) and checks the database. A file that is not
+    /// a database of ours is an error, never silently replaced.
+    pub fn open(path: PathBuf, sync: SyncMode) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Folder {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let checkpointer = Checkpointer::start(path.clone(), sync);
+        let mut store = SqliteStore {
+            path,
+            sync,
+            conn: None,
+            unfolded: None,
+            fold_lag: FOLD_LAG,
+            trim_every: TRIM_EVERY,
+            checkpointer,
+        };
+        store.with_conn(|_, _| Ok(()))?;
+        Ok(store)
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Runs `f` on the connection (reopening it after a failure) and the unfolded rows; on
+    /// failure both are dropped, to be read again.
+    fn with_conn<T>(
+        &mut self,
+        f: impl FnOnce(&mut Connection, &mut Unfolded) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        if self.conn.is_none() {
+            let conn = connect(&self.path, self.sync).map_err(|e| self.err(e))?;
+            migrate(&conn, &self.path)?;
+            self.conn = Some(conn);
+        }
+        let conn = self.conn.as_mut().expect("just opened");
+        let result = match &mut self.unfolded {
+            Some(unfolded) => f(conn, unfolded),
+            None => read_unfolded(conn).and_then(|mut unfolded| {
+                let result = f(conn, &mut unfolded);
+                self.unfolded = Some(unfolded);
+                result
+            }),
+        };
+        result.map_err(|e| {
+            self.conn = None;
+            self.unfolded = None;
+            self.err(e)
+        })
+    }
+}
+
+/// Appends a batch's new delivered-event keys to `delivered` as one row.
+fn log_delivered(conn: &Connection, delivered: &[(DeliveryKey, i64)]) -> rusqlite::Result<()> {
+    let Some(latest) = delivered.iter().map(|(_, e)| *e).max() else {
+        return Ok(());
+    };
+    let keys: Vec<_> = delivered
+        .iter()
+        .map(|(key, expires_ms)| (key.sequence.to_string(), key.event_type(), expires_ms))
+        .collect();
+    let keys = serde_json::to_string(&keys).expect("keys serialize");
+    conn.prepare_cached("INSERT INTO delivered (expires_ms, keys) VALUES (?1, ?2)")?
+        .execute(params![latest, keys])?;
+    Ok(())
+}
+
+/// Deletes up to `step` batches of delivered keys expired at `now_ms` from the head of the
+/// table; returns how many.
+fn expire(conn: &Connection, now_ms: i64, step: i64) -> rusqlite::Result<usize> {
+    // Expiry grows with the id: if the oldest key is still valid, so is every other.
+    let head: Option<(i64, i64)> = conn
+        .prepare_cached("SELECT id, expires_ms FROM delivered ORDER BY id LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    match head {
+        Some((id, expires_ms)) if expires_ms <= now_ms => conn
+            .prepare_cached("DELETE FROM delivered WHERE id < ?1 AND expires_ms <= ?2")?
+            .execute(params![id.saturating_add(step), now_ms]),
+        _ => Ok(0),
+    }
+}
+
+impl Store for SqliteStore {
+    fn load(&mut self) -> Result<Snapshot, StoreError> {
+        let (mut snapshot, pending, expected) = self.with_conn(|conn, unfolded| {
+            let mut snapshot = Snapshot::default();
+            // Folded sessions of streams the log has not changed since are read below, on a
+            // connection and thread of their own while the state is rebuilt; the log's word
+            // is here.
+            let expected: i64 =
+                conn.query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))?;
+            let pending: FastSet<StreamKey> = unfolded.pending.keys().cloned().collect();
+            for (stream, change) in &unfolded.pending {
+                if let Some(session) = &change.session {
+                    snapshot.sessions.push((stream.clone(), session.clone()));
+                }
+            }
+            let mut stmt = conn.prepare("SELECT keys FROM delivered ORDER BY id")?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let keys: Vec<(String, i64, i64)> = serde_json::from_str(r.get_ref(0)?.as_str()?)
+                    .map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(0, Type::Text, Box::new(e))
+                })?;
+                snapshot.delivered.extend(keys.into_iter().map(
+                    |(sequence, event_type, expires)| {
+                        let kind = EventKind::from_event_type(Some(event_type));
+                        (DeliveryKey::new(&sequence, kind), expires)
+                    },
+                ));
+            }
+            // The log's values win over the table's (written by schema 1).
+            let mut stmt =
+                conn.prepare("SELECT metric, labels, value, sum_ms, buckets FROM series")?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let (series, value) =
+                    decode_series((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))?;
+                if !unfolded.series.latest.contains_key(&series) {
+                    snapshot.series.push((series, value));
+                }
+            }
+            let latest = &unfolded.series.latest;
+            snapshot
+                .series
+                .extend(latest.iter().map(|(s, (v, _))| (s.clone(), v.clone())));
+            Ok((snapshot, pending, expected))
+        })?;
+        let reader = connect(&self.path, self.sync).map_err(|e| self.err(e))?;
+        let path = self.path.clone();
+        let (chunks, feed) = std::sync::mpsc::sync_channel(SESSION_CHUNKS);
+        std::thread::Builder::new()
+            .name("session-loader".into())
+            .spawn(move || {
+                if let Err(e) = read_sessions(&reader, &pending, &chunks) {
+                    let _ = chunks.send(Err(format!("database {}: {e}", path.display())));
+                }
+            })
+            .map_err(|e| StoreError::Invalid {
+                path: self.path.clone(),
+                reason: format!("cannot start the thread that reads the sessions: {e}"),
+            })?;
+        snapshot.more_sessions = Some(SessionFeed {
+            expected: usize::try_from(expected).unwrap_or(0),
+            chunks: feed,
+        });
+        Ok(snapshot)
+    }
+
+    fn write(&mut self, commit: &Commit, now_ms: i64) -> Result<(), StoreError> {
+        if commit.is_empty() {
+            return Ok(());
+        }
+        let (lag, trim_every) = (self.fold_lag, self.trim_every);
+        self.with_conn(|conn, unfolded| {
+            let tx = WriteTransaction::begin(conn)?;
+            // The heads of the logs are trimmed every few commits, not at each (TRIM_EVERY).
+            let trim = unfolded.count_write(trim_every);
+            unfolded.log_sessions(&tx, &commit.sessions, lag, trim)?;
+            log_delivered(&tx, &commit.delivered)?;
+            // Expired batches go with every few new ones, so the table keeps pace with steady
+            // traffic in small steps instead of large purges.
+            if trim {
+                expire(&tx, now_ms, 4 * trim_every as i64)?;
+            }
+            unfolded.series.append(&tx, &commit.series, trim)?;
+            tx.commit()
+        })?;
+        self.checkpointer.committed();
+        Ok(())
+    }
+
+    fn reload(&mut self) -> Option<Result<Snapshot, StoreError>> {
+        // A transaction cut short by a panic was rolled back when it was dropped; the unfolded
+        // rows and the series log may have taken its changes all the same.
+        self.conn = None;
+        self.unfolded = None;
+        Some(self.load())
+    }
+
+    fn purge(&mut self, now_ms: i64) -> Result<(), StoreError> {
+        self.with_conn(|conn, _| {
+            // A few steps at most, so a purge after a long burst does not hold the ledger up;
+            // the next purges and the writes take the rest.
+            for _ in 0..4 {
+                if expire(conn, now_ms, PURGE_STEP)? == 0 {
+                    break;
+                }
+            }
+            Ok(())
+        })?;
+        self.checkpointer.committed();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
