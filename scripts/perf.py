@@ -284,9 +284,12 @@ def cmd_latency(a):
     tmp = workdir()
     try:
         with Exporter(os.path.join(tmp, "exporter.db")) as ex:
-            s = load(ex.url, "--concurrency", a.concurrency, "--duration", a.duration, "--rate", a.rate, server_pid=ex.pid)
+            s = load(ex.url, "--concurrency", a.concurrency, "--duration", a.duration, "--rate", a.rate,
+                     "--domains", a.domains, server_pid=ex.pid)
+            s["commits"] = commit_stats(ex.url)
             out["exporter"] = s
-            log(f"exporter at {a.rate} req/s:", describe(s))
+            log(f"exporter at {a.rate} req/s, {a.domains} domains:", describe(s))
+            log("  commits: {count}, {mean_us:.1f} µs each on average".format(**s["commits"]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if a.bare:
@@ -295,6 +298,18 @@ def cmd_latency(a):
             out["bare"] = s
             log(f"bare HTTP stack at {a.rate} req/s:", describe(s))
     print(json.dumps(out))
+
+
+def commit_stats(url):
+    """How many commits the exporter made and their mean time, from its storage metrics."""
+    _, body = http_get(url + "/metrics", timeout=30)
+    values = {}
+    for line in body.decode().splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("tencent_css_exporter_storage_commit_duration_seconds_"):
+            values[name.rsplit("_", 1)[-1]] = float(value)
+    count = values.get("count", 0.0)
+    return {"count": int(count), "mean_us": 1e6 * values.get("sum", 0.0) / count if count else 0.0}
 
 
 def scrape_times(url, n):
@@ -493,6 +508,7 @@ def main():
     lat.add_argument("--duration", default="60s")
     lat.add_argument("--concurrency", default="64")
     lat.add_argument("--bare", action="store_true", help="also measure the bare HTTP stack at that rate")
+    lat.add_argument("--domains", default="100", help="push domains the callbacks are spread over")
     m = sub.add_parser("metrics", help="/metrics time with many domains and its effect on callbacks")
     m.add_argument("--domains", default="1000")
     m.add_argument("--scrapes", type=int, default=200)

@@ -17,8 +17,10 @@
 //! - `series_log`: one row a batch with the new value of each counter it changed (a JSON array),
 //!   each counter named by its number in `series_names`. (Schema 3 repeated its metric and
 //!   JSON labels in every row: over half of a commit's bytes.)
-//!   Only the last [`SERIES_ROWS`](unfolded::SERIES_ROWS) rows are kept: a batch also writes again the counters whose
-//!   newest value is about to leave that window, a few each time. So there is no fold, and no
+//!   A batch also writes again a few of the counters whose newest value is over
+//!   [`SERIES_ROWS`](unfolded::SERIES_ROWS) rows old (at most half as many as it changed,
+//!   [`REWRITE_MIN`](unfolded::REWRITE_MIN) at least), and the rows before the oldest that
+//!   holds a counter's newest value are deleted. So there is no fold, and no
 //!   stall: upserting the counters in place dirtied most pages of their table at every batch (a
 //!   batch touches the counters of most domains), and folding a log of them into the table took
 //!   10-25 ms at a time. `series` holds what a schema-1 database had; values in the log win.

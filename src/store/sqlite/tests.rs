@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::connection::{WAL_KEEP_BYTES, WAL_LIMIT_PAGES};
 use super::restore::SESSION_CHUNK;
 use super::schema::{DELIVERED, SCHEMA_VERSION, SERIES, SESSIONS};
-use super::unfolded::SERIES_ROWS;
+use super::unfolded::{REWRITE_MIN, SERIES_ROWS};
 use super::*;
 use crate::area::Area;
 use crate::state::counters::{Series, Value};
@@ -489,6 +489,57 @@ fn series_keep_their_newest_value_through_the_log() {
         .collect();
     expected.insert(0, (pushes(0), Value::Count(7)));
     assert_eq!(loaded, expected);
+}
+
+/// With many more counters than a batch changes, a batch writes again only a few of them
+/// (half as many as it changed, at least `REWRITE_MIN`), not every counter that aged past
+/// `SERIES_ROWS` at once; the log is trimmed only as far as no counter's newest value is lost,
+/// and a reload still sees every counter.
+#[test]
+fn many_counters_are_written_again_a_few_a_batch() {
+    let (_dir, path, mut store) = new_store("many.db");
+    let idle = |d: u64| Series::Pushes(format!("idle{d}.example.com").into(), Area::Mainland);
+    let busy = |d: u64| Series::Pushes(format!("busy{d}.example.com").into(), Area::Mainland);
+    let counters = 2_000;
+    let first = Commit {
+        series: (0..counters).map(|d| (idle(d), Value::Count(d))).collect(),
+        ..Commit::default()
+    };
+    store.write(&first, NOW).unwrap();
+    let batches = 4 * SERIES_ROWS as u64;
+    for n in 0..batches {
+        let commit = Commit {
+            series: (0..2).map(|d| (busy(d), Value::Count(n))).collect(),
+            ..Commit::default()
+        };
+        store.write(&commit, NOW).unwrap();
+    }
+    let conn = Connection::open(&path).unwrap();
+    let widest: i64 = conn
+        .query_row(
+            "SELECT max(json_array_length(batch)) FROM series_log WHERE id > 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(widest, 2 + REWRITE_MIN as i64);
+    // 8 a batch once 256 rows old: all 2,000 are written again within 250 batches, and the
+    // row that held them goes at the next trim.
+    let oldest: i64 = conn
+        .query_row("SELECT min(id) FROM series_log", [], |r| r.get(0))
+        .unwrap();
+    assert!(oldest > 1, "the first row is still there");
+    assert_eq!(count(&path, "current_series"), counters as i64 + 2);
+    drop(conn);
+    drop(store);
+
+    let mut store = SqliteStore::open(path, SyncMode::Normal).unwrap();
+    let loaded: HashMap<Series, Value> = store.load().unwrap().series.into_iter().collect();
+    assert_eq!(loaded.len(), counters as usize + 2);
+    for d in 0..counters {
+        assert_eq!(loaded[&idle(d)], Value::Count(d));
+    }
+    assert_eq!(loaded[&busy(1)], Value::Count(batches - 1));
 }
 
 /// A schema-2 database (a session-log row a change, counters logged with their names) is
