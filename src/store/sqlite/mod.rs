@@ -20,10 +20,10 @@
 //!   A batch also writes again a few of the counters whose newest value is over
 //!   [`SERIES_ROWS`](unfolded::SERIES_ROWS) rows old (at most half as many as it changed,
 //!   [`REWRITE_MIN`](unfolded::REWRITE_MIN) at least), and the rows before the oldest that
-//!   holds a counter's newest value are deleted. So there is no fold, and no
-//!   stall: upserting the counters in place dirtied most pages of their table at every batch (a
-//!   batch touches the counters of most domains), and folding a log of them into the table took
-//!   10-25 ms at a time. `series` holds what a schema-1 database had; values in the log win.
+//!   holds a counter's newest value are deleted. So there is no fold, and no stall: upserting
+//!   the counters in place dirtied most pages of their table at every batch (a batch touches
+//!   the counters of most domains), and folding a log of them into the table took 10-25 ms at
+//!   a time. `series` holds what a schema-1 database had; values in the log win.
 //!
 //! Rows leave the head of the three logs every [`TRIM_EVERY`] commits, not at each.
 //!
