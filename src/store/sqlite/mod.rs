@@ -48,15 +48,13 @@ mod unfolded;
 
 use std::path::PathBuf;
 
-use rusqlite::types::Type;
 use rusqlite::{params, Connection};
 
 use super::{Store, StoreError};
-use crate::callback::{EventKind, StreamKey};
+use crate::callback::StreamKey;
 use crate::state::{Commit, DeliveryKey, FastSet, SessionFeed, Snapshot};
 use connection::{connect, Checkpointer, WriteTransaction};
-use restore::{read_sessions, read_unfolded, SESSION_CHUNKS};
-use rows::decode_series;
+use restore::{read_delivered, read_series_table, read_sessions, read_unfolded, SESSION_CHUNKS};
 use schema::migrate;
 use unfolded::Unfolded;
 
@@ -208,31 +206,12 @@ impl Store for SqliteStore {
                     snapshot.sessions.push((stream.clone(), session.clone()));
                 }
             }
-            let mut stmt = conn.prepare("SELECT keys FROM delivered ORDER BY id")?;
-            let mut rows = stmt.query([])?;
-            while let Some(r) = rows.next()? {
-                let keys: Vec<(String, i64, i64)> = serde_json::from_str(r.get_ref(0)?.as_str()?)
-                    .map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(0, Type::Text, Box::new(e))
-                })?;
-                snapshot.delivered.extend(keys.into_iter().map(
-                    |(sequence, event_type, expires)| {
-                        let kind = EventKind::from_event_type(Some(event_type));
-                        (DeliveryKey::new(&sequence, kind), expires)
-                    },
-                ));
-            }
+            snapshot.delivered = read_delivered(conn)?;
             // The log's values win over the table's (written by schema 1).
-            let mut stmt =
-                conn.prepare("SELECT metric, labels, value, sum_ms, buckets FROM series")?;
-            let mut rows = stmt.query([])?;
-            while let Some(r) = rows.next()? {
-                let (series, value) =
-                    decode_series((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))?;
-                if !unfolded.series.latest.contains_key(&series) {
-                    snapshot.series.push((series, value));
-                }
-            }
+            snapshot.series = read_series_table(conn)?
+                .into_iter()
+                .filter(|(series, _)| !unfolded.series.latest.contains_key(series))
+                .collect();
             let latest = &unfolded.series.latest;
             snapshot
                 .series

@@ -1,17 +1,19 @@
-//! What start reads back: the logs into their [`Unfolded`] memory, and the folded sessions, in
-//! chunks on a thread of their own.
+//! What start reads back: the logs into their [`Unfolded`] memory, the delivered keys, the
+//! counters of schema 1's table, and the folded sessions, in chunks on a thread of their own.
 
 use std::collections::HashMap;
 
 use rusqlite::types::Type;
 use rusqlite::Connection;
 
-use super::rows::{decode_name, decode_value, logged_change, session, stream_key, unknown_series};
+use super::rows::unknown_series;
+use super::rows::{decode_name, decode_series, decode_value, logged_change, session, stream_key};
 use super::rows::{LoggedChange, LoggedValue};
 use super::unfolded::{Names, Unfolded};
-use crate::callback::StreamKey;
+use crate::callback::{EventKind, StreamKey};
+use crate::state::counters::{Series, Value};
 use crate::state::rules::Session;
-use crate::state::FastSet;
+use crate::state::{DeliveryKey, FastSet};
 
 /// Stored sessions sent at a time by [`read_sessions`], and chunks it may read ahead.
 pub(super) const SESSION_CHUNK: usize = 8192;
@@ -99,4 +101,37 @@ pub(super) fn read_unfolded(conn: &Connection) -> rusqlite::Result<Unfolded> {
         unfolded.series.last_row = row;
     }
     Ok(unfolded)
+}
+
+/// The delivered-event keys of `delivered`, oldest batch first, with their expiry.
+pub(super) fn read_delivered(conn: &Connection) -> rusqlite::Result<Vec<(DeliveryKey, i64)>> {
+    let mut delivered = Vec::new();
+    let mut stmt = conn.prepare("SELECT keys FROM delivered ORDER BY id")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let keys: Vec<(String, i64, i64)> = serde_json::from_str(r.get_ref(0)?.as_str()?)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, Type::Text, Box::new(e)))?;
+        delivered.extend(keys.into_iter().map(|(sequence, event_type, expires)| {
+            let kind = EventKind::from_event_type(Some(event_type));
+            (DeliveryKey::new(&sequence, kind), expires)
+        }));
+    }
+    Ok(delivered)
+}
+
+/// The counters of the `series` table (what a schema-1 database held).
+pub(super) fn read_series_table(conn: &Connection) -> rusqlite::Result<Vec<(Series, Value)>> {
+    let mut stmt = conn.prepare("SELECT metric, labels, value, sum_ms, buckets FROM series")?;
+    let mut rows = stmt.query([])?;
+    let mut series = Vec::new();
+    while let Some(r) = rows.next()? {
+        series.push(decode_series((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+        ))?);
+    }
+    Ok(series)
 }

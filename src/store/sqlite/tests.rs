@@ -9,6 +9,7 @@ use super::schema::{DELIVERED, SCHEMA_VERSION, SERIES, SESSIONS};
 use super::unfolded::{REWRITE_MIN, SERIES_ROWS};
 use super::*;
 use crate::area::Area;
+use crate::callback::EventKind;
 use crate::state::counters::{Series, Value};
 use crate::state::rules::{Sequence, Session};
 

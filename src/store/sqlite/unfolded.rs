@@ -128,7 +128,7 @@ impl SeriesLog {
     }
 
     /// The oldest row that holds a counter's newest value: the rows before it hold none.
-    pub(super) fn oldest_row(&mut self) -> Option<i64> {
+    fn oldest_row(&mut self) -> Option<i64> {
         while let Some((series, at)) = self.order.front() {
             if self.latest.get(series).map(|(_, r)| r) == Some(at) {
                 return Some(*at);
@@ -141,7 +141,7 @@ impl SeriesLog {
     /// Records the batch's values as row `row`; returns the counters to write again in it:
     /// the oldest of those whose newest value is [`SERIES_ROWS`] rows old, up to
     /// [`REWRITE_MIN`] or half the batch.
-    pub(super) fn next_row(&mut self, batch: &[(Series, Value)], row: i64) -> Vec<Series> {
+    fn next_row(&mut self, batch: &[(Series, Value)], row: i64) -> Vec<Series> {
         for (series, value) in batch {
             self.record(series.clone(), value.clone(), row);
         }
@@ -172,7 +172,7 @@ impl Unfolded {
     }
 
     /// Appends a batch's session changes to `session_log` as one row, folds what is due
-    /// (see [`fold`]) and, when `trim`, deletes the rows done with.
+    /// (see [`Unfolded::fold`]) and, when `trim`, deletes the rows done with.
     pub(super) fn log_sessions(
         &mut self,
         conn: &Connection,
@@ -192,8 +192,14 @@ impl Unfolded {
                         ),
                         None => (None, None, None),
                     };
-                    let (app, appname) = (&*stream.app, &*stream.appname);
-                    (app, appname, &*stream.stream_id, sequence, area, since)
+                    (
+                        &*stream.app,
+                        &*stream.appname,
+                        &*stream.stream_id,
+                        sequence,
+                        area,
+                        since,
+                    )
                 })
                 .collect();
             let changes = serde_json::to_string(&changes).expect("changes serialize");
@@ -204,7 +210,7 @@ impl Unfolded {
                 self.push(row, stream, session.clone());
             }
         }
-        fold(conn, self, sessions.len(), lag)?;
+        self.fold(conn, sessions.len(), lag)?;
         if trim {
             self.names.retain(|name| Arc::strong_count(name) > 1);
             if let Some(last) = self.folded_through.take() {
@@ -238,7 +244,7 @@ impl Unfolded {
     }
 
     /// One change of `row` left `pending`; the oldest rows with none left are done.
-    pub(super) fn resolved(&mut self, row: i64) {
+    fn resolved(&mut self, row: i64) {
         if let Ok(i) = self.rows.binary_search_by_key(&row, |(r, _)| *r) {
             self.rows[i].1 -= 1;
         }
@@ -246,6 +252,43 @@ impl Unfolded {
             self.folded_through = Some(*row);
             self.rows.pop_front();
         }
+    }
+
+    /// Folds pending session changes into `sessions` (see [`Unfolded::sweep`]): each batch visits
+    /// twice as many pending streams as it brings changes, more while over `lag` are pending, and
+    /// folds those at least `lag / 2` changes old. So a change waits between `lag / 2` and about
+    /// `lag` changes, and at most about `lag` are pending. Rows whose changes are all folded or
+    /// superseded are deleted from the log later, a chunk at a time
+    /// ([`TRIM_EVERY`](super::TRIM_EVERY)); until then they repeat what `sessions` holds, and
+    /// read again after a restart they are folded again to the same result.
+    fn fold(&mut self, conn: &Connection, changes: usize, lag: usize) -> rusqlite::Result<()> {
+        let visit = (2 * changes + 1).max(self.pending.len().saturating_sub(lag));
+        let effective = self.sweep(visit, (lag / 2) as u64);
+        if effective.is_empty() {
+            return Ok(());
+        }
+        let mut upsert = conn.prepare_cached(
+            "INSERT OR REPLACE INTO sessions (app, appname, stream_id, sequence, area, since)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        let mut delete = conn.prepare_cached(
+            "DELETE FROM sessions WHERE app = ?1 AND appname = ?2 AND stream_id = ?3",
+        )?;
+        for (stream, session) in effective {
+            let key = (&*stream.app, &*stream.appname, &*stream.stream_id);
+            match session {
+                Some(s) => upsert.execute(params![
+                    key.0,
+                    key.1,
+                    key.2,
+                    s.sequence.to_string(),
+                    s.area.as_str(),
+                    s.since
+                ])?,
+                None => delete.execute(params![key.0, key.1, key.2])?,
+            };
+        }
+        Ok(())
     }
 
     /// Takes the changes to fold now: of up to `visit` pending streams, from where the last
@@ -301,46 +344,4 @@ pub(super) fn intern(names: &mut Names, text: &str) -> Arc<str> {
             shared
         }
     }
-}
-
-/// Folds pending session changes into `sessions` (see [`Unfolded::sweep`]): each batch visits
-/// twice as many pending streams as it brings changes, more while over `lag` are pending, and
-/// folds those at least `lag / 2` changes old. So a change waits between `lag / 2` and about
-/// `lag` changes, and at most about `lag` are pending. Rows whose changes are all folded or
-/// superseded are deleted from the log later, a chunk at a time ([`TRIM_EVERY`](super::TRIM_EVERY)); until then
-/// they repeat what `sessions` holds, and read again after a restart they are folded again to
-/// the same result.
-pub(super) fn fold(
-    conn: &Connection,
-    unfolded: &mut Unfolded,
-    changes: usize,
-    lag: usize,
-) -> rusqlite::Result<()> {
-    let visit = (2 * changes + 1).max(unfolded.pending.len().saturating_sub(lag));
-    let effective = unfolded.sweep(visit, (lag / 2) as u64);
-    if effective.is_empty() {
-        return Ok(());
-    }
-    let mut upsert = conn.prepare_cached(
-        "INSERT OR REPLACE INTO sessions (app, appname, stream_id, sequence, area, since)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
-    let mut delete = conn.prepare_cached(
-        "DELETE FROM sessions WHERE app = ?1 AND appname = ?2 AND stream_id = ?3",
-    )?;
-    for (stream, session) in effective {
-        let key = (&*stream.app, &*stream.appname, &*stream.stream_id);
-        match session {
-            Some(s) => upsert.execute(params![
-                key.0,
-                key.1,
-                key.2,
-                s.sequence.to_string(),
-                s.area.as_str(),
-                s.since
-            ])?,
-            None => delete.execute(params![key.0, key.1, key.2])?,
-        };
-    }
-    Ok(())
 }
