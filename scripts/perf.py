@@ -12,6 +12,7 @@ Then, for example:
     scripts/perf.py throughput            # max rate, bare HTTP stack vs exporter, 60 s each
     scripts/perf.py latency --rate 10000  # open-loop latency at a fixed rate
     scripts/perf.py metrics               # /metrics with 1,000 domains, scrape vs callback latency
+    scripts/perf.py scrapers --clients 32 # many clients scraping /metrics at once, peak RSS
     scripts/perf.py memory                # idle RSS, 1,000,000 live streams, restart readiness
     scripts/perf.py soak                  # 10 minutes of unique events, RSS/db/fds every 10 s
     scripts/perf.py restart OLD NEW       # restart readiness of two builds, alternated
@@ -68,10 +69,11 @@ def http_get(url, timeout=5.0):
         return 0, b""
 
 
-def rss_mib(pid):
+def rss_mib(pid, field="VmRSS"):
+    """Resident memory of the process; `field="VmHWM"`: its peak so far."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
 
@@ -329,15 +331,59 @@ def pct(values, q):
     return v[max(0, min(len(v) - 1, int(-(-q * len(v) // 1)) - 1))]
 
 
+def fill_domains(ex, domains):
+    """Fills `domains` push domains: ended sessions (counters over both areas, every errcode of
+    the mix, push-duration histograms) and some live streams."""
+    load(ex.url, "--domains", domains, "--requests", 400_000, "--concurrency", 64, "--progress", "0s", quiet=False)
+    load(ex.url, "--domains", domains, "--requests", 20_000, "--push-only", "--concurrency", 64, "--progress", "0s", quiet=False)
+
+
+def cmd_scrapers(a):
+    """`--clients` clients scraping /metrics back to back, each on a keep-alive connection."""
+    tmp = workdir()
+    try:
+        with Exporter(os.path.join(tmp, "exporter.db")) as ex:
+            fill_domains(ex, a.domains)
+            http_get(ex.url + "/metrics", timeout=30)
+            before = rss_mib(ex.pid)
+            import http.client
+
+            stop = time.monotonic() + a.seconds
+            times, failures = [], []
+
+            def client():
+                conn = http.client.HTTPConnection(HOST, EXPORTER_PORT, timeout=60)
+                while time.monotonic() < stop:
+                    t0 = time.perf_counter()
+                    conn.request("GET", "/metrics")
+                    r = conn.getresponse()
+                    r.read()
+                    times.append((time.perf_counter() - t0) * 1000)
+                    if r.status != 200:
+                        failures.append(r.status)
+
+            threads = [threading.Thread(target=client) for _ in range(a.clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            out = {"clients": a.clients, "seconds": a.seconds, "scrapes": len(times),
+                   "non_200": len(failures), "p50_ms": pct(times, 0.5), "max_ms": max(times),
+                   "rss_before_mib": before, "rss_peak_mib": rss_mib(ex.pid, "VmHWM")}
+            log(f"{len(times)} scrapes by {a.clients} clients in {a.seconds:.0f} s "
+                f"({len(failures)} not 200), p50 {out['p50_ms']:.0f} ms, max {out['max_ms']:.0f} ms; "
+                f"RSS {before:.0f} MiB before, peak {out['rss_peak_mib']:.0f} MiB")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(out))
+
+
 def cmd_metrics(a):
     tmp = workdir()
     out = {}
     try:
         with Exporter(os.path.join(tmp, "exporter.db")) as ex:
-            # Fill 1,000 domains: ended sessions (counters over both areas, every errcode of the
-            # mix, push-duration histograms) and some live streams.
-            load(ex.url, "--domains", a.domains, "--requests", 400_000, "--concurrency", 64, "--progress", "0s", quiet=False)
-            load(ex.url, "--domains", a.domains, "--requests", 20_000, "--push-only", "--concurrency", 64, "--progress", "0s", quiet=False)
+            fill_domains(ex, a.domains)
             times, size = scrape_times(ex.url, a.scrapes)
             series = sum(1 for line in http_get(ex.url + "/metrics")[1].splitlines() if line and not line.startswith(b"#"))
             out["scrape_ms"] = {
@@ -516,6 +562,10 @@ def main():
     m.add_argument("--duration", default="30s")
     m.add_argument("--scrape-every", type=float, default=0.0,
                    help="seconds between the starts of two scrapes during the callback load (0: back to back)")
+    sc = sub.add_parser("scrapers", help="many clients scraping /metrics at once: scrapes answered, peak RSS")
+    sc.add_argument("--domains", default="1000")
+    sc.add_argument("--clients", type=int, default=32)
+    sc.add_argument("--seconds", type=float, default=8.0)
     mem = sub.add_parser("memory", help="idle RSS, RSS with many live streams, restart readiness")
     mem.add_argument("--streams", default="1000000")
     mem.add_argument("--idle", type=float, default=10.0)
@@ -534,7 +584,7 @@ def main():
     for path in (BIN,) + ((BARE,) if a.cmd in ("throughput", "latency") else ()):
         if not os.path.exists(path):
             raise SystemExit(f"{path} missing: cargo build --release && cargo build --release --example bare_server")
-    {"throughput": cmd_throughput, "latency": cmd_latency, "metrics": cmd_metrics,
+    {"throughput": cmd_throughput, "latency": cmd_latency, "metrics": cmd_metrics, "scrapers": cmd_scrapers,
      "memory": cmd_memory, "restart": cmd_restart, "soak": cmd_soak}[a.cmd](a)
 
 

@@ -97,6 +97,27 @@ impl ErrCode {
         }
     }
 
+    /// A key that orders codes as their label values order as text ("14" before "8", "other"
+    /// last), as the text format's series are ordered, without comparing strings.
+    pub fn text_rank(self) -> u16 {
+        static RANK: OnceLock<Vec<u16>> = OnceLock::new();
+        match self.0 {
+            Some(code) => {
+                let rank = RANK.get_or_init(|| {
+                    let mut by_text: Vec<u16> = (0..=999).collect();
+                    by_text.sort_by_cached_key(|c| c.to_string());
+                    let mut rank = vec![0; by_text.len()];
+                    for (r, c) in by_text.into_iter().enumerate() {
+                        rank[usize::from(c)] = r as u16;
+                    }
+                    rank
+                });
+                rank[usize::from(code)]
+            }
+            None => 1000,
+        }
+    }
+
     pub fn reason(self) -> Reason {
         match self.0 {
             Some(1..=4 | 35) => Reason::ClientStop,
@@ -192,5 +213,17 @@ mod tests {
         assert_eq!(ErrCode::new(1000).as_str(), "other");
         assert_eq!(ErrCode::from_label("1000"), None);
         assert_eq!(ErrCode::from_label("x"), None);
+    }
+
+    #[test]
+    fn text_rank_orders_as_the_labels_do() {
+        let mut codes: Vec<ErrCode> = (0..=999).map(ErrCode::new).collect();
+        codes.push(ErrCode::new(-1));
+        let mut by_rank = codes.clone();
+        by_rank.sort_by_key(|c| c.text_rank());
+        let mut by_text = codes;
+        by_text.sort_by_key(|c| c.as_str());
+        assert_eq!(by_rank, by_text);
+        assert_eq!(by_rank.last(), Some(&ErrCode::new(-1)));
     }
 }

@@ -17,8 +17,8 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::callback::{self, Callback, EventKind, Outcome, ParseError};
 use crate::ledger::{now_secs, Unrecorded};
-use crate::metrics::Metrics;
 use crate::recorder::Recorder;
+use crate::scrape::Scrapes;
 use crate::signature::{Rejection, Verifier};
 
 /// Largest accepted callback body. Real ones are well under 2 KiB.
@@ -29,7 +29,8 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub struct AppState {
     pub recorder: Recorder,
     pub verifier: Arc<Verifier>,
-    pub metrics: Arc<Metrics>,
+    /// Where `/metrics` pages come from.
+    pub scrapes: Scrapes,
     /// Where callbacks are posted; shown on the landing page.
     pub callback_path: Arc<str>,
     /// Deadline for a whole callback request: reading the body and recording the event.
@@ -234,9 +235,8 @@ async fn wrong_method(State(app): State<AppState>) -> Response {
 
 async fn metrics(State(app): State<AppState>) -> Response {
     app.recorder.refresh().await;
-    let body = tokio::task::spawn_blocking(move || app.metrics.render()).await;
-    match body {
-        Ok(body) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
+    match app.scrapes.page().await {
+        Ok(page) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], page).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

@@ -21,6 +21,7 @@
 //! - [`metrics`]: `/metrics`: at each scrape, copies the state's numbers and writes them in
 //!   the Prometheus text format, with the process and build metrics and the storage metrics of
 //!   this process ([`metrics::CommitStats`], kept by the ledger and by Redis).
+//! - [`scrape`]: one page at a time on a thread of its own, shared by the scrapes that wait.
 //! - [`http`]: routes, status codes and logging of outcomes.
 //! - [`web`]: connection handling: header deadline, connection cap, graceful drain.
 //! - [`server`]: [`run`] wires the above to listeners and a shutdown signal.
@@ -37,6 +38,7 @@ pub mod load;
 pub mod metrics;
 pub mod recorder;
 pub mod redis;
+pub mod scrape;
 pub mod server;
 pub mod signature;
 pub mod simulate;

@@ -366,7 +366,7 @@ fn write_family(out: &mut String, family: usize, frame: &mut Frame) {
                 .disconnects
                 .chunk_by_mut(|((d1, a1, _), _), ((d2, a2, _), _)| a1 == a2 && d1 == d2)
             {
-                run.sort_unstable_by_key(|((_, _, e), _)| e.as_str());
+                run.sort_unstable_by_key(|((_, _, e), _)| e.text_rank());
                 let ((d, a, _), _) = &run[0];
                 domain_area(&mut labels, d, *a);
                 let common = labels.len();

@@ -16,6 +16,7 @@ use crate::redis::RedisLedger;
 /// How long to wait for Redis at start before giving up.
 const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 use crate::metrics::Metrics;
+use crate::scrape::Scrapes;
 use crate::signature::{Keys, Verifier};
 use crate::store::{self, StoreError};
 use crate::web::{self, Limits};
@@ -53,7 +54,7 @@ pub async fn run(
         metrics.register(collector);
     }
     let state = AppState {
-        metrics: Arc::new(metrics),
+        scrapes: Scrapes::start(Arc::new(metrics)),
         recorder,
         verifier: Arc::new(Verifier::new(
             keys,
