@@ -3,9 +3,10 @@
 //!
 //! A page with 1,000 domains is 5 MB and a few milliseconds of CPU. Written for each scrape on
 //! the blocking pool, as many pages were written at once as clients scraped: 32 clients
-//! scraping back to back took the exporter from 105 to 514 MiB of RSS. Here at most one page is
-//! written at a time however many scrape, each page is shared by the scrapes that waited for
-//! it, and the same 32 clients peaked at 244 MiB with 1.6 times as many scrapes answered.
+//! scraping back to back took the exporter from 37 to about 400 MiB of RSS. Here at most one
+//! page is written at a time however many scrape, each page is shared by the scrapes that
+//! waited for it, and the same 32 clients peaked at about 70 MiB with twice as many scrapes
+//! answered (`scripts/perf.py scrapers`).
 //!
 //! A scrape never gets a page older than itself: the thread takes every scrape waiting, then
 //! copies the state, so the page holds every callback answered before the scrape was asked.
