@@ -46,10 +46,16 @@ impl Scrapes {
                     let page = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         Bytes::from(metrics.render())
                     }));
-                    if let Ok(page) = page {
-                        for scrape in waiting {
-                            let _ = scrape.send(page.clone());
+                    match page {
+                        Ok(page) => {
+                            for scrape in waiting {
+                                let _ = scrape.send(page.clone());
+                            }
                         }
+                        Err(_) => tracing::error!(
+                            scrapes = waiting.len(),
+                            "writing a /metrics page failed; its scrapes are answered 500"
+                        ),
                     }
                 }
             })
@@ -99,34 +105,59 @@ mod tests {
         }
     }
 
-    fn gate(panic_on_fill: usize) -> (Arc<Gate>, mpsc::Receiver<()>, mpsc::Sender<()>) {
-        let (started_tx, started) = mpsc::channel();
-        let (go, go_rx) = mpsc::channel();
-        let gate = Arc::new(Gate {
-            fills: AtomicUsize::new(0),
-            started: Mutex::new(started_tx),
-            go: Mutex::new(go_rx),
-            panic_on_fill: AtomicUsize::new(panic_on_fill),
-        });
-        (gate, started, go)
+    /// The writing thread over a [`Gate`] whose copy number `panic_on_fill` panics (0: none).
+    struct Rig {
+        gate: Arc<Gate>,
+        scrapes: Scrapes,
+        started: mpsc::Receiver<()>,
+        go: mpsc::Sender<()>,
+    }
+
+    impl Rig {
+        fn new(panic_on_fill: usize) -> Rig {
+            let (started_tx, started) = mpsc::channel();
+            let (go, go_rx) = mpsc::channel();
+            let gate = Arc::new(Gate {
+                fills: AtomicUsize::new(0),
+                started: Mutex::new(started_tx),
+                go: Mutex::new(go_rx),
+                panic_on_fill: AtomicUsize::new(panic_on_fill),
+            });
+            let scrapes = Scrapes::start(Arc::new(Metrics::new(gate.clone())));
+            Rig {
+                gate,
+                scrapes,
+                started,
+                go,
+            }
+        }
+
+        /// Waits until a copy of the state has begun.
+        fn copying(&self) {
+            self.started.recv().unwrap();
+        }
+
+        /// Lets the copy that has begun finish.
+        fn let_go(&self) {
+            self.go.send(()).unwrap();
+        }
     }
 
     #[tokio::test]
     async fn scrapes_waiting_for_a_page_share_the_next_one() {
-        let (gate, started, go) = gate(0);
-        let scrapes = Scrapes::start(Arc::new(Metrics::new(gate.clone())));
-        let first = scrapes.page();
-        started.recv().unwrap();
+        let rig = Rig::new(0);
+        let first = rig.scrapes.page();
+        rig.copying();
         // Five more while the first page is being written: one page for all of them, written
         // after they came.
-        let more: Vec<_> = (0..5).map(|_| scrapes.page()).collect();
-        go.send(()).unwrap();
+        let more: Vec<_> = (0..5).map(|_| rig.scrapes.page()).collect();
+        rig.let_go();
         let first = first.await.unwrap();
         assert!(std::str::from_utf8(&first)
             .unwrap()
             .contains("tencent_css_callbacks_total"));
-        started.recv().unwrap();
-        go.send(()).unwrap();
+        rig.copying();
+        rig.let_go();
         let mut pages = Vec::new();
         for page in more {
             pages.push(page.await.unwrap());
@@ -135,20 +166,19 @@ mod tests {
             assert_eq!(page.as_ptr(), pages[0].as_ptr(), "one page, shared");
         }
         assert_ne!(pages[0].as_ptr(), first.as_ptr());
-        assert_eq!(gate.fills.load(Ordering::SeqCst), 2);
+        assert_eq!(rig.gate.fills.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
     async fn a_page_that_fails_fails_its_scrapes_only() {
-        let (gate, started, go) = gate(1);
-        let scrapes = Scrapes::start(Arc::new(Metrics::new(gate.clone())));
-        let failed = scrapes.page();
-        started.recv().unwrap();
-        go.send(()).unwrap();
+        let rig = Rig::new(1);
+        let failed = rig.scrapes.page();
+        rig.copying();
+        rig.let_go();
         assert!(failed.await.is_err());
-        let next = scrapes.page();
-        started.recv().unwrap();
-        go.send(()).unwrap();
+        let next = rig.scrapes.page();
+        rig.copying();
+        rig.let_go();
         assert!(!next.await.unwrap().is_empty());
     }
 }
