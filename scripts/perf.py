@@ -16,6 +16,7 @@ Then, for example:
     scripts/perf.py memory                # idle RSS, 1,000,000 live streams, restart readiness
     scripts/perf.py soak                  # 10 minutes of unique events, RSS/db/fds every 10 s
     scripts/perf.py restart OLD NEW       # restart readiness of two builds, alternated
+    scripts/perf.py silent                # a callback while silent connections hold every slot
 
 Each load waits until the rest of the machine is idle (up to 15 minutes; PERF_NO_WAIT=1 skips
 that) and reports the CPU the server, the load generator and everything else used meanwhile.
@@ -494,6 +495,32 @@ def cmd_restart(a):
     print(json.dumps(out))
 
 
+def cmd_silent(a):
+    """Silent connections (connected, never a byte sent) take every slot of the connection cap;
+    then callbacks are sent, each on a new connection, and timed."""
+    import socket
+
+    tmp = workdir()
+    out = {}
+    try:
+        extra = ["--web.max-connections", a.max_connections, "--web.read-header-timeout", a.header_timeout]
+        with Exporter(os.path.join(tmp, "exporter.db"), extra=extra) as ex:
+            silent = [socket.create_connection((HOST, EXPORTER_PORT)) for _ in range(a.connections)]
+            time.sleep(0.5)
+            times = []
+            for _ in range(a.callbacks):
+                s = load(ex.url, "--requests", 1, "--concurrency", 1, quiet=False)
+                times.append(s["latency_ms"]["max"])
+            for c in silent:
+                c.close()
+            out = {"answer_ms": times}
+            log(f"{a.connections} silent connections against a cap of {a.max_connections}: "
+                f"{a.callbacks} callbacks answered after {', '.join(f'{t:.1f}' for t in times)} ms")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(out))
+
+
 def cmd_soak(a):
     tmp = workdir()
     db = os.path.join(tmp, "exporter.db")
@@ -574,6 +601,11 @@ def main():
     r.add_argument("--streams", default="1000000")
     r.add_argument("--rounds", type=int, default=3)
     r.add_argument("builds", nargs="*", help="exporter binaries (default: EXPORTER_BIN or the release build)")
+    si = sub.add_parser("silent", help="callbacks while silent connections hold every slot")
+    si.add_argument("--connections", type=int, default=1100)
+    si.add_argument("--max-connections", default="1024")
+    si.add_argument("--header-timeout", default="10s")
+    si.add_argument("--callbacks", type=int, default=5)
     s = sub.add_parser("soak", help="unique events at a fixed rate; RSS, db size and fds sampled")
     s.add_argument("--duration", default="10m")
     s.add_argument("--rate", default="5000")
@@ -585,7 +617,7 @@ def main():
         if not os.path.exists(path):
             raise SystemExit(f"{path} missing: cargo build --release && cargo build --release --example bare_server")
     {"throughput": cmd_throughput, "latency": cmd_latency, "metrics": cmd_metrics, "scrapers": cmd_scrapers,
-     "memory": cmd_memory, "restart": cmd_restart, "soak": cmd_soak}[a.cmd](a)
+     "memory": cmd_memory, "restart": cmd_restart, "silent": cmd_silent, "soak": cmd_soak}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ pub struct Config {
     #[arg(long = "web.request-timeout", env = "CSS_EXPORTER_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
-    /// Most connections served at once per listener; more wait in the accept queue.
+    /// Most connections served at once per listener; more wait in the accept queue, and the
+    /// served ones make room for them (idle ones close, busy ones after an answer).
     #[arg(
         long = "web.max-connections",
         env = "CSS_EXPORTER_MAX_CONNECTIONS",

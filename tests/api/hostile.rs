@@ -50,15 +50,10 @@ async fn slow_clients_do_not_delay_a_real_callback_and_get_closed() {
     .await;
     let addr = app.callback_addr;
     let mut idle = Vec::new();
-    let mut no_body = Vec::new();
     for _ in 0..150 {
         idle.push(TcpStream::connect(addr).await.unwrap());
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"POST /callback HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{")
-            .await
-            .unwrap();
-        no_body.push(s);
     }
+    let mut no_body = bodiless_requests(addr, 150).await;
     // Slowloris: headers trickled a byte at a time, forever.
     let mut trickle = Vec::new();
     for _ in 0..150 {
@@ -114,22 +109,27 @@ async fn slow_clients_do_not_delay_a_real_callback_and_get_closed() {
     assert_eq!(s.callbacks("unknown", "malformed"), 150.0);
 }
 
+/// Connections that sent the head of a callback and never its body: each holds a slot, busy,
+/// until the request timeout answers it 408.
+async fn bodiless_requests(addr: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut hogs = Vec::new();
+    for _ in 0..n {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /callback HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{")
+            .await
+            .unwrap();
+        hogs.push(s);
+    }
+    hogs
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cap_queues_new_connections_until_a_slot_frees() {
-    let app = app_with(&[
-        "--web.max-connections",
-        "20",
-        "--web.read-header-timeout",
-        "1s",
-    ])
-    .await;
-    let mut hogs = Vec::new();
-    for _ in 0..20 {
-        hogs.push(TcpStream::connect(app.callback_addr).await.unwrap());
-    }
+    let app = app_with(&["--web.max-connections", "20", "--web.request-timeout", "1s"]).await;
+    let mut hogs = bodiless_requests(app.callback_addr, 20).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // All slots are taken: the callback waits in the accept queue until the idle connections
-    // hit their header deadline, then it is served.
+    // All slots are taken by requests in progress: the callback waits in the accept queue until
+    // they hit their request deadline, then it is served.
     let fresh = Client {
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(0)
@@ -247,6 +247,98 @@ async fn at_the_cap_busy_connections_take_turns_with_waiting_ones() {
         assert_eq!(exchange(&mut alone, &body).await.unwrap(), (200, false));
     }
     eprintln!("served after {waited:?}; busy connections closed {closed} times");
+}
+
+/// A callback request whose body is half sent: a connection busy with a request in progress.
+/// Returns the connection and the rest of the body.
+async fn half_sent(addr: std::net::SocketAddr, body: &[u8]) -> (TcpStream, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /callback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let (first, rest) = body.split_at(body.len() / 2);
+    stream
+        .write_all(&[head.as_bytes(), first].concat())
+        .await
+        .unwrap();
+    (stream, rest.to_vec())
+}
+
+/// Sends the rest of a [`half_sent`] request and reads the status line of its answer.
+async fn finish(stream: &mut TcpStream, rest: &[u8]) -> String {
+    stream.write_all(rest).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.contains(&b'\n') {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the request in progress was cut off");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let line = answer.split(|b| *b == b'\n').next().unwrap();
+    String::from_utf8_lossy(line).trim_end().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_idle_connections_give_up_their_slots() {
+    // Header deadlines a minute away: what frees a slot here is the connection that waits.
+    let app = app_with(&[
+        "--web.max-connections",
+        "4",
+        "--web.read-header-timeout",
+        "60s",
+    ])
+    .await;
+    let addr = app.callback_addr;
+    let body = serde_json::to_vec(&signed(sample("push"))).unwrap();
+    // A keep-alive client between two callbacks, two connections that never sent a byte, and
+    // one request in progress (its body is on the way): every slot is taken.
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(exchange(&mut kept, &body).await.unwrap(), (200, false));
+    let mut silent = [
+        TcpStream::connect(addr).await.unwrap(),
+        TcpStream::connect(addr).await.unwrap(),
+    ];
+    let (mut slow, rest) = half_sent(addr, &body).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = Instant::now();
+    let mut waiting = TcpStream::connect(addr).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), exchange(&mut waiting, &body))
+        .await
+        .expect("the waiting connection was not served while idle ones held the slots");
+    assert_eq!(answer.unwrap().0, 200);
+    let waited = started.elapsed();
+    // The idle connections were closed to make room for it...
+    assert!(closed_within(&mut kept, Duration::from_secs(2)).await);
+    for s in silent.iter_mut() {
+        assert!(closed_within(s, Duration::from_secs(2)).await);
+    }
+    // ...and the request in progress was not: its callback is answered.
+    assert_eq!(finish(&mut slow, &rest).await, "HTTP/1.1 200 OK");
+    eprintln!("served after {waited:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_the_request_in_flight_and_closes_idle_connections() {
+    let app = app_with(&[]).await;
+    let addr = app.callback_addr;
+    let body = serde_json::to_vec(&signed(sample("push"))).unwrap();
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(exchange(&mut idle, &body).await.unwrap(), (200, false));
+    let other = serde_json::to_vec(&signed(push("d.example.com", "s2", "q2", 1))).unwrap();
+    let (mut slow, rest) = half_sent(addr, &other).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let stopping = tokio::spawn(app.stop());
+    assert!(closed_within(&mut idle, Duration::from_secs(2)).await);
+    assert!(!stopping.is_finished(), "stopped with a request in flight");
+    assert_eq!(finish(&mut slow, &rest).await, "HTTP/1.1 200 OK");
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("the exporter stops once its requests are answered")
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]
