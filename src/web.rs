@@ -14,10 +14,10 @@
 //!   keep sending: in a reconnect burst with more senders than slots, the senders past the cap
 //!   would time out instead of taking turns;
 //! - the idle ones (no request in progress for [`IDLE_GRACE`] at least: keep-alive connections
-//!   between callbacks, or connections that never sent a byte) are closed, as nginx reuses its
-//!   idle keep-alive connections when it runs out. Otherwise each would hold its slot for
-//!   nothing until its header deadline, and a few thousand silent connections would keep every
-//!   callback waiting that long.
+//!   between callbacks, connections that never sent a byte, or that trickle the head of a
+//!   request) are closed, as nginx reuses its idle keep-alive connections when it runs out.
+//!   Otherwise each would hold its slot for nothing until its header deadline, and a few
+//!   thousand silent or slowloris connections would keep every callback waiting that long.
 //!
 //! Below the cap, connections stay open.
 
@@ -196,6 +196,8 @@ pub async fn serve(
         let mut notice = notice.clone();
         tokio::spawn(async move {
             tokio::pin!(connection);
+            // Asked to make room while idle, by an earlier notice.
+            let mut asked = false;
             let ended = loop {
                 tokio::select! {
                     biased;
@@ -210,10 +212,19 @@ pub async fn serve(
                                 break connection.await;
                             }
                             // A busy one closes after its answer if its request started while
-                            // the connection waited (`wanted`); an idle one goes now (hyper
-                            // closes it at once unless it holds bytes of a request already).
+                            // the connection waited (`wanted`).
                             Notice::MakeRoom if activity.idle_for() >= Some(IDLE_GRACE) => {
+                                if asked {
+                                    // Still open a notice later, and still no request: it has
+                                    // been trickling the head of one for over a second
+                                    // (slowloris). Dropped.
+                                    tracing::debug!("closed a connection that held a slot without finishing a request head");
+                                    break Ok(());
+                                }
+                                // hyper closes an idle connection at once, unless it holds
+                                // bytes of a request already.
                                 connection.as_mut().graceful_shutdown();
+                                asked = true;
                             }
                             Notice::MakeRoom | Notice::Serve => {}
                         }

@@ -39,6 +39,28 @@ async fn closed_within(stream: &mut TcpStream, timeout: Duration) -> bool {
     }
 }
 
+/// Slowloris: the head of a request trickled a byte every 100 ms, forever. Resolves to how long
+/// it went on before the server closed the connection, `None` if it was still open after 30 s.
+async fn slowloris(addr: std::net::SocketAddr) -> tokio::task::JoinHandle<Option<Duration>> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        for byte in b"POST /callback HTTP/1.1\r\nHost: x\r\nX-Slow: "
+            .iter()
+            .cycle()
+        {
+            if s.write_all(&[*byte]).await.is_err() {
+                return Some(started.elapsed());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_do_not_delay_a_real_callback_and_get_closed() {
     let app = app_with(&[
@@ -54,26 +76,9 @@ async fn slow_clients_do_not_delay_a_real_callback_and_get_closed() {
         idle.push(TcpStream::connect(addr).await.unwrap());
     }
     let mut no_body = bodiless_requests(addr, 150).await;
-    // Slowloris: headers trickled a byte at a time, forever.
     let mut trickle = Vec::new();
     for _ in 0..150 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        trickle.push(tokio::spawn(async move {
-            let started = Instant::now();
-            for byte in b"POST /callback HTTP/1.1\r\nHost: x\r\nX-Slow: "
-                .iter()
-                .cycle()
-            {
-                if s.write_all(&[*byte]).await.is_err() {
-                    return Some(started.elapsed());
-                }
-                if started.elapsed() > Duration::from_secs(30) {
-                    return None;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            None
-        }));
+        trickle.push(slowloris(addr).await);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -317,6 +322,43 @@ async fn at_the_cap_idle_connections_give_up_their_slots() {
     // ...and the request in progress was not: its callback is answered.
     assert_eq!(finish(&mut slow, &rest).await, "HTTP/1.1 200 OK");
     eprintln!("served after {waited:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_slowloris_connections_give_up_their_slots() {
+    let app = app_with(&[
+        "--web.max-connections",
+        "3",
+        "--web.read-header-timeout",
+        "60s",
+    ])
+    .await;
+    let mut trickle = Vec::new();
+    for _ in 0..3 {
+        trickle.push(slowloris(app.callback_addr).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let mut waiting = TcpStream::connect(app.callback_addr).await.unwrap();
+    let body = serde_json::to_vec(&signed(sample("push"))).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), exchange(&mut waiting, &body))
+        .await
+        .expect("the waiting connection was not served while slowloris ones held the slots");
+    assert_eq!(answer.unwrap().0, 200);
+    let waited = started.elapsed();
+    // One gave its slot up (the others may keep theirs: one was needed). Its client finds out
+    // at its next writes, a tenth of a second apart.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut closed = 0;
+    for t in trickle {
+        if t.is_finished() {
+            closed += t.await.unwrap().is_some() as usize;
+        } else {
+            t.abort();
+        }
+    }
+    assert!(closed >= 1, "no slowloris connection was closed");
+    eprintln!("served after {waited:?}; {closed} slowloris connections closed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
