@@ -26,6 +26,18 @@ async fn app_with(flags: &[&str]) -> TestApp {
     .await
 }
 
+/// The exporter in memory with `slots` connection slots and header deadlines a minute away:
+/// whatever frees a slot in the test is the cap's own doing.
+async fn at_the_cap(slots: &str) -> TestApp {
+    app_with(&[
+        "--web.max-connections",
+        slots,
+        "--web.read-header-timeout",
+        "60s",
+    ])
+    .await
+}
+
 /// Reads until the peer closes the connection (whatever it answered before); false on timeout.
 async fn closed_within(stream: &mut TcpStream, timeout: Duration) -> bool {
     let mut buf = [0u8; 1024];
@@ -186,16 +198,22 @@ async fn exchange(stream: &mut TcpStream, body: &[u8]) -> std::io::Result<(u16, 
     }
 }
 
+/// A new connection's callback, past the cap: answered 200 within 10 s (the test's header
+/// deadlines are a minute away), or the test fails with `held`, what held the slots. Returns
+/// how long it waited.
+async fn served_at_the_cap(addr: std::net::SocketAddr, body: &[u8], held: &str) -> Duration {
+    let started = Instant::now();
+    let mut waiting = TcpStream::connect(addr).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), exchange(&mut waiting, body))
+        .await
+        .unwrap_or_else(|_| panic!("a waiting connection was not served while {held}"));
+    assert_eq!(answer.unwrap().0, 200);
+    started.elapsed()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_cap_busy_connections_take_turns_with_waiting_ones() {
-    // Idle connections are closed only after a minute: what frees a slot here is the rotation.
-    let app = app_with(&[
-        "--web.max-connections",
-        "2",
-        "--web.read-header-timeout",
-        "60s",
-    ])
-    .await;
+    let app = at_the_cap("2").await;
     let addr = app.callback_addr;
     let body = serde_json::to_vec(&signed(sample("push"))).unwrap();
     // Two clients that never pause hold both slots, each connecting again when told to close.
@@ -227,13 +245,7 @@ async fn at_the_cap_busy_connections_take_turns_with_waiting_ones() {
     let before = app.scrape().await.callbacks("push", "duplicate");
 
     // A third client waits in the accept queue; it is served while the two keep sending.
-    let started = Instant::now();
-    let mut waiting = TcpStream::connect(addr).await.unwrap();
-    let answer = tokio::time::timeout(Duration::from_secs(10), exchange(&mut waiting, &body))
-        .await
-        .expect("a waiting connection was not served while busy ones held every slot");
-    assert_eq!(answer.unwrap().0, 200);
-    let waited = started.elapsed();
+    let waited = served_at_the_cap(addr, &body, "busy ones held every slot").await;
     let after = app.scrape().await.callbacks("push", "duplicate");
     stop.store(true, Ordering::Relaxed);
     let mut closed = 0;
@@ -246,7 +258,6 @@ async fn at_the_cap_busy_connections_take_turns_with_waiting_ones() {
     );
     assert!(closed >= 1, "no busy connection was asked to close");
     // Below the cap nothing is closed: with the busy clients gone, a connection stays open.
-    drop(waiting);
     let mut alone = TcpStream::connect(addr).await.unwrap();
     for _ in 0..3 {
         assert_eq!(exchange(&mut alone, &body).await.unwrap(), (200, false));
@@ -286,14 +297,7 @@ async fn finish(stream: &mut TcpStream, rest: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_cap_idle_connections_give_up_their_slots() {
-    // Header deadlines a minute away: what frees a slot here is the connection that waits.
-    let app = app_with(&[
-        "--web.max-connections",
-        "4",
-        "--web.read-header-timeout",
-        "60s",
-    ])
-    .await;
+    let app = at_the_cap("4").await;
     let addr = app.callback_addr;
     let body = serde_json::to_vec(&signed(sample("push"))).unwrap();
     // A keep-alive client between two callbacks, two connections that never sent a byte, and
@@ -307,13 +311,7 @@ async fn at_the_cap_idle_connections_give_up_their_slots() {
     let (mut slow, rest) = half_sent(addr, &body).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let started = Instant::now();
-    let mut waiting = TcpStream::connect(addr).await.unwrap();
-    let answer = tokio::time::timeout(Duration::from_secs(10), exchange(&mut waiting, &body))
-        .await
-        .expect("the waiting connection was not served while idle ones held the slots");
-    assert_eq!(answer.unwrap().0, 200);
-    let waited = started.elapsed();
+    let waited = served_at_the_cap(addr, &body, "idle ones held the slots").await;
     // The idle connections were closed to make room for it...
     assert!(closed_within(&mut kept, Duration::from_secs(2)).await);
     for s in silent.iter_mut() {
@@ -326,26 +324,14 @@ async fn at_the_cap_idle_connections_give_up_their_slots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_cap_slowloris_connections_give_up_their_slots() {
-    let app = app_with(&[
-        "--web.max-connections",
-        "3",
-        "--web.read-header-timeout",
-        "60s",
-    ])
-    .await;
+    let app = at_the_cap("3").await;
     let mut trickle = Vec::new();
     for _ in 0..3 {
         trickle.push(slowloris(app.callback_addr).await);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let started = Instant::now();
-    let mut waiting = TcpStream::connect(app.callback_addr).await.unwrap();
     let body = serde_json::to_vec(&signed(sample("push"))).unwrap();
-    let answer = tokio::time::timeout(Duration::from_secs(10), exchange(&mut waiting, &body))
-        .await
-        .expect("the waiting connection was not served while slowloris ones held the slots");
-    assert_eq!(answer.unwrap().0, 200);
-    let waited = started.elapsed();
+    let waited = served_at_the_cap(app.callback_addr, &body, "slowloris ones held the slots").await;
     // One gave its slot up (the others may keep theirs: one was needed). Its client finds out
     // at its next writes, a tenth of a second apart.
     tokio::time::sleep(Duration::from_secs(1)).await;
