@@ -74,20 +74,17 @@ struct Activity {
     requests: AtomicUsize,
     /// When the last request ended, or the connection was accepted: milliseconds from `epoch`.
     since_ms: AtomicU64,
+    /// The listener's start, shared by its connections: an instant in an atomic, as a number.
     epoch: Instant,
 }
 
 impl Activity {
     fn new(epoch: Instant) -> Activity {
-        let activity = Activity {
+        Activity {
             requests: AtomicUsize::new(0),
-            since_ms: AtomicU64::new(0),
+            since_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
             epoch,
-        };
-        activity
-            .since_ms
-            .store(activity.now_ms(), Ordering::Relaxed);
-        activity
+        }
     }
 
     fn now_ms(&self) -> u64 {
