@@ -23,7 +23,8 @@
 //!   this process ([`metrics::CommitStats`], kept by the ledger and by Redis).
 //! - [`scrape`]: one page at a time on a thread of its own, shared by the scrapes that wait.
 //! - [`http`]: routes, status codes and logging of outcomes.
-//! - [`web`]: connection handling: header deadline, connection cap, graceful drain.
+//! - [`web`]: connection handling: header deadline, connection cap (where served connections
+//!   make room for waiting ones), graceful drain.
 //! - [`server`]: [`run`] wires the above to listeners and a shutdown signal.
 //! - [`config`]: flags and environment variables; [`simulate`]: the `simulate` subcommand.
 //! - [`load`]: the `load` subcommand, a load generator for benchmarks and capacity planning.
