@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::scrape::Scrapes;
 use crate::signature::{Keys, Verifier};
 use crate::store::{self, StoreError};
-use crate::web::{self, Limits};
+use crate::web::{self, Connections, Limits};
 
 /// The sockets the exporter serves on, bound by the caller (tests bind port 0).
 pub struct Listeners {
@@ -53,6 +53,16 @@ pub async fn run(
     for collector in recorder.collectors() {
         metrics.register(collector);
     }
+    let callback_connections = Connections::new("callback", config.max_connections);
+    let metrics_connections = listeners
+        .metrics
+        .as_ref()
+        .map(|_| Connections::new("metrics", config.max_connections));
+    metrics.register(web::connection_metrics(
+        std::iter::once(callback_connections.clone())
+            .chain(metrics_connections.clone())
+            .collect(),
+    ));
     let state = AppState {
         scrapes: Scrapes::start(Arc::new(metrics)),
         recorder,
@@ -79,7 +89,6 @@ pub async fn run(
 
     let limits = Limits {
         header_read_timeout: config.header_read_timeout,
-        max_connections: config.max_connections,
         drain_timeout: config.request_timeout,
     };
     tracing::info!(
@@ -88,11 +97,18 @@ pub async fn run(
         "serving callbacks"
     );
     let callback_router = http::callback_router(state.clone(), listeners.metrics.is_none());
-    let callback = web::serve(listeners.callback, callback_router, limits, stopped());
-    let result = match listeners.metrics {
-        Some(metrics) => {
+    let callback = web::serve(
+        listeners.callback,
+        callback_router,
+        limits,
+        callback_connections,
+        stopped(),
+    );
+    let result = match listeners.metrics.zip(metrics_connections) {
+        Some((metrics, connections)) => {
             tracing::info!(address = %metrics.local_addr()?, "serving metrics");
-            let metrics = web::serve(metrics, http::ops_router(state.clone()), limits, stopped());
+            let router = http::ops_router(state.clone());
+            let metrics = web::serve(metrics, router, limits, connections, stopped());
             tokio::try_join!(callback, metrics).map(drop)
         }
         None => callback.await,

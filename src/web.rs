@@ -33,6 +33,9 @@ use hyper::server::conn::http1;
 use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
@@ -50,8 +53,6 @@ const MAKE_ROOM_EVERY: Duration = Duration::from_millis(100);
 pub struct Limits {
     /// Deadline for a request's headers, from the moment the connection waits for them.
     pub header_read_timeout: Duration,
-    /// Most connections served at once.
-    pub max_connections: usize,
     /// How long in-flight requests may take to finish at shutdown.
     pub drain_timeout: Duration,
 }
@@ -109,18 +110,174 @@ impl Activity {
     }
 }
 
+/// How a connection was made to leave room for one waiting for a slot.
+#[derive(Debug, Clone, Copy)]
+enum Evicted {
+    /// Closed with no request in progress.
+    Idle = 0,
+    /// Dropped while it trickled the head of a request.
+    Slowloris = 1,
+    /// Answered with `Connection: close`.
+    Busy = 2,
+}
+
+impl Evicted {
+    const ALL: [Evicted; 3] = [Evicted::Idle, Evicted::Slowloris, Evicted::Busy];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Evicted::Idle => "idle",
+            Evicted::Slowloris => "slowloris",
+            Evicted::Busy => "busy",
+        }
+    }
+}
+
+/// A listener's connection slots, and what happened at its cap: shared by [`serve`], which
+/// uses them, and [`connection_metrics`], which shows them.
+#[derive(Clone)]
+pub struct Connections(Arc<ConnectionsInner>);
+
+struct ConnectionsInner {
+    /// The `listener` label: `callback` or `metrics`.
+    listener: &'static str,
+    /// `--web.max-connections` (at most `u32::MAX`, so that the drain can take every slot back
+    /// at once, and never over the semaphore's own maximum, which would panic).
+    capacity: usize,
+    /// A permit a connection served.
+    slots: Arc<Semaphore>,
+    /// Connections that found every slot taken.
+    waits: AtomicU64,
+    /// Connections made to leave room, by [`Evicted`].
+    evicted: [AtomicU64; 3],
+}
+
+impl Connections {
+    pub fn new(listener: &'static str, max_connections: usize) -> Connections {
+        let capacity = max_connections.clamp(1, u32::MAX as usize);
+        Connections(Arc::new(ConnectionsInner {
+            listener,
+            capacity,
+            slots: Arc::new(Semaphore::new(capacity)),
+            waits: AtomicU64::new(0),
+            evicted: Default::default(),
+        }))
+    }
+
+    fn evicted(&self, how: Evicted) {
+        self.0.evicted[how as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The `tencent_css_exporter_http_*` metrics of the listeners, read at each scrape.
+pub fn connection_metrics(listeners: Vec<Connections>) -> Box<dyn Collector> {
+    struct ConnectionMetrics {
+        listeners: Vec<Connections>,
+        open: IntGaugeVec,
+        limit: IntGaugeVec,
+        waits: IntCounterVec,
+        evicted: IntCounterVec,
+    }
+    impl Collector for ConnectionMetrics {
+        fn desc(&self) -> Vec<&Desc> {
+            [
+                &self.open.desc(),
+                &self.limit.desc(),
+                &self.waits.desc(),
+                &self.evicted.desc(),
+            ]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect()
+        }
+
+        fn collect(&self) -> Vec<MetricFamily> {
+            // Counters only move up: each is brought to its atomic's value.
+            let catch_up = |counter: prometheus::IntCounter, now: u64| {
+                counter.inc_by(now.saturating_sub(counter.get()))
+            };
+            for c in &self.listeners {
+                let c = &c.0;
+                let served = c.capacity - c.slots.available_permits().min(c.capacity);
+                self.open
+                    .with_label_values(&[c.listener])
+                    .set(served as i64);
+                self.limit
+                    .with_label_values(&[c.listener])
+                    .set(c.capacity as i64);
+                catch_up(
+                    self.waits.with_label_values(&[c.listener]),
+                    c.waits.load(Ordering::Relaxed),
+                );
+                for how in Evicted::ALL {
+                    catch_up(
+                        self.evicted.with_label_values(&[c.listener, how.as_str()]),
+                        c.evicted[how as usize].load(Ordering::Relaxed),
+                    );
+                }
+            }
+            [
+                &self.open.collect(),
+                &self.limit.collect(),
+                &self.waits.collect(),
+                &self.evicted.collect(),
+            ]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+        }
+    }
+    let listener = &["listener"];
+    Box::new(ConnectionMetrics {
+        listeners,
+        open: IntGaugeVec::new(
+            Opts::new(
+                "tencent_css_exporter_http_connections",
+                "Connections being served, each in one of the listener's --web.max-connections slots.",
+            ),
+            listener,
+        )
+        .expect("valid gauge"),
+        limit: IntGaugeVec::new(
+            Opts::new(
+                "tencent_css_exporter_http_connections_limit",
+                "Connections the listener serves at once (--web.max-connections).",
+            ),
+            listener,
+        )
+        .expect("valid gauge"),
+        waits: IntCounterVec::new(
+            Opts::new(
+                "tencent_css_exporter_http_connection_waits_total",
+                "Connections that found every slot taken and waited for one.",
+            ),
+            listener,
+        )
+        .expect("valid counter"),
+        evicted: IntCounterVec::new(
+            Opts::new(
+                "tencent_css_exporter_http_connections_evicted_total",
+                "Connections made to leave room for a waiting one: idle (closed), slowloris (dropped mid-head), busy (answered with Connection: close).",
+            ),
+            &["listener", "reason"],
+        )
+        .expect("valid counter"),
+    })
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and lets the
-/// connections finish their requests (up to `limits.drain_timeout`).
+/// connections finish their requests (up to `limits.drain_timeout`). At most as many
+/// connections as `connections` has slots are served at once.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    connections: Connections,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    // At most u32::MAX, so that the drain below can take every slot back at once (and never
-    // over the semaphore's own maximum, which would panic).
-    let capacity = limits.max_connections.clamp(1, u32::MAX as usize);
-    let slots = Arc::new(Semaphore::new(capacity));
+    let (slots, capacity) = (connections.0.slots.clone(), connections.0.capacity);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -150,6 +307,7 @@ pub async fn serve(
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
+                connections.0.waits.fetch_add(1, Ordering::Relaxed);
                 wanted.store(true, Ordering::Relaxed);
                 let slot = loop {
                     notices.send_replace(Notice::MakeRoom);
@@ -170,17 +328,19 @@ pub async fn serve(
         let inner = TowerToHyperService::new(router.clone());
         let activity = Arc::new(Activity::new(epoch));
         let service = {
-            let (wanted, activity) = (wanted.clone(), activity.clone());
+            let (wanted, activity, connections) =
+                (wanted.clone(), activity.clone(), connections.clone());
             service_fn(move |request| {
                 activity.started();
                 let close = wanted.load(Ordering::Relaxed);
                 let answer = inner.call(request);
-                let activity = activity.clone();
+                let (activity, connections) = (activity.clone(), connections.clone());
                 async move {
                     let answer = answer.await;
                     activity.ended();
                     let mut response = answer?;
                     if close {
+                        connections.evicted(Evicted::Busy);
                         response
                             .headers_mut()
                             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -190,7 +350,7 @@ pub async fn serve(
             })
         };
         let connection = builder.serve_connection(TokioIo::new(stream), service);
-        let mut notice = notice.clone();
+        let (mut notice, connections) = (notice.clone(), connections.clone());
         tokio::spawn(async move {
             tokio::pin!(connection);
             // Asked to make room while idle, by an earlier notice.
@@ -198,7 +358,12 @@ pub async fn serve(
             let ended = loop {
                 tokio::select! {
                     biased;
-                    ended = connection.as_mut() => break ended,
+                    ended = connection.as_mut() => {
+                        if asked {
+                            connections.evicted(Evicted::Idle);
+                        }
+                        break ended;
+                    }
                     changed = notice.changed() => {
                         // The sender is gone only once `serve` has returned.
                         let told = changed.map_or(Notice::Stop, |()| *notice.borrow_and_update());
@@ -216,6 +381,7 @@ pub async fn serve(
                                     // been trickling the head of one for over a second
                                     // (slowloris). Dropped.
                                     tracing::debug!("closed a connection that held a slot without finishing a request head");
+                                    connections.evicted(Evicted::Slowloris);
                                     break Ok(());
                                 }
                                 // hyper closes an idle connection at once, unless it holds

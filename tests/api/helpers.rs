@@ -157,14 +157,14 @@ impl Scrape {
     }
 
     /// Every sample of the exporter's event metrics (`tencent_css_*`), for comparing two scrapes:
-    /// what survives a restart and what every replica shows alike. The storage metrics of the
-    /// process (`tencent_css_exporter_storage_*`) are left out: they start anew with it.
+    /// what survives a restart and what every replica shows alike. The metrics of the process
+    /// itself (`tencent_css_exporter_*`: its storage writes, its connections) are left out:
+    /// they start anew with it.
     pub fn exporter_samples(&self) -> BTreeMap<String, f64> {
         self.samples
             .iter()
             .filter(|s| {
-                s.name.starts_with("tencent_css_")
-                    && !s.name.starts_with("tencent_css_exporter_storage_")
+                s.name.starts_with("tencent_css_") && !s.name.starts_with("tencent_css_exporter_")
             })
             .map(|s| (format!("{}{:?}", s.name, s.labels), s.value))
             .collect()

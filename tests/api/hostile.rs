@@ -257,6 +257,16 @@ async fn at_the_cap_busy_connections_take_turns_with_waiting_ones() {
         "the busy connections were not sending meanwhile"
     );
     assert!(closed >= 1, "no busy connection was asked to close");
+    let s = app.scrape().await;
+    let callback = [("listener", "callback")];
+    assert!(
+        s.value(
+            "tencent_css_exporter_http_connection_waits_total",
+            &callback
+        ) >= 1.0
+    );
+    let busy = [("listener", "callback"), ("reason", "busy")];
+    assert!(s.value("tencent_css_exporter_http_connections_evicted_total", &busy) >= closed as f64);
     // Below the cap nothing is closed: with the busy clients gone, a connection stays open.
     let mut alone = TcpStream::connect(addr).await.unwrap();
     for _ in 0..3 {
@@ -319,6 +329,23 @@ async fn at_the_cap_idle_connections_give_up_their_slots() {
     }
     // ...and the request in progress was not: its callback is answered.
     assert_eq!(finish(&mut slow, &rest).await, "HTTP/1.1 200 OK");
+    let s = app.scrape().await;
+    let callback = [("listener", "callback")];
+    let idle = [("listener", "callback"), ("reason", "idle")];
+    assert!(s.value("tencent_css_exporter_http_connections_evicted_total", &idle) >= 3.0);
+    assert!(
+        s.value(
+            "tencent_css_exporter_http_connection_waits_total",
+            &callback
+        ) >= 1.0
+    );
+    assert_eq!(
+        s.get("tencent_css_exporter_http_connections_limit", &callback),
+        Some(4.0)
+    );
+    // The scrape's own connection, and at most the slow one's.
+    let open = s.value("tencent_css_exporter_http_connections", &callback);
+    assert!((1.0..=2.0).contains(&open), "{open} connections");
     eprintln!("served after {waited:?}");
 }
 
@@ -344,6 +371,14 @@ async fn at_the_cap_slowloris_connections_give_up_their_slots() {
         }
     }
     assert!(closed >= 1, "no slowloris connection was closed");
+    let dropped = [("listener", "callback"), ("reason", "slowloris")];
+    let s = app.scrape().await;
+    assert!(
+        s.value(
+            "tencent_css_exporter_http_connections_evicted_total",
+            &dropped
+        ) >= 1.0
+    );
     eprintln!("served after {waited:?}; {closed} slowloris connections closed");
 }
 
