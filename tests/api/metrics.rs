@@ -186,6 +186,16 @@ async fn metrics_can_move_to_a_separate_listener() {
     assert_eq!(app.post(&signed(sample("push"))).await.status, 200);
     let s = app.scrape().await;
     assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
+    // Each listener has its slots: the scrape takes one of the metrics listener's.
+    for listener in ["callback", "metrics"] {
+        let limit = s.get(
+            "tencent_css_exporter_http_connections_limit",
+            &[("listener", listener)],
+        );
+        assert_eq!(limit, Some(1024.0), "{listener}");
+    }
+    let scraping = [("listener", "metrics")];
+    assert!(s.value("tencent_css_exporter_http_connections", &scraping) >= 1.0);
     for path in ["/metrics", "/healthz", "/readyz"] {
         let public = app
             .get(&format!("http://{}{path}", app.callback_addr))
