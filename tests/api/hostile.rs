@@ -480,3 +480,18 @@ async fn domains_past_the_cap_are_counted_under_other() {
     );
     assert_eq!(s.get("tencent_css_domains_overflow_total", &[]), Some(5.0));
 }
+
+#[tokio::test]
+async fn any_connection_cap_is_taken_without_a_panic() {
+    // Past the semaphore's own maximum this panicked at start; 0 serves one at a time.
+    for cap in ["18446744073709551615", "0"] {
+        let app = app_with(&["--web.max-connections", cap]).await;
+        assert_eq!(app.post(&signed(sample("push"))).await.status, 200, "{cap}");
+        let limit = app.scrape().await.get(
+            "tencent_css_exporter_http_connections_limit",
+            &[("listener", "callback")],
+        );
+        assert!(limit.is_some_and(|l| l >= 1.0), "{cap}: {limit:?}");
+        app.stop().await.unwrap();
+    }
+}
