@@ -178,18 +178,14 @@ pub fn connection_metrics(listeners: Vec<Connections>) -> Box<dyn Collector> {
         waits: IntCounterVec,
         evicted: IntCounterVec,
     }
+    impl ConnectionMetrics {
+        fn families(&self) -> [&dyn Collector; 4] {
+            [&self.open, &self.limit, &self.waits, &self.evicted]
+        }
+    }
     impl Collector for ConnectionMetrics {
         fn desc(&self) -> Vec<&Desc> {
-            [
-                &self.open.desc(),
-                &self.limit.desc(),
-                &self.waits.desc(),
-                &self.evicted.desc(),
-            ]
-            .into_iter()
-            .flatten()
-            .copied()
-            .collect()
+            self.families().into_iter().flat_map(|f| f.desc()).collect()
         }
 
         fn collect(&self) -> Vec<MetricFamily> {
@@ -217,16 +213,10 @@ pub fn connection_metrics(listeners: Vec<Connections>) -> Box<dyn Collector> {
                     );
                 }
             }
-            [
-                &self.open.collect(),
-                &self.limit.collect(),
-                &self.waits.collect(),
-                &self.evicted.collect(),
-            ]
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect()
+            self.families()
+                .into_iter()
+                .flat_map(|f| f.collect())
+                .collect()
         }
     }
     let listener = &["listener"];
