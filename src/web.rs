@@ -172,7 +172,9 @@ impl Connections {
 /// The `tencent_css_exporter_http_*` metrics of the listeners, read at each scrape.
 pub fn connection_metrics(listeners: Vec<Connections>) -> Box<dyn Collector> {
     struct ConnectionMetrics {
+        /// What is read at each scrape.
         listeners: Vec<Connections>,
+        /// The families, set from `listeners` at each scrape.
         open: IntGaugeVec,
         limit: IntGaugeVec,
         waits: IntCounterVec,
@@ -323,14 +325,16 @@ pub async fn serve(
             service_fn(move |request| {
                 activity.started();
                 let close = wanted.load(Ordering::Relaxed);
+                if close {
+                    connections.evicted(Evicted::Busy);
+                }
                 let answer = inner.call(request);
-                let (activity, connections) = (activity.clone(), connections.clone());
+                let activity = activity.clone();
                 async move {
                     let answer = answer.await;
                     activity.ended();
                     let mut response = answer?;
                     if close {
-                        connections.evicted(Evicted::Busy);
                         response
                             .headers_mut()
                             .insert(header::CONNECTION, HeaderValue::from_static("close"));
