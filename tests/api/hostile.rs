@@ -361,7 +361,10 @@ async fn at_the_cap_slowloris_connections_give_up_their_slots() {
     let waited = served_at_the_cap(app.callback_addr, &body, "slowloris ones held the slots").await;
     // One gave its slot up (the others may keep theirs: one was needed). Its client finds out
     // at its next writes, a tenth of a second apart.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !trickle.iter().any(|t| t.is_finished()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut closed = 0;
     for t in trickle {
         if t.is_finished() {
