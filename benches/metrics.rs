@@ -1,7 +1,8 @@
 //! Encoding `/metrics` from a populated state: 100, 1,000 and 10,000 push domains, each with
 //! live streams and counters in both areas, several disconnect codes and push-duration
 //! histograms. `metrics_lock` times what a scrape does under the state's read lock (the ledger
-//! waits for it), `metrics_render` a whole scrape.
+//! waits for it), `metrics_render` a whole scrape, `metrics_gzip` compressing the page for a
+//! scrape that asks for gzip.
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use tencent_css_exporter::area::Area;
 use tencent_css_exporter::callback::{Event, StreamEvent, StreamKey};
 use tencent_css_exporter::ledger::Shared;
 use tencent_css_exporter::metrics::{Frame, Metrics, ViewSource};
+use tencent_css_exporter::scrape::gzipped;
 use tencent_css_exporter::state::{Limits, Truth};
 
 const NOW_MS: i64 = 1_700_000_000_000;
@@ -101,5 +103,23 @@ fn lock(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, lock, render);
+/// Compressing a page for a scrape that asks for gzip (as Prometheus does): once a page, on
+/// the scrape thread, after `metrics_render`.
+fn gzip(c: &mut Criterion) {
+    let mut group = c.benchmark_group("metrics_gzip");
+    group.sample_size(10);
+    for domains in [100, 1_000, 10_000] {
+        let page = Metrics::new(populated(domains)).render().into_bytes();
+        let compressed = gzipped(&page).expect("gzip into memory").len();
+        eprintln!(
+            "{domains} domains: /metrics is {} bytes, {compressed} gzipped",
+            page.len()
+        );
+        group.throughput(Throughput::Bytes(page.len() as u64));
+        group.bench_function(format!("{domains}_domains"), |b| b.iter(|| gzipped(&page)));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, lock, render, gzip);
 criterion_main!(benches);

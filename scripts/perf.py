@@ -12,6 +12,7 @@ Then, for example:
     scripts/perf.py throughput            # max rate, bare HTTP stack vs exporter, 60 s each
     scripts/perf.py latency --rate 10000  # open-loop latency at a fixed rate
     scripts/perf.py metrics               # /metrics with 1,000 domains, scrape vs callback latency
+    scripts/perf.py metrics --gzip        # the same, scraping as Prometheus does (Accept-Encoding: gzip)
     scripts/perf.py scrapers --clients 32 # many clients scraping /metrics at once, peak RSS
     scripts/perf.py memory                # idle RSS, 1,000,000 live streams, restart readiness
     scripts/perf.py soak                  # 10 minutes of unique events, RSS/db/fds every 10 s
@@ -59,10 +60,10 @@ def log(*parts):
     print(*parts, file=sys.stderr, flush=True)
 
 
-def http_get(url, timeout=5.0):
-    """Status and body of a GET; status 0 when nothing answers."""
+def http_get(url, timeout=5.0, headers=None):
+    """Status and body (as sent) of a GET; status 0 when nothing answers."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -315,12 +316,18 @@ def commit_stats(url):
     return {"count": int(count), "mean_us": 1e6 * values.get("sum", 0.0) / count if count else 0.0}
 
 
-def scrape_times(url, n):
+def scrape_headers(gzip):
+    """What a scrape sends: `--gzip` asks for a compressed page, as Prometheus does."""
+    return {"Accept-Encoding": "gzip"} if gzip else {}
+
+
+def scrape_times(url, n, gzip=False):
+    """Times of `n` scrapes, and the bytes of the last one as sent."""
     times = []
     size = 0
     for _ in range(n):
         t0 = time.perf_counter()
-        status, body = http_get(url + "/metrics", timeout=30)
+        status, body = http_get(url + "/metrics", timeout=30, headers=scrape_headers(gzip))
         times.append((time.perf_counter() - t0) * 1000)
         assert status == 200, status
         size = len(body)
@@ -385,13 +392,13 @@ def cmd_metrics(a):
     try:
         with Exporter(os.path.join(tmp, "exporter.db")) as ex:
             fill_domains(ex, a.domains)
-            times, size = scrape_times(ex.url, a.scrapes)
+            times, size = scrape_times(ex.url, a.scrapes, a.gzip)
             series = sum(1 for line in http_get(ex.url + "/metrics")[1].splitlines() if line and not line.startswith(b"#"))
             out["scrape_ms"] = {
                 "p50": pct(times, 0.5), "p99": pct(times, 0.99), "max": max(times),
                 "mean": statistics.mean(times), "bytes": size, "samples": series,
             }
-            log(f"/metrics with {a.domains} domains: {size} bytes, {series} samples; "
+            log(f"/metrics with {a.domains} domains: {size} bytes{' gzipped' if a.gzip else ''}, {series} samples; "
                 f"p50 {pct(times, 0.5):.1f} ms, p99 {pct(times, 0.99):.1f} ms, max {max(times):.1f} ms over {a.scrapes} scrapes")
 
             quiet = load(ex.url, "--domains", a.domains, "--rate", a.rate, "--duration", a.duration, "--concurrency", 32, server_pid=ex.pid)
@@ -403,7 +410,7 @@ def cmd_metrics(a):
             def scrape_loop():
                 while not stop.is_set():
                     t0 = time.perf_counter()
-                    http_get(ex.url + "/metrics", timeout=30)
+                    http_get(ex.url + "/metrics", timeout=30, headers=scrape_headers(a.gzip))
                     during.append((time.perf_counter() - t0) * 1000)
                     # 0: back to back, the worst case; Prometheus scrapes every 15 s or so.
                     stop.wait(max(0.0, a.scrape_every - (time.perf_counter() - t0)))
@@ -589,6 +596,7 @@ def main():
     m.add_argument("--duration", default="30s")
     m.add_argument("--scrape-every", type=float, default=0.0,
                    help="seconds between the starts of two scrapes during the callback load (0: back to back)")
+    m.add_argument("--gzip", action="store_true", help="scrape with Accept-Encoding: gzip, as Prometheus does")
     sc = sub.add_parser("scrapers", help="many clients scraping /metrics at once: scrapes answered, peak RSS")
     sc.add_argument("--domains", default="1000")
     sc.add_argument("--clients", type=int, default=32)

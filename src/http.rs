@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -18,7 +18,7 @@ use tokio::time::{timeout_at, Instant};
 use crate::callback::{self, Callback, EventKind, Outcome, ParseError};
 use crate::ledger::{now_secs, Unrecorded};
 use crate::recorder::Recorder;
-use crate::scrape::Scrapes;
+use crate::scrape::{Encoding, Scrapes};
 use crate::signature::{Rejection, Verifier};
 
 /// Largest accepted callback body. Real ones are well under 2 KiB.
@@ -233,10 +233,28 @@ async fn wrong_method(State(app): State<AppState>) -> Response {
     CallbackError::WrongMethod.respond(&app.recorder).await
 }
 
-async fn metrics(State(app): State<AppState>) -> Response {
+async fn metrics(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    let encoding = Encoding::accepted(headers.get_all(header::ACCEPT_ENCODING));
     app.recorder.refresh().await;
-    match app.scrapes.page().await {
-        Ok(page) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], page).into_response(),
+    match app.scrapes.page(encoding).await {
+        Ok(page) => {
+            let mut response = (
+                [
+                    (header::CONTENT_TYPE, prometheus::TEXT_FORMAT),
+                    // Caches between the exporter and a scraper keep one page per encoding.
+                    (header::VARY, "accept-encoding"),
+                ],
+                page.body,
+            )
+                .into_response();
+            if page.encoding == Encoding::Gzip {
+                response.headers_mut().insert(
+                    header::CONTENT_ENCODING,
+                    header::HeaderValue::from_static("gzip"),
+                );
+            }
+            response
+        }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

@@ -10,21 +10,88 @@
 //!
 //! A scrape never gets a page older than itself: the thread takes every scrape waiting, then
 //! copies the state, so the page holds every callback answered before the scrape was asked.
+//!
+//! Prometheus asks for gzip (`Accept-Encoding: gzip`) unless its scrape config says
+//! `enable_compression: false`. A page is compressed once, on this thread, if any of its scrapes
+//! asked, and the compressed copy is shared like the page: compressing on the runtime's workers
+//! would stall the callbacks there for as long. Level 1: the 5-MB page of 1,000 domains becomes
+//! 0.33 MB in about 14 ms; higher levels shrink it by a third more at 4 to 9 times the CPU.
 
+use std::io::Write;
 use std::sync::mpsc;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::http::HeaderValue;
+use flate2::write::GzEncoder;
+use flate2::Compression;
 use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
+
+/// How a scrape wants its page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// The text format as written.
+    Identity,
+    /// Compressed with gzip (`Content-Encoding: gzip`).
+    Gzip,
+}
+
+impl Encoding {
+    /// Gzip if the `Accept-Encoding` headers of a request accept it (`gzip`, `x-gzip` or `*`
+    /// with a non-zero weight), otherwise the page as written, which every client accepts.
+    pub fn accepted<'a>(accept_encoding: impl IntoIterator<Item = &'a HeaderValue>) -> Encoding {
+        // The weight given to gzip by name, and to any coding (`*`).
+        let (mut gzip, mut any) = (None, None);
+        let values = accept_encoding.into_iter().filter_map(|v| v.to_str().ok());
+        for element in values.flat_map(|v| v.split(',')) {
+            let mut parts = element.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            // RFC 9110: a weight from 0 to 1, 1 when absent; one that does not parse is ignored
+            // along with its coding.
+            let weight = match parts.find_map(|p| {
+                let (name, value) = p.split_once('=')?;
+                name.trim().eq_ignore_ascii_case("q").then(|| value.trim())
+            }) {
+                None => 1.0,
+                Some(q) => match q.parse::<f32>() {
+                    Ok(q) if (0.0..=1.0).contains(&q) => q,
+                    _ => continue,
+                },
+            };
+            if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+                gzip = Some(weight);
+            } else if coding == "*" {
+                any = Some(weight);
+            }
+        }
+        match gzip.or(any) {
+            Some(weight) if weight > 0.0 => Encoding::Gzip,
+            _ => Encoding::Identity,
+        }
+    }
+}
+
+/// A written page, in the encoding its scrape gets.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub body: Bytes,
+    /// `Gzip` only if the scrape asked for it and the page could be compressed.
+    pub encoding: Encoding,
+}
+
+/// A scrape waiting for its page.
+struct Scrape {
+    encoding: Encoding,
+    page: oneshot::Sender<Page>,
+}
 
 /// The writing thread's queue of scrapes; cloned into every handler. The thread ends when the
 /// last clone is dropped.
 #[derive(Clone)]
 pub struct Scrapes {
-    /// A scrape: where its page goes.
-    queue: mpsc::Sender<oneshot::Sender<Bytes>>,
+    queue: mpsc::Sender<Scrape>,
 }
 
 /// The page could not be written (the writing panicked, or the thread is gone).
@@ -35,7 +102,7 @@ pub struct Unwritten;
 impl Scrapes {
     /// Starts the writing thread.
     pub fn start(metrics: Arc<Metrics>) -> Scrapes {
-        let (queue, scrapes) = mpsc::channel::<oneshot::Sender<Bytes>>();
+        let (queue, scrapes) = mpsc::channel::<Scrape>();
         std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
@@ -47,11 +114,7 @@ impl Scrapes {
                         Bytes::from(metrics.render())
                     }));
                     match page {
-                        Ok(page) => {
-                            for scrape in waiting {
-                                let _ = scrape.send(page.clone());
-                            }
-                        }
+                        Ok(page) => answer(waiting, page),
                         Err(_) => tracing::error!(
                             scrapes = waiting.len(),
                             "writing a /metrics page failed; its scrapes are answered 500"
@@ -63,11 +126,14 @@ impl Scrapes {
         Scrapes { queue }
     }
 
-    /// A page written after this call. The scrape is queued at the call, before the future is
-    /// first polled.
-    pub fn page(&self) -> impl std::future::Future<Output = Result<Bytes, Unwritten>> {
-        let (tx, rx) = oneshot::channel();
-        let queued = self.queue.send(tx).is_ok();
+    /// A page written after this call, in `encoding` if it can be. The scrape is queued at the
+    /// call, before the future is first polled.
+    pub fn page(
+        &self,
+        encoding: Encoding,
+    ) -> impl std::future::Future<Output = Result<Page, Unwritten>> {
+        let (page, rx) = oneshot::channel();
+        let queued = self.queue.send(Scrape { encoding, page }).is_ok();
         async move {
             if !queued {
                 return Err(Unwritten);
@@ -75,6 +141,47 @@ impl Scrapes {
             rx.await.map_err(|_| Unwritten)
         }
     }
+}
+
+/// Sends `page` to the scrapes that want it as written, then compresses it once for the others.
+fn answer(waiting: Vec<Scrape>, page: Bytes) {
+    let (gzip, identity): (Vec<_>, Vec<_>) = waiting
+        .into_iter()
+        .partition(|s| s.encoding == Encoding::Gzip);
+    for scrape in identity {
+        let _ = scrape.page.send(Page {
+            body: page.clone(),
+            encoding: Encoding::Identity,
+        });
+    }
+    if gzip.is_empty() {
+        return;
+    }
+    let compressed = match gzipped(&page) {
+        Ok(compressed) => Page {
+            body: Bytes::from(compressed),
+            encoding: Encoding::Gzip,
+        },
+        Err(e) => {
+            // Not expected of a write into memory; the page as written is still an answer.
+            tracing::error!(error = %e, "compressing a /metrics page failed; sent uncompressed");
+            Page {
+                body: page,
+                encoding: Encoding::Identity,
+            }
+        }
+    };
+    for scrape in gzip {
+        let _ = scrape.page.send(compressed.clone());
+    }
+}
+
+/// `page` compressed as a gzip stream at level 1 (the `metrics_gzip` bench times it).
+pub fn gzipped(page: &[u8]) -> std::io::Result<Vec<u8>> {
+    // Text pages shrink 15 to 20 times; the buffer rarely grows.
+    let mut encoder = GzEncoder::new(Vec::with_capacity(page.len() / 12), Compression::fast());
+    encoder.write_all(page)?;
+    encoder.finish()
 }
 
 #[cfg(test)]
@@ -146,13 +253,15 @@ mod tests {
     #[tokio::test]
     async fn scrapes_waiting_for_a_page_share_the_next_one() {
         let rig = Rig::new(0);
-        let first = rig.scrapes.page();
+        let first = rig.scrapes.page(Encoding::Identity);
         rig.copying();
         // Five more while the first page is being written: one page for all of them, written
         // after they came.
-        let more: Vec<_> = (0..5).map(|_| rig.scrapes.page()).collect();
+        let more: Vec<_> = (0..5)
+            .map(|_| rig.scrapes.page(Encoding::Identity))
+            .collect();
         rig.let_go();
-        let first = first.await.unwrap();
+        let first = first.await.unwrap().body;
         assert!(std::str::from_utf8(&first)
             .unwrap()
             .contains("tencent_css_callbacks_total"));
@@ -160,7 +269,7 @@ mod tests {
         rig.let_go();
         let mut pages = Vec::new();
         for page in more {
-            pages.push(page.await.unwrap());
+            pages.push(page.await.unwrap().body);
         }
         for page in &pages {
             assert_eq!(page.as_ptr(), pages[0].as_ptr(), "one page, shared");
@@ -172,13 +281,85 @@ mod tests {
     #[tokio::test]
     async fn a_page_that_fails_fails_its_scrapes_only() {
         let rig = Rig::new(1);
-        let failed = rig.scrapes.page();
+        let failed = rig.scrapes.page(Encoding::Identity);
         rig.copying();
         rig.let_go();
         assert!(failed.await.is_err());
-        let next = rig.scrapes.page();
+        let next = rig.scrapes.page(Encoding::Identity);
         rig.copying();
         rig.let_go();
-        assert!(!next.await.unwrap().is_empty());
+        assert!(!next.await.unwrap().body.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_page_is_compressed_once_for_the_scrapes_that_ask_and_decompresses_to_itself() {
+        use std::io::Read;
+        let rig = Rig::new(0);
+        let first = rig.scrapes.page(Encoding::Identity);
+        rig.copying();
+        // Waiting for the next page together: two want gzip, one the page as written.
+        let gzip = [
+            rig.scrapes.page(Encoding::Gzip),
+            rig.scrapes.page(Encoding::Gzip),
+        ];
+        let identity = rig.scrapes.page(Encoding::Identity);
+        rig.let_go();
+        first.await.unwrap();
+        rig.copying();
+        rig.let_go();
+        let identity = identity.await.unwrap();
+        assert_eq!(identity.encoding, Encoding::Identity);
+        let [a, b] = gzip;
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        assert_eq!((a.encoding, b.encoding), (Encoding::Gzip, Encoding::Gzip));
+        assert_eq!(a.body.as_ptr(), b.body.as_ptr(), "compressed once, shared");
+        assert!(
+            a.body.len() * 4 < identity.body.len(),
+            "{} bytes compressed",
+            a.body.len()
+        );
+        let mut text = Vec::new();
+        flate2::read::GzDecoder::new(&a.body[..])
+            .read_to_end(&mut text)
+            .unwrap();
+        assert_eq!(text, identity.body, "the page the other scrape got");
+        assert_eq!(rig.gate.fills.load(Ordering::SeqCst), 2);
+    }
+
+    fn accepted(values: &[&str]) -> Encoding {
+        let values: Vec<_> = values
+            .iter()
+            .map(|v| HeaderValue::from_str(v).unwrap())
+            .collect();
+        Encoding::accepted(&values)
+    }
+
+    #[test]
+    fn gzip_is_sent_only_where_accept_encoding_accepts_it() {
+        use Encoding::{Gzip, Identity};
+        let cases: &[(&[&str], Encoding)] = &[
+            // What Prometheus sends, and other clients.
+            (&["gzip"], Gzip),
+            (&["gzip, deflate, br"], Gzip),
+            (&["br;q=1.0, GZIP;q=0.5"], Gzip),
+            (&["deflate", "x-gzip"], Gzip),
+            (&["*"], Gzip),
+            (&["identity;q=1, *;q=0.1"], Gzip),
+            // Without the header, or refusing gzip.
+            (&[], Identity),
+            (&[""], Identity),
+            (&["identity"], Identity),
+            (&["br, deflate"], Identity),
+            (&["gzip;q=0"], Identity),
+            (&["gzip; q=0.000, *"], Identity),
+            (&["*;q=0"], Identity),
+            // A weight that does not parse drops its coding.
+            (&["gzip;q=high"], Identity),
+            (&["gzip;q=2"], Identity),
+            (&["gzip;q=1;q"], Gzip),
+        ];
+        for (values, expected) in cases {
+            assert_eq!(accepted(values), *expected, "Accept-Encoding: {values:?}");
+        }
     }
 }

@@ -369,3 +369,64 @@ async fn storage_metrics_count_the_commits_and_the_callbacks_they_wrote() {
     );
     app.stop().await.unwrap();
 }
+
+/// `/metrics` with the given `Accept-Encoding` (none if `None`): the `Content-Encoding` and
+/// `Vary` headers of the answer, and its body as sent.
+async fn metrics_encoded(app: &TestApp, accept: Option<&str>) -> (Option<String>, String, Vec<u8>) {
+    let mut request = app.http.get(format!("{}/metrics", app.metrics_base));
+    if let Some(accept) = accept {
+        request = request.header("accept-encoding", accept);
+    }
+    let response = request.send().await.expect("GET /metrics");
+    assert_eq!(response.status(), 200);
+    let header = |name| {
+        response
+            .headers()
+            .get(name)
+            .map(|v: &reqwest::header::HeaderValue| v.to_str().unwrap().to_owned())
+    };
+    let (encoding, vary) = (header("content-encoding"), header("vary"));
+    assert_eq!(
+        header("content-type").as_deref(),
+        Some("text/plain; version=0.0.4")
+    );
+    let body = response.bytes().await.unwrap().to_vec();
+    (encoding, vary.unwrap_or_default(), body)
+}
+
+#[tokio::test]
+async fn metrics_are_gzipped_when_the_scraper_accepts_it() {
+    use std::io::Read;
+    let app = spawn_app().await;
+    for i in 0..50 {
+        let body = disconnect(&format!("d{i}.example"), "s", &format!("q{i}"), 9, 1);
+        assert_eq!(app.post(&signed(body)).await.status, 200);
+    }
+    // As Prometheus asks, unless its scrape config says `enable_compression: false`.
+    let (encoding, vary, gzipped) = metrics_encoded(&app, Some("gzip")).await;
+    assert_eq!(encoding.as_deref(), Some("gzip"));
+    assert_eq!(vary, "accept-encoding");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&gzipped[..])
+        .read_to_string(&mut text)
+        .expect("a gzip stream");
+    assert!(
+        gzipped.len() * 4 < text.len(),
+        "{} bytes for {} of text",
+        gzipped.len(),
+        text.len()
+    );
+    let unzipped = Scrape::parse(text);
+
+    for accept in [None, Some("gzip;q=0"), Some("identity"), Some("br")] {
+        let (encoding, vary, plain) = metrics_encoded(&app, accept).await;
+        assert_eq!(encoding, None, "Accept-Encoding: {accept:?}");
+        assert_eq!(vary, "accept-encoding");
+        let plain = Scrape::parse(String::from_utf8(plain).expect("plain text"));
+        assert_eq!(plain.exporter_samples(), unzipped.exporter_samples());
+    }
+    assert_eq!(
+        unzipped.sum("tencent_css_disconnects_total", &[("errcode", "1")]),
+        50.0
+    );
+}
