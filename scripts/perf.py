@@ -18,6 +18,7 @@ Then, for example:
     scripts/perf.py soak                  # 10 minutes of unique events, RSS/db/fds every 10 s
     scripts/perf.py restart OLD NEW       # restart readiness of two builds, alternated
     scripts/perf.py silent                # a callback while silent connections hold every slot
+    scripts/perf.py silent --slow-body    # the same with slow POSTs (head sent, body never finished)
 
 Each load waits until the rest of the machine is idle (up to 15 minutes; PERF_NO_WAIT=1 skips
 that) and reports the CPU the server, the load generator and everything else used meanwhile.
@@ -504,7 +505,8 @@ def cmd_restart(a):
 
 def cmd_silent(a):
     """Silent connections (connected, never a byte sent) take every slot of the connection cap;
-    then callbacks are sent, each on a new connection, and timed."""
+    then callbacks are sent, each on a new connection, and timed. `--slow-body`: the connections
+    send the head of a callback and the first byte of its body, never the rest (a slow POST)."""
     import socket
 
     tmp = workdir()
@@ -513,7 +515,11 @@ def cmd_silent(a):
         extra = ["--web.max-connections", a.max_connections, "--web.read-header-timeout", a.header_timeout]
         with Exporter(os.path.join(tmp, "exporter.db"), extra=extra) as ex:
             silent = [socket.create_connection((HOST, EXPORTER_PORT)) for _ in range(a.connections)]
-            time.sleep(0.5)
+            if a.slow_body:
+                for c in silent:
+                    c.sendall(b"POST /callback HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{")
+            # Past the exporter's grace for idle connections and incomplete bodies (1 s).
+            time.sleep(1.5 if a.slow_body else 0.5)
             times = []
             for _ in range(a.callbacks):
                 s = load(ex.url, "--requests", 1, "--concurrency", 1, quiet=False)
@@ -521,7 +527,7 @@ def cmd_silent(a):
             for c in silent:
                 c.close()
             out = {"answer_ms": times}
-            log(f"{a.connections} silent connections against a cap of {a.max_connections}: "
+            log(f"{a.connections} {'slow-body' if a.slow_body else 'silent'} connections against a cap of {a.max_connections}: "
                 f"{a.callbacks} callbacks answered after {', '.join(f'{t:.1f}' for t in times)} ms")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -614,6 +620,7 @@ def main():
     si.add_argument("--max-connections", default="1024")
     si.add_argument("--header-timeout", default="10s")
     si.add_argument("--callbacks", type=int, default=5)
+    si.add_argument("--slow-body", action="store_true", help="the connections send a callback head and one byte of its body, never the rest")
     s = sub.add_parser("soak", help="unique events at a fixed rate; RSS, db size and fds sampled")
     s.add_argument("--duration", default="10m")
     s.add_argument("--rate", default="5000")

@@ -17,18 +17,26 @@
 //!   between callbacks, connections that never sent a byte, or that trickle the head of a
 //!   request) are closed, as nginx reuses its idle keep-alive connections when it runs out.
 //!   Otherwise each would hold its slot for nothing until its header deadline, and a few
-//!   thousand silent or slowloris connections would keep every callback waiting that long.
+//!   thousand silent or slowloris connections would keep every callback waiting that long;
+//! - the ones whose request body has been awaited for [`BODY_GRACE`] (a slow POST: the head
+//!   sent, the body trickled or never sent) are dropped. A callback's body comes with its head,
+//!   a few hundred bytes; without that, such clients would hold their slots until
+//!   `--web.request-timeout`.
 //!
 //! Below the cap, connections stay open.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::http::{header, HeaderValue};
+use axum::body::Bytes;
+use axum::http::{header, HeaderValue, Request};
 use axum::Router;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -45,6 +53,10 @@ use tokio::time::Instant;
 /// 100 ms, 2,000 closed-loop senders against 1,024 slots had 3,314 of their requests cut off).
 /// A sender that never pauses is sent `Connection: close` instead.
 const IDLE_GRACE: Duration = Duration::from_secs(1);
+/// A request whose body is still incomplete this long after its head is taken for a slow POST
+/// and dropped while a connection waits for a slot. Tencent sends a callback's few hundred bytes
+/// of body with its head; a client this slow would be answered 408 at `--web.request-timeout`.
+const BODY_GRACE: Duration = Duration::from_secs(1);
 /// While a connection waits for a slot, how often the idle connections are looked at.
 const MAKE_ROOM_EVERY: Duration = Duration::from_millis(100);
 
@@ -69,12 +81,16 @@ enum Notice {
     Stop,
 }
 
-/// Whether a connection is idle, and since when.
+/// Whether a connection is idle, and since when; whether its request still waits for its body.
 struct Activity {
     /// Requests in progress.
     requests: AtomicUsize,
     /// When the last request ended, or the connection was accepted: milliseconds from `epoch`.
     since_ms: AtomicU64,
+    /// When the head of the request in progress was received: milliseconds from `epoch`.
+    head_ms: AtomicU64,
+    /// The request in progress has not received its whole body yet (see [`Watched`]).
+    reading: AtomicBool,
     /// The listener's start, shared by its connections: an instant in an atomic, as a number.
     epoch: Instant,
 }
@@ -84,6 +100,8 @@ impl Activity {
         Activity {
             requests: AtomicUsize::new(0),
             since_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
+            head_ms: AtomicU64::new(0),
+            reading: AtomicBool::new(false),
             epoch,
         }
     }
@@ -92,8 +110,16 @@ impl Activity {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn started(&self) {
+    /// A request's head was received; `body_pending` unless it has no body.
+    fn started(&self, body_pending: bool) {
+        self.head_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.reading.store(body_pending, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The request's body has been received, or will not be read.
+    fn body_done(&self) {
+        self.reading.store(false, Ordering::Relaxed);
     }
 
     fn ended(&self) {
@@ -108,6 +134,72 @@ impl Activity {
             Duration::from_millis(self.now_ms().saturating_sub(since))
         })
     }
+
+    /// How long the request in progress has waited for the rest of its body; `None` if no
+    /// request is in progress or its body is in.
+    fn body_awaited_for(&self) -> Option<Duration> {
+        let waiting =
+            self.requests.load(Ordering::Relaxed) > 0 && self.reading.load(Ordering::Relaxed);
+        waiting.then(|| {
+            let head = self.head_ms.load(Ordering::Relaxed);
+            Duration::from_millis(self.now_ms().saturating_sub(head))
+        })
+    }
+}
+
+/// A request body that tells its connection's [`Activity`] when it has all been received (or
+/// failed, or was dropped unread): until then the request waits on its client.
+struct Watched {
+    body: Incoming,
+    /// Taken once the body is done.
+    activity: Option<Arc<Activity>>,
+}
+
+impl Watched {
+    fn new(body: Incoming, activity: Arc<Activity>) -> Watched {
+        let pending = !body.is_end_stream();
+        activity.started(pending);
+        Watched {
+            body,
+            activity: pending.then_some(activity),
+        }
+    }
+
+    fn done(&mut self) {
+        if let Some(activity) = self.activity.take() {
+            activity.body_done();
+        }
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+impl HttpBody for Watched {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || self.body.is_end_stream() {
+            self.done();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// How a connection was made to leave room for one waiting for a slot.
@@ -119,16 +211,24 @@ enum Evicted {
     Slowloris = 1,
     /// Answered with `Connection: close`.
     Busy = 2,
+    /// Dropped while its request waited for the rest of its body.
+    SlowBody = 3,
 }
 
 impl Evicted {
-    const ALL: [Evicted; 3] = [Evicted::Idle, Evicted::Slowloris, Evicted::Busy];
+    const ALL: [Evicted; 4] = [
+        Evicted::Idle,
+        Evicted::Slowloris,
+        Evicted::Busy,
+        Evicted::SlowBody,
+    ];
 
     fn as_str(self) -> &'static str {
         match self {
             Evicted::Idle => "idle",
             Evicted::Slowloris => "slowloris",
             Evicted::Busy => "busy",
+            Evicted::SlowBody => "slow_body",
         }
     }
 }
@@ -149,7 +249,7 @@ struct ConnectionsInner {
     /// Connections that found every slot taken.
     waits: AtomicU64,
     /// Connections made to leave room, by [`Evicted`].
-    evicted: [AtomicU64; 3],
+    evicted: [AtomicU64; 4],
 }
 
 impl Connections {
@@ -251,7 +351,7 @@ pub fn connection_metrics(listeners: Vec<Connections>) -> Box<dyn Collector> {
         evicted: IntCounterVec::new(
             Opts::new(
                 "tencent_css_exporter_http_connections_evicted_total",
-                "Connections made to leave room for a waiting one: idle (closed), slowloris (dropped mid-head), busy (answered with Connection: close).",
+                "Connections made to leave room for a waiting one: idle (closed), slowloris (dropped mid-head), slow_body (dropped while its request body was incomplete), busy (answered with Connection: close).",
             ),
             &["listener", "reason"],
         )
@@ -322,8 +422,8 @@ pub async fn serve(
         let service = {
             let (wanted, activity, connections) =
                 (wanted.clone(), activity.clone(), connections.clone());
-            service_fn(move |request| {
-                activity.started();
+            service_fn(move |request: Request<Incoming>| {
+                let request = request.map(|body| Watched::new(body, activity.clone()));
                 let close = wanted.load(Ordering::Relaxed);
                 if close {
                     connections.evicted(Evicted::Busy);
@@ -382,6 +482,11 @@ pub async fn serve(
                                 // bytes of a request already.
                                 connection.as_mut().graceful_shutdown();
                                 asked = true;
+                            }
+                            Notice::MakeRoom if activity.body_awaited_for() >= Some(BODY_GRACE) => {
+                                tracing::debug!("closed a connection whose request body was still incomplete a second after its head");
+                                connections.evicted(Evicted::SlowBody);
+                                break Ok(());
                             }
                             Notice::MakeRoom | Notice::Serve => {}
                         }

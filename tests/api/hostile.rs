@@ -387,6 +387,64 @@ async fn at_the_cap_slowloris_connections_give_up_their_slots() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_slow_bodies_give_up_their_slots() {
+    // A request timeout far away: only making room can free the slots in time.
+    let app = app_with(&["--web.max-connections", "3", "--web.request-timeout", "60s"]).await;
+    let mut slow = bodiless_requests(app.callback_addr, 3).await;
+    // Past the grace of a body (1 s), and still trickling it.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for s in slow.iter_mut() {
+            let _ = s.write_all(b" ").await;
+        }
+    }
+    let body = serde_json::to_vec(&signed(sample("push"))).unwrap();
+    let waited = served_at_the_cap(app.callback_addr, &body, "slow bodies held the slots").await;
+    assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+    let mut closed = 0;
+    for s in slow.iter_mut() {
+        closed += closed_within(s, Duration::from_millis(500)).await as usize;
+    }
+    assert!(closed >= 1, "no slow body was dropped");
+    let s = app.scrape().await;
+    let dropped = [("listener", "callback"), ("reason", "slow_body")];
+    assert!(
+        s.value(
+            "tencent_css_exporter_http_connections_evicted_total",
+            &dropped
+        ) >= 1.0
+    );
+    // Dropped, not answered: nothing was counted for them.
+    assert_eq!(s.callbacks("unknown", "malformed"), 0.0);
+    eprintln!("served after {waited:?}; {closed} slow bodies dropped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_cap_a_slow_body_is_answered_at_its_deadline() {
+    let app = app_with(&["--web.max-connections", "3", "--web.request-timeout", "2s"]).await;
+    let mut slow = bodiless_requests(app.callback_addr, 1).await;
+    let started = Instant::now();
+    let mut answer = String::new();
+    let mut buf = [0u8; 1024];
+    while let Ok(Ok(n @ 1..)) =
+        tokio::time::timeout(Duration::from_secs(10), slow[0].read(&mut buf)).await
+    {
+        answer.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    let s = app.scrape().await;
+    assert_eq!(s.callbacks("unknown", "malformed"), 1.0);
+    assert_eq!(
+        s.value(
+            "tencent_css_exporter_http_connections_evicted_total",
+            &[("reason", "slow_body")]
+        ),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_answers_the_request_in_flight_and_closes_idle_connections() {
     let app = app_with(&[]).await;
     let addr = app.callback_addr;
