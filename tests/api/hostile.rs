@@ -146,7 +146,8 @@ async fn connection_cap_queues_new_connections_until_a_slot_frees() {
     let mut hogs = bodiless_requests(app.callback_addr, 20).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     // All slots are taken by requests in progress: the callback waits in the accept queue until
-    // they hit their request deadline, then it is served.
+    // they hit their request deadline (or, as late, the second of grace of a body), then it is
+    // served.
     let fresh = Client {
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(0)
