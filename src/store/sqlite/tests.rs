@@ -3,7 +3,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::connection::{WAL_KEEP_BYTES, WAL_LIMIT_PAGES};
+use super::connection::{checkpoint_turn, WAL_KEEP_BYTES, WAL_LIMIT_PAGES};
 use super::restore::SESSION_CHUNK;
 use super::schema::{DELIVERED, SCHEMA_VERSION, SERIES, SESSIONS};
 use super::unfolded::{REWRITE_MIN, SERIES_ROWS};
@@ -340,16 +340,67 @@ fn the_wal_is_checkpointed_off_the_commit_path() {
         .unwrap()
         .query_row("PRAGMA page_size", [], |r| r.get(0))
         .unwrap();
-    // A commit's own checkpoint at the limit is a passive one, which SQLite skips while the
-    // checkpointer thread holds the checkpoint lock: the WAL overshoots by what commits
-    // write during one background checkpoint (258 pages once, on a slow disk). Without
-    // the commits' own checkpoints the WAL passes this bound after about 1,016 batches.
-    let limit = (WAL_LIMIT_PAGES as u64 + 1024) * (page + 24) + 32;
+    // At the limit a commit waits for the checkpointer thread's checkpoint to end, then copies
+    // the rest: the WAL holds at most the limit and a batch (a few pages here). Before it waited
+    // its turn, the WAL overshot by 258 pages once and by over a thousand once, on slow disks.
+    let limit = (WAL_LIMIT_PAGES as u64 + 64) * (page + 24) + 32;
     for round in 4..2_000 {
         store.write(&batch(round), NOW).unwrap();
         let wal = size(&wal);
         assert!(wal <= limit, "WAL of {wal} bytes after {round} batches");
     }
+}
+
+/// A commit at the WAL limit waits for a checkpoint in progress (the checkpointer thread's, here
+/// the test's turn) to end, then checkpoints itself. SQLite's automatic checkpoint did not wait:
+/// it did nothing while another held the checkpoint lock, and the WAL overshot its limit.
+#[test]
+fn a_commit_at_the_wal_limit_waits_its_turn_then_checkpoints() {
+    use std::sync::mpsc::RecvTimeoutError;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("turn.db");
+    let wal = wal_of(&path);
+    let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+    let page: u64 = Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .unwrap();
+    let frames = |bytes: u64| bytes.saturating_sub(32) / (page + 24);
+
+    // A checkpoint in progress: nothing copies the WAL, which grows up to the limit.
+    let turn = checkpoint_turn();
+    let (written, batches) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        for round in 0..2_000 {
+            store.write(&batch(round), NOW).unwrap();
+            let _ = written.send(round);
+        }
+        store
+    });
+    let mut last = 0;
+    let waited = loop {
+        match batches.recv_timeout(Duration::from_secs(2)) {
+            Ok(round) => last = round,
+            Err(RecvTimeoutError::Timeout) => break true,
+            Err(RecvTimeoutError::Disconnected) => break false,
+        }
+    };
+    let waiting_at = frames(size(&wal));
+
+    // Its turn: it copies the WAL, which starts over, and the writer goes on. (The turn is
+    // given back before any assertion: the store's checkpointer thread needs it to stop.)
+    drop(turn);
+    let _store = writer.join().unwrap();
+    assert!(waited, "every batch written without waiting at the limit");
+    assert!(
+        (WAL_LIMIT_PAGES as u64..WAL_LIMIT_PAGES as u64 + 64).contains(&waiting_at),
+        "the writer waited after batch {last} with {waiting_at} WAL frames"
+    );
+    let after = frames(size(&wal));
+    assert!(
+        after < WAL_LIMIT_PAGES as u64 + 64,
+        "{after} WAL frames after 2,000 batches"
+    );
 }
 
 /// A WAL that grew large (here behind a reader that kept an old snapshot) is cut back to
