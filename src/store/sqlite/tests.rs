@@ -305,6 +305,23 @@ fn size(p: &std::ffi::OsStr) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
 
+/// A new store in a temporary folder (kept while the first value lives): the database's path,
+/// its WAL's and the store.
+fn store_and_wal(name: &str) -> (tempfile::TempDir, PathBuf, std::ffi::OsString, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(format!("{name}.db"));
+    let wal = wal_of(&path);
+    let store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+    (dir, path, wal, store)
+}
+
+fn page_size(path: &Path) -> u64 {
+    Connection::open(path)
+        .unwrap()
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .unwrap()
+}
+
 /// 64 new live sessions, numbered from `round * 64`.
 fn batch(round: u32) -> Commit {
     Commit {
@@ -319,10 +336,7 @@ fn batch(round: u32) -> Commit {
 /// checkpoint limit, and the WAL file stays bounded under continuous writes.
 #[test]
 fn the_wal_is_checkpointed_off_the_commit_path() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("wal.db");
-    let wal = wal_of(&path);
-    let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+    let (_dir, path, wal, mut store) = store_and_wal("wal");
     let before = size(path.as_os_str());
     for round in 0..4 {
         store.write(&batch(round), NOW).unwrap();
@@ -336,10 +350,7 @@ fn the_wal_is_checkpointed_off_the_commit_path() {
         std::thread::sleep(Duration::from_millis(10));
     }
 
-    let page: u64 = Connection::open(&path)
-        .unwrap()
-        .query_row("PRAGMA page_size", [], |r| r.get(0))
-        .unwrap();
+    let page = page_size(&path);
     // At the limit a commit waits for the checkpointer thread's checkpoint to end, then copies
     // the rest: the WAL holds at most the limit and a batch (a few pages here). Before it waited
     // its turn, the WAL overshot by 258 pages once and by over a thousand once, on slow disks.
@@ -357,14 +368,8 @@ fn the_wal_is_checkpointed_off_the_commit_path() {
 #[test]
 fn a_commit_at_the_wal_limit_waits_its_turn_then_checkpoints() {
     use std::sync::mpsc::RecvTimeoutError;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("turn.db");
-    let wal = wal_of(&path);
-    let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
-    let page: u64 = Connection::open(&path)
-        .unwrap()
-        .query_row("PRAGMA page_size", [], |r| r.get(0))
-        .unwrap();
+    let (_dir, path, wal, mut store) = store_and_wal("turn");
+    let page = page_size(&path);
     let frames = |bytes: u64| bytes.saturating_sub(32) / (page + 24);
 
     // A checkpoint in progress: nothing copies the WAL, which grows up to the limit.
@@ -407,10 +412,7 @@ fn a_commit_at_the_wal_limit_waits_its_turn_then_checkpoints() {
 /// `WAL_KEEP_BYTES` once it can start over, instead of keeping its size for good.
 #[test]
 fn a_grown_wal_shrinks_once_it_starts_over() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("grown.db");
-    let wal = wal_of(&path);
-    let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+    let (_dir, path, wal, mut store) = store_and_wal("grown");
     store.write(&batch(0), NOW).unwrap();
     let mut reader = Connection::open(&path).unwrap();
     let snapshot = reader.transaction().unwrap();
