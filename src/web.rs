@@ -156,12 +156,13 @@ struct Watched {
 }
 
 impl Watched {
-    fn new(body: Incoming, activity: Arc<Activity>) -> Watched {
+    fn new(body: Incoming, activity: &Arc<Activity>) -> Watched {
         let pending = !body.is_end_stream();
         activity.started(pending);
         Watched {
             body,
-            activity: pending.then_some(activity),
+            // Bodiless requests (scrapes, probes) need not be watched: no reference taken.
+            activity: pending.then(|| activity.clone()),
         }
     }
 
@@ -249,7 +250,7 @@ struct ConnectionsInner {
     /// Connections that found every slot taken.
     waits: AtomicU64,
     /// Connections made to leave room, by [`Evicted`].
-    evicted: [AtomicU64; 4],
+    evicted: [AtomicU64; Evicted::ALL.len()],
 }
 
 impl Connections {
@@ -423,7 +424,7 @@ pub async fn serve(
             let (wanted, activity, connections) =
                 (wanted.clone(), activity.clone(), connections.clone());
             service_fn(move |request: Request<Incoming>| {
-                let request = request.map(|body| Watched::new(body, activity.clone()));
+                let request = request.map(|body| Watched::new(body, &activity));
                 let close = wanted.load(Ordering::Relaxed);
                 if close {
                     connections.evicted(Evicted::Busy);
