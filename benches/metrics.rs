@@ -2,7 +2,9 @@
 //! live streams and counters in both areas, several disconnect codes and push-duration
 //! histograms. `metrics_lock` times what a scrape does under the state's read lock (the ledger
 //! waits for it), `metrics_render` a whole scrape, `metrics_gzip` compressing the page for a
-//! scrape that asks for gzip.
+//! scrape that asks for gzip: as the exporter does, in pieces on several threads
+//! (`N_domains`), and as one stream on one thread (`N_domains_one_thread`), to show the
+//! difference.
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -10,9 +12,9 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tencent_css_exporter::area::Area;
 use tencent_css_exporter::callback::{Event, StreamEvent, StreamKey};
+use tencent_css_exporter::gzip;
 use tencent_css_exporter::ledger::Shared;
 use tencent_css_exporter::metrics::{Frame, Metrics, ViewSource};
-use tencent_css_exporter::scrape::gzipped;
 use tencent_css_exporter::state::{Limits, Truth};
 
 const NOW_MS: i64 = 1_700_000_000_000;
@@ -103,23 +105,38 @@ fn lock(c: &mut Criterion) {
     group.finish();
 }
 
-/// Compressing a page for a scrape that asks for gzip (as Prometheus does): once a page, on
-/// the scrape thread, after `metrics_render`.
-fn gzip(c: &mut Criterion) {
+/// Compressing a page for a scrape that asks for gzip (as Prometheus does): once a page, after
+/// `metrics_render`.
+fn gzipped(c: &mut Criterion) {
     let mut group = c.benchmark_group("metrics_gzip");
     group.sample_size(10);
     for domains in [100, 1_000, 10_000] {
         let page = Metrics::new(populated(domains)).render().into_bytes();
-        let compressed = gzipped(&page).expect("gzip into memory").len();
+        let compressed = gzip::compress(&page).expect("gzip into memory").len();
+        let one_thread = one_stream(&page).len();
         eprintln!(
-            "{domains} domains: /metrics is {} bytes, {compressed} gzipped",
+            "{domains} domains: /metrics is {} bytes, {compressed} gzipped in pieces, \
+             {one_thread} in one stream",
             page.len()
         );
         group.throughput(Throughput::Bytes(page.len() as u64));
-        group.bench_function(format!("{domains}_domains"), |b| b.iter(|| gzipped(&page)));
+        group.bench_function(format!("{domains}_domains"), |b| {
+            b.iter(|| gzip::compress(&page))
+        });
+        group.bench_function(format!("{domains}_domains_one_thread"), |b| {
+            b.iter(|| one_stream(&page))
+        });
     }
     group.finish();
 }
 
-criterion_group!(benches, lock, render, gzip);
+/// `page` as one gzip stream at the exporter's level, on this thread.
+fn one_stream(page: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(page).expect("gzip into memory");
+    encoder.finish().expect("gzip into memory")
+}
+
+criterion_group!(benches, lock, render, gzipped);
 criterion_main!(benches);

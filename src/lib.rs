@@ -21,7 +21,8 @@
 //! - [`metrics`]: `/metrics`: at each scrape, copies the state's numbers and writes them in
 //!   the Prometheus text format, with the process and build metrics and the storage metrics of
 //!   this process ([`metrics::CommitStats`], kept by the ledger and by Redis).
-//! - [`scrape`]: one page at a time on a thread of its own, shared by the scrapes that wait.
+//! - [`scrape`]: one page at a time on a thread of its own, shared by the scrapes that wait;
+//!   [`gzip`] compresses it in pieces on several threads for the scrapes that ask.
 //! - [`http`]: routes, status codes and logging of outcomes.
 //! - [`web`]: connection handling: header deadline, connection cap (where served connections
 //!   make room for waiting ones), graceful drain.
@@ -33,6 +34,7 @@ pub mod area;
 pub mod callback;
 pub mod config;
 pub mod errcode;
+pub mod gzip;
 pub mod http;
 pub mod ledger;
 pub mod load;

@@ -12,21 +12,20 @@
 //! copies the state, so the page holds every callback answered before the scrape was asked.
 //!
 //! Prometheus asks for gzip (`Accept-Encoding: gzip`) unless its scrape config says
-//! `enable_compression: false`. A page is compressed once, on this thread, if any of its scrapes
-//! asked, and the compressed copy is shared like the page: compressing on the runtime's workers
-//! would stall the callbacks there for as long. Level 1: the 5-MB page of 1,000 domains becomes
-//! 0.33 MB in about 14 ms; higher levels shrink it by a third more at 4 to 9 times the CPU.
+//! `enable_compression: false`. A page is compressed once, from this thread, if any of its
+//! scrapes asked, and the compressed copy is shared like the page: compressing on the runtime's
+//! workers would stall the callbacks there for as long. Level 1, in pieces on several threads
+//! ([`crate::gzip`]): the 5-MB page of 1,000 domains becomes 0.33 MB in about 14 ms of CPU;
+//! higher levels shrink it by a third more at 4 to 9 times the CPU.
 
-use std::io::Write;
 use std::sync::mpsc;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::http::HeaderValue;
-use flate2::write::GzEncoder;
-use flate2::Compression;
 use tokio::sync::oneshot;
 
+use crate::gzip;
 use crate::metrics::Metrics;
 
 /// How a scrape wants its page.
@@ -157,7 +156,7 @@ fn answer(waiting: Vec<Scrape>, page: Bytes) {
     if gzip.is_empty() {
         return;
     }
-    let compressed = match gzipped(&page) {
+    let compressed = match gzip::compress(&page) {
         Ok(compressed) => Page {
             body: Bytes::from(compressed),
             encoding: Encoding::Gzip,
@@ -174,14 +173,6 @@ fn answer(waiting: Vec<Scrape>, page: Bytes) {
     for scrape in gzip {
         let _ = scrape.page.send(compressed.clone());
     }
-}
-
-/// `page` compressed as a gzip stream at level 1 (the `metrics_gzip` bench times it).
-pub fn gzipped(page: &[u8]) -> std::io::Result<Vec<u8>> {
-    // Text pages shrink 15 to 20 times; the buffer rarely grows.
-    let mut encoder = GzEncoder::new(Vec::with_capacity(page.len() / 12), Compression::fast());
-    encoder.write_all(page)?;
-    encoder.finish()
 }
 
 #[cfg(test)]

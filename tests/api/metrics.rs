@@ -430,3 +430,35 @@ async fn metrics_are_gzipped_when_the_scraper_accepts_it() {
         50.0
     );
 }
+
+#[tokio::test]
+async fn a_page_of_megabytes_is_one_gzip_stream_of_the_page() {
+    use std::io::Read;
+    // Pages over 2 MiB are compressed in pieces on several threads: the pieces must make one
+    // gzip member, which readers that stop after the first member (as this one does) read
+    // whole, CRC and size checked.
+    let app = spawn_app().await;
+    let mut domains = 0;
+    while metrics_encoded(&app, None).await.2.len() < 2_500_000 {
+        for _ in 0..250 {
+            let (domain, set_id) = (format!("d{domains}.example"), 1 + domains % 2 * 100);
+            let body = disconnect(&domain, "s", &format!("q{domains}"), set_id, 1);
+            assert_eq!(app.post(&signed(body)).await.status, 200);
+            domains += 1;
+        }
+    }
+    let (encoding, _, gzipped) = metrics_encoded(&app, Some("gzip")).await;
+    assert_eq!(encoding.as_deref(), Some("gzip"));
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&gzipped[..])
+        .read_to_string(&mut text)
+        .expect("one gzip member");
+    let (_, _, plain) = metrics_encoded(&app, None).await;
+    let plain = Scrape::parse(String::from_utf8(plain).expect("plain text"));
+    let unzipped = Scrape::parse(text);
+    assert_eq!(plain.exporter_samples(), unzipped.exporter_samples());
+    assert_eq!(
+        unzipped.sum("tencent_css_disconnects_total", &[("errcode", "1")]),
+        domains as f64
+    );
+}
