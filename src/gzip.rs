@@ -81,9 +81,10 @@ fn deflate(piece: &[u8], last: bool) -> io::Result<(Vec<u8>, Crc)> {
     crc.update(piece);
     let mut compress = Compress::new(Compression::fast(), false);
     // Room for the worst case, so that one call compresses and flushes the whole piece:
-    // miniz_oxide loses output when a sync flush is continued in a second call (incompressible
-    // pieces of about 58 KB did so). Text shrinks 15 to 20 times, and the pages of the buffer
-    // that are never written are never resident.
+    // miniz_oxide's sync flush, when the output fills up, may stop short of the end or write a
+    // second sync marker when asked again (Frommi/miniz_oxide#105); incompressible pieces of
+    // about 58 KB lost their end that way. Text shrinks 15 to 20 times, and the pages of the
+    // buffer that are never written are never resident.
     let mut out = Vec::with_capacity(piece.len() + piece.len() / 8 + 1024);
     let (flush, end) = if last {
         (FlushCompress::Finish, Status::StreamEnd)
