@@ -15,7 +15,7 @@
 //! `enable_compression: false`. A page is compressed once, from this thread, if any of its
 //! scrapes asked, and the compressed copy is shared like the page: compressing on the runtime's
 //! workers would stall the callbacks there for as long. Level 1, in pieces on several threads
-//! ([`crate::gzip`]): the 5-MB page of 1,000 domains becomes 0.33 MB in about 14 ms of CPU;
+//! ([`crate::gzip`]): the 5-MB page of 1,000 domains becomes 0.33 MB in 1.4 to 14 ms of CPU;
 //! higher levels shrink it by a third more at 4 to 9 times the CPU.
 
 use std::sync::mpsc;
