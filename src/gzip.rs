@@ -24,7 +24,7 @@ const MIN_PIECE: usize = 1 << 20;
 const MAX_THREADS: usize = 4;
 
 /// `page` as a gzip stream at level 1, compressed on as many threads as the machine has cores
-/// (at most [`MAX_THREADS`]) and as the page has pieces of [`MIN_PIECE`].
+/// (at most `MAX_THREADS`) and as the page has pieces of `MIN_PIECE`.
 pub fn compress(page: &[u8]) -> io::Result<Vec<u8>> {
     static THREADS: OnceLock<usize> = OnceLock::new();
     let threads = *THREADS.get_or_init(|| {

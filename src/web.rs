@@ -13,12 +13,12 @@
 //!   that the connections waiting in the accept queue would wait for as long as the busy ones
 //!   keep sending: in a reconnect burst with more senders than slots, the senders past the cap
 //!   would time out instead of taking turns;
-//! - the idle ones (no request in progress for [`IDLE_GRACE`] at least: keep-alive connections
+//! - the idle ones (no request in progress for `IDLE_GRACE` at least: keep-alive connections
 //!   between callbacks, connections that never sent a byte, or that trickle the head of a
 //!   request) are closed, as nginx reuses its idle keep-alive connections when it runs out.
 //!   Otherwise each would hold its slot for nothing until its header deadline, and a few
 //!   thousand silent or slowloris connections would keep every callback waiting that long;
-//! - the ones whose request body has been awaited for [`BODY_GRACE`] (a slow POST: the head
+//! - the ones whose request body has been awaited for `BODY_GRACE` (a slow POST: the head
 //!   sent, the body trickled or never sent) are dropped. A callback's body comes with its head,
 //!   a few hundred bytes; without that, such clients would hold their slots until
 //!   `--web.request-timeout`.
