@@ -14,6 +14,7 @@ Then, for example:
     scripts/perf.py metrics               # /metrics with 1,000 domains, scrape vs callback latency
     scripts/perf.py metrics --gzip        # the same, scraping as Prometheus does (Accept-Encoding: gzip)
     scripts/perf.py scrapers --clients 32 # many clients scraping /metrics at once, peak RSS
+    scripts/perf.py scrapers --gzip       # the same, asking for gzip
     scripts/perf.py memory                # idle RSS, 1,000,000 live streams, restart readiness
     scripts/perf.py soak                  # 10 minutes of unique events, RSS/db/fds every 10 s
     scripts/perf.py restart OLD NEW       # restart readiness of two builds, alternated
@@ -364,7 +365,7 @@ def cmd_scrapers(a):
                 conn = http.client.HTTPConnection(HOST, EXPORTER_PORT, timeout=60)
                 while time.monotonic() < stop:
                     t0 = time.perf_counter()
-                    conn.request("GET", "/metrics")
+                    conn.request("GET", "/metrics", headers=scrape_headers(a.gzip))
                     r = conn.getresponse()
                     r.read()
                     times.append((time.perf_counter() - t0) * 1000)
@@ -607,6 +608,7 @@ def main():
     sc.add_argument("--domains", default="1000")
     sc.add_argument("--clients", type=int, default=32)
     sc.add_argument("--seconds", type=float, default=8.0)
+    sc.add_argument("--gzip", action="store_true", help="scrape with Accept-Encoding: gzip, as Prometheus does")
     mem = sub.add_parser("memory", help="idle RSS, RSS with many live streams, restart readiness")
     mem.add_argument("--streams", default="1000000")
     mem.add_argument("--idle", type=float, default=10.0)
