@@ -1,0 +1,271 @@
+//! What a load run measured: each connection's tally, the exporter's memory and descriptors,
+//! and the summary printed and written as JSON.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::config::LoadArgs;
+
+/// What one connection measured.
+#[derive(Default)]
+pub(super) struct Tally {
+    /// Latency of each answered request, in microseconds.
+    pub(super) latencies_us: Vec<u32>,
+    pub(super) statuses: BTreeMap<u16, u64>,
+    pub(super) pushes: u64,
+    pub(super) disconnects: u64,
+    pub(super) errors: u64,
+    pub(super) first_error: Option<String>,
+    /// Requests sent over a millisecond after their scheduled time because every connection
+    /// was busy.
+    pub(super) late: u64,
+}
+
+impl Tally {
+    pub(super) fn merge(&mut self, other: Tally) {
+        self.latencies_us.extend(other.latencies_us);
+        for (status, n) in other.statuses {
+            *self.statuses.entry(status).or_default() += n;
+        }
+        self.pushes += other.pushes;
+        self.disconnects += other.disconnects;
+        self.errors += other.errors;
+        self.late += other.late;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+}
+
+/// The exporter's resident memory over the run.
+#[derive(Default, Clone, Copy)]
+pub(super) struct Rss {
+    pub(super) start_kib: u64,
+    pub(super) max_kib: u64,
+    pub(super) end_kib: u64,
+}
+
+/// Resident memory of a process, from `/proc/PID/status`.
+pub(super) fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Open file descriptors of a process, from `/proc/PID/fd`.
+pub(super) fn open_fds(pid: u32) -> Option<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|d| d.count())
+}
+
+/// The figures of a run.
+pub(super) struct Summary {
+    pub(super) target: String,
+    pub(super) concurrency: usize,
+    pub(super) rate: Option<f64>,
+    pub(super) elapsed: Duration,
+    pub(super) requests: u64,
+    pub(super) pushes: u64,
+    pub(super) disconnects: u64,
+    pub(super) ok: u64,
+    pub(super) non_200: BTreeMap<u16, u64>,
+    pub(super) errors: u64,
+    pub(super) first_error: Option<String>,
+    pub(super) late: u64,
+    /// p50, p99, p99.9 and max, in microseconds.
+    pub(super) latency_us: Option<[u32; 4]>,
+    pub(super) mean_us: f64,
+    /// Slowest and fastest progress interval, requests/s.
+    pub(super) interval_rates: Option<(f64, f64)>,
+    pub(super) rss: Option<Rss>,
+    pub(super) fds: Option<usize>,
+    pub(super) pid: Option<u32>,
+}
+
+impl Summary {
+    pub(super) fn new(
+        args: &LoadArgs,
+        mut tally: Tally,
+        elapsed: Duration,
+        rss: Option<Rss>,
+        fds: Option<usize>,
+        intervals: &[f64],
+    ) -> Self {
+        tally.latencies_us.sort_unstable();
+        let l = &tally.latencies_us;
+        let at = |q: f64| l[((q * l.len() as f64).ceil() as usize).clamp(1, l.len()) - 1];
+        let latency_us = (!l.is_empty()).then(|| [at(0.5), at(0.99), at(0.999), l[l.len() - 1]]);
+        let mean_us = if l.is_empty() {
+            0.0
+        } else {
+            l.iter().map(|&v| f64::from(v)).sum::<f64>() / l.len() as f64
+        };
+        let interval_rates = (!intervals.is_empty()).then(|| {
+            intervals
+                .iter()
+                .fold((f64::INFINITY, 0.0_f64), |(lo, hi), r| {
+                    (lo.min(*r), hi.max(*r))
+                })
+        });
+        let ok = tally.statuses.get(&200).copied().unwrap_or(0);
+        tally.statuses.remove(&200);
+        Summary {
+            target: args.target.clone(),
+            concurrency: args.concurrency,
+            rate: args.rate,
+            elapsed,
+            requests: tally.pushes + tally.disconnects,
+            pushes: tally.pushes,
+            disconnects: tally.disconnects,
+            ok,
+            non_200: tally.statuses,
+            errors: tally.errors,
+            first_error: tally.first_error,
+            late: tally.late,
+            latency_us,
+            mean_us,
+            interval_rates,
+            rss,
+            fds,
+            pid: args.pid,
+        }
+    }
+
+    pub(super) fn failed(&self) -> bool {
+        self.errors > 0 || !self.non_200.is_empty()
+    }
+
+    pub(super) fn per_second(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub(super) fn print(&self) {
+        let ms = |us: u32| f64::from(us) / 1000.0;
+        let mode = match self.rate {
+            Some(r) => format!("open loop at {r:.0} requests/s"),
+            None => "closed loop".into(),
+        };
+        println!(
+            "{} requests ({} pushes, {} disconnects) to {} in {:.2} s; {} connections, {mode}",
+            self.requests,
+            self.pushes,
+            self.disconnects,
+            self.target,
+            self.elapsed.as_secs_f64(),
+            self.concurrency
+        );
+        println!("throughput: {:.0} requests/s", self.per_second());
+        if let Some((lo, hi)) = self.interval_rates {
+            println!("  progress intervals: slowest {lo:.0}, fastest {hi:.0} requests/s");
+        }
+        if let Some([p50, p99, p999, max]) = self.latency_us {
+            println!(
+                "latency: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms (mean {:.3} ms)",
+                ms(p50),
+                ms(p99),
+                ms(p999),
+                ms(max),
+                self.mean_us / 1000.0
+            );
+        }
+        if self.rate.is_some() {
+            println!(
+                "  sent over 1 ms late (every connection busy): {}",
+                self.late
+            );
+        }
+        let non_200: u64 = self.non_200.values().sum();
+        println!(
+            "answers: {} x 200, {non_200} non-200, {} errors",
+            self.ok, self.errors
+        );
+        for (status, n) in &self.non_200 {
+            println!("  {n:>8} x HTTP {status}");
+        }
+        if let Some(e) = &self.first_error {
+            println!("  first error: {e}");
+        }
+        if let (Some(pid), Some(r)) = (self.pid, self.rss) {
+            let mib = |kib: u64| kib as f64 / 1024.0;
+            println!(
+                "exporter (pid {pid}) RSS: start {:.1} MiB, max {:.1} MiB, end {:.1} MiB; open fds at end: {}",
+                mib(r.start_kib),
+                mib(r.max_kib),
+                mib(r.end_kib),
+                self.fds.map_or("?".into(), |n| n.to_string())
+            );
+        }
+    }
+
+    pub(super) fn json(&self) -> serde_json::Value {
+        let ms = |us: u32| f64::from(us) / 1000.0;
+        json!({
+            "target": self.target,
+            "concurrency": self.concurrency,
+            "rate": self.rate,
+            "seconds": self.elapsed.as_secs_f64(),
+            "requests": self.requests,
+            "pushes": self.pushes,
+            "disconnects": self.disconnects,
+            "requests_per_second": self.per_second(),
+            "slowest_interval_per_second": self.interval_rates.map(|r| r.0),
+            "fastest_interval_per_second": self.interval_rates.map(|r| r.1),
+            "latency_ms": self.latency_us.map(|[p50, p99, p999, max]| json!({
+                "p50": ms(p50), "p99": ms(p99), "p99_9": ms(p999), "max": ms(max),
+                "mean": self.mean_us / 1000.0,
+            })),
+            "late": self.late,
+            "ok": self.ok,
+            "non_200": self.non_200.values().sum::<u64>(),
+            "statuses": self.non_200.iter().map(|(s, n)| (s.to_string(), *n)).collect::<BTreeMap<_, _>>(),
+            "errors": self.errors,
+            "first_error": self.first_error,
+            "rss_mib": self.rss.map(|r| json!({
+                "start": r.start_kib as f64 / 1024.0,
+                "max": r.max_kib as f64 / 1024.0,
+                "end": r.end_kib as f64 / 1024.0,
+            })),
+            "open_fds": self.fds,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::KeySource;
+
+    #[test]
+    fn percentiles_take_the_nearest_rank() {
+        let args = LoadArgs {
+            target: "http://x/callback".into(),
+            concurrency: 1,
+            duration: Duration::from_secs(1),
+            requests: None,
+            rate: None,
+            domains: 1,
+            push_only: false,
+            pid: None,
+            progress: Duration::ZERO,
+            json: false,
+            keys: KeySource { key_file: None },
+        };
+        let tally = Tally {
+            latencies_us: (1..=1000).rev().collect(),
+            statuses: BTreeMap::from([(200, 999), (503, 1)]),
+            pushes: 500,
+            disconnects: 500,
+            ..Tally::default()
+        };
+        let s = Summary::new(&args, tally, Duration::from_secs(1), None, None, &[]);
+        assert_eq!(s.latency_us, Some([500, 990, 999, 1000]));
+        assert_eq!(s.ok, 999);
+        assert!(s.failed());
+        assert_eq!(s.json()["non_200"], 1);
+    }
+}
