@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use tencent_css_exporter::area::Area;
 use tencent_css_exporter::callback::{Event, EventKind, StreamEvent, StreamKey};
+use tencent_css_exporter::load::mix;
 use tencent_css_exporter::state::rules::{Sequence, Session};
 use tencent_css_exporter::state::{DeliveryKey, Limits, Snapshot, Truth};
 
@@ -29,14 +30,6 @@ const LIMITS: Limits = Limits {
     dedup_window_ms: WINDOW_MS,
     max_domains: 10_000,
 };
-
-/// The load generator's scattering of session numbers.
-fn mix(k: u64) -> u64 {
-    let mut x = k.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
 
 fn stream(k: u64) -> StreamKey {
     StreamKey {

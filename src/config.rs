@@ -198,6 +198,18 @@ impl KeySource {
         }
         Ok(keys)
     }
+
+    /// The key a client subcommand (`simulate`, `load`) signs with: the first configured one,
+    /// or none, said on stderr, for an exporter that skips verification.
+    pub fn signing_key(&self) -> Result<Option<String>, String> {
+        let key = self.load()?.first().map(str::to_owned);
+        if key.is_none() {
+            eprintln!(
+                "no {KEY_ENV} set: sending unsigned callbacks (accepted only by an exporter running with --callback.insecure-skip-verify)"
+            );
+        }
+        Ok(key)
+    }
 }
 
 /// `tencent-css-exporter simulate`.

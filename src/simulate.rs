@@ -38,14 +38,7 @@ struct Tally {
 }
 
 pub async fn run(args: SimulateArgs) -> Result<(), String> {
-    let keys = args.keys.load()?;
-    let key = keys.first().map(str::to_owned);
-    if key.is_none() {
-        eprintln!(
-            "no {} set: sending unsigned callbacks (accepted only by an exporter running with --callback.insecure-skip-verify)",
-            crate::config::KEY_ENV
-        );
-    }
+    let key = args.keys.signing_key()?;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()

@@ -71,8 +71,9 @@ struct Plan {
     done: AtomicU64,
 }
 
-/// splitmix64's finalizer: a bijection on u64 that scatters consecutive numbers.
-fn mix(k: u64) -> u64 {
+/// splitmix64's finalizer: a bijection on u64 that scatters consecutive numbers (the session
+/// sequences of the load, and of `examples/state_memory.rs`).
+pub fn mix(k: u64) -> u64 {
     let mut x = k.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -154,14 +155,7 @@ pub async fn run(args: LoadArgs) -> Result<(), String> {
             return Err("--rate must be a positive number of requests per second".into());
         }
     }
-    let keys = args.keys.load()?;
-    let key = keys.first().map(str::to_owned);
-    if key.is_none() {
-        eprintln!(
-            "no {} set: sending unsigned callbacks (accepted only by an exporter running with --callback.insecure-skip-verify)",
-            crate::config::KEY_ENV
-        );
-    }
+    let key = args.keys.signing_key()?;
     let target = Target::parse(&args.target).await?;
 
     let mut rng = rand::rng();
