@@ -16,6 +16,7 @@ Then, for example:
     scripts/perf.py scrapers --clients 32 # many clients scraping /metrics at once, peak RSS
     scripts/perf.py scrapers --gzip       # the same, asking for gzip
     scripts/perf.py memory                # idle RSS, 1,000,000 live streams, restart readiness
+    scripts/perf.py memory --redis        # the same with the state in Redis (also: metrics --redis)
     scripts/perf.py soak                  # 10 minutes of unique events, RSS/db/fds every 10 s
     scripts/perf.py restart OLD NEW       # restart readiness of two builds, alternated
     scripts/perf.py silent                # a callback while silent connections hold every slot
@@ -257,6 +258,77 @@ def workdir():
     return tempfile.mkdtemp(prefix="css-exporter-perf-")
 
 
+class Redis:
+    """`--redis`: a redis-server in `dir` (AOF, `appendfsync everysec`, as
+    scripts/redis_bench.sh runs it) for the exporter to store its state in instead of SQLite."""
+
+    PORT = 16398
+
+    def __init__(self, dir):
+        self.dir = dir
+        self.proc = None
+
+    @property
+    def args(self):
+        """The exporter's flags to use it."""
+        return ["--storage.redis-url", f"redis://{HOST}:{self.PORT}/0"]
+
+    def command(self, *words):
+        """One command's answer (RESP, read until the reply is whole enough for INFO and PING)."""
+        import socket
+
+        with socket.create_connection((HOST, self.PORT), timeout=5) as c:
+            c.sendall(("*%d\r\n" % len(words) + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)).encode())
+            data = c.recv(65536)
+            if data.startswith(b"$"):
+                length = int(data[1:data.index(b"\r\n")])
+                while len(data) < data.index(b"\r\n") + 2 + length:
+                    data += c.recv(65536)
+            return data.decode(errors="replace")
+
+    def used_memory_mib(self):
+        info = self.command("INFO", "memory")
+        for line in info.splitlines():
+            if line.startswith("used_memory:"):
+                return int(line.split(":")[1]) / (1024 * 1024)
+        return None
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.PORT), "--bind", HOST, "--save", "",
+             "--appendonly", "yes", "--appendfsync", "everysec", "--dir", self.dir],
+            stdout=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                if "PONG" in self.command("PING"):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        raise SystemExit("redis-server did not answer")
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def storage(a, tmp):
+    """The store a command runs the exporter on: Redis with `--redis`, else SQLite (its
+    default); a context manager, with `.args` for the exporter."""
+    if getattr(a, "redis", False):
+        return Redis(tmp)
+
+    class Sqlite:
+        args = []
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    return Sqlite()
+
+
 def cmd_throughput(a):
     if a.pin:
         # The load generator on the first CPU, the server on the others: each server gets the
@@ -392,7 +464,7 @@ def cmd_metrics(a):
     tmp = workdir()
     out = {}
     try:
-        with Exporter(os.path.join(tmp, "exporter.db")) as ex:
+        with storage(a, tmp) as store, Exporter(os.path.join(tmp, "exporter.db"), store.args) as ex:
             fill_domains(ex, a.domains)
             times, size = scrape_times(ex.url, a.scrapes, a.gzip)
             series = sum(1 for line in http_get(ex.url + "/metrics")[1].splitlines() if line and not line.startswith(b"#"))
@@ -438,39 +510,47 @@ def cmd_memory(a):
     db = os.path.join(tmp, "exporter.db")
     out = {}
     try:
-        ex = Exporter(db).start()
-        try:
-            time.sleep(a.idle)
-            out["idle_rss_mib"] = rss_mib(ex.pid)
-            log(f"idle RSS after {a.idle} s: {out['idle_rss_mib']:.1f} MiB")
-            s = load(ex.url, "--push-only", "--requests", a.streams, "--concurrency", 64, "--pid", ex.pid, server_pid=ex.pid)
-            status, body = http_get(ex.url + "/metrics", timeout=60)
-            live = sum(
-                float(line.rsplit(b" ", 1)[1])
-                for line in body.splitlines()
-                if line.startswith(b"tencent_css_active_streams{")
-            )
-            time.sleep(2)
-            out["live_streams"] = live
-            out["live_rss_mib"] = rss_mib(ex.pid)
-            out["load"] = s
-            out["db_mib"] = db_mib(db)
-            log(f"{live:.0f} live streams: RSS {out['live_rss_mib']:.1f} MiB (max during the load "
-                f"{s['rss_mib']['max']:.1f} MiB), database {out['db_mib']:.1f} MiB; load: {describe(s)}")
-        finally:
-            ex.stop()
-        restarts = []
-        for _ in range(a.restarts):
-            ex = Exporter(db).start()
-            restarts.append(ex.ready_seconds)
-            rss_after = rss_mib(ex.pid)
-            ex.stop()
-            log(f"restart with {live:.0f} live streams stored: /readyz 200 after {ex.ready_seconds:.2f} s, RSS {rss_after:.1f} MiB")
-        out["restart_ready_seconds"] = restarts
-        out["restart_rss_mib"] = rss_after
+        with storage(a, tmp) as store:
+            memory_runs(a, db, store, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(out))
+
+
+def memory_runs(a, db, store, out):
+    """`memory` on `store`: idle, with `--streams` live streams, then restarts."""
+    stored = (lambda: store.used_memory_mib()) if store.args else (lambda: db_mib(db))
+    where = "Redis used_memory" if store.args else "database"
+    ex = Exporter(db, store.args).start()
+    try:
+        time.sleep(a.idle)
+        out["idle_rss_mib"] = rss_mib(ex.pid)
+        log(f"idle RSS after {a.idle} s: {out['idle_rss_mib']:.1f} MiB")
+        s = load(ex.url, "--push-only", "--requests", a.streams, "--concurrency", 64, "--pid", ex.pid, server_pid=ex.pid)
+        status, body = http_get(ex.url + "/metrics", timeout=60)
+        live = sum(
+            float(line.rsplit(b" ", 1)[1])
+            for line in body.splitlines()
+            if line.startswith(b"tencent_css_active_streams{")
+        )
+        time.sleep(2)
+        out["live_streams"] = live
+        out["live_rss_mib"] = rss_mib(ex.pid)
+        out["load"] = s
+        out["stored_mib"] = stored()
+        log(f"{live:.0f} live streams: RSS {out['live_rss_mib']:.1f} MiB (max during the load "
+            f"{s['rss_mib']['max']:.1f} MiB), {where} {out['stored_mib']:.1f} MiB; load: {describe(s)}")
+    finally:
+        ex.stop()
+    restarts = []
+    for _ in range(a.restarts):
+        ex = Exporter(db, store.args).start()
+        restarts.append(ex.ready_seconds)
+        rss_after = rss_mib(ex.pid)
+        ex.stop()
+        log(f"restart with {live:.0f} live streams stored: /readyz 200 after {ex.ready_seconds:.2f} s, RSS {rss_after:.1f} MiB")
+    out["restart_ready_seconds"] = restarts
+    out["restart_rss_mib"] = rss_after
 
 
 def cmd_restart(a):
@@ -604,6 +684,7 @@ def main():
     m.add_argument("--scrape-every", type=float, default=0.0,
                    help="seconds between the starts of two scrapes during the callback load (0: back to back)")
     m.add_argument("--gzip", action="store_true", help="scrape with Accept-Encoding: gzip, as Prometheus does")
+    m.add_argument("--redis", action="store_true", help="the exporter stores its state in a redis-server started for the run")
     sc = sub.add_parser("scrapers", help="many clients scraping /metrics at once: scrapes answered, peak RSS")
     sc.add_argument("--domains", default="1000")
     sc.add_argument("--clients", type=int, default=32)
@@ -613,6 +694,7 @@ def main():
     mem.add_argument("--streams", default="1000000")
     mem.add_argument("--idle", type=float, default=10.0)
     mem.add_argument("--restarts", type=int, default=3)
+    mem.add_argument("--redis", action="store_true", help="the exporter stores its state in a redis-server started for the run")
     r = sub.add_parser("restart", help="restart readiness of builds, alternated, on one database")
     r.add_argument("--streams", default="1000000")
     r.add_argument("--rounds", type=int, default=3)

@@ -143,6 +143,9 @@ fn increments(counts: Vec<Count>) -> (Vec<(String, i64)>, i64) {
 /// Records events in Redis.
 pub struct RedisLedger {
     conn: ConnectionManager,
+    /// The scrapes' own connection: with many domains the counters' hash is a reply of
+    /// megabytes, which on `conn` would hold up the callbacks' commands queued behind it.
+    reads: ConnectionManager,
     keys: Keys,
     apply: Script,
     admit: Script,
@@ -187,8 +190,12 @@ impl RedisLedger {
                 Err(e) => return Err(format!("cannot reach redis: {e}")),
             }
         };
+        let reads = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| format!("cannot reach redis: {e}"))?;
         let ledger = Arc::new(RedisLedger {
             conn,
+            reads,
             keys: Keys {
                 prefix: prefix.to_owned(),
             },
@@ -430,7 +437,7 @@ impl RedisLedger {
     }
 
     async fn read_view(&self) -> RedisResult<View> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.reads.clone();
         let (counters, live, last): (HashMap<String, i64>, HashMap<String, i64>, Option<i64>) =
             redis::pipe()
                 .hgetall(self.keys.named("counters"))
