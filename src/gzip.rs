@@ -40,24 +40,30 @@ fn in_pieces(page: &[u8], pieces: usize) -> io::Result<Vec<u8>> {
     let mut pieces = page.chunks(size);
     let first = pieces.next().unwrap_or_default();
     let rest: Vec<&[u8]> = pieces.collect();
-    let compressed = std::thread::scope(|scope| -> io::Result<Vec<(Vec<u8>, Crc)>> {
-        let mut others = Vec::with_capacity(rest.len());
-        for (i, &piece) in rest.iter().enumerate() {
-            let last = i + 1 == rest.len();
-            others.push(
+    let compressed = std::thread::scope(|scope| {
+        let others: Vec<_> = rest
+            .iter()
+            .enumerate()
+            .map(|(i, &piece)| {
+                let last = i + 1 == rest.len();
                 std::thread::Builder::new()
                     .name("metrics-gzip".into())
-                    .spawn_scoped(scope, move || deflate(piece, last))?,
-            );
-        }
-        let mut compressed = vec![deflate(first, rest.is_empty())?];
-        for other in others {
-            let piece = other
+                    .spawn_scoped(scope, move || deflate(piece, last))
+            })
+            .collect();
+        let first = deflate(first, rest.is_empty());
+        // Every thread is joined before any error is returned: the scope would panic on a
+        // thread that panicked and was not joined.
+        let others = others.into_iter().map(|other| {
+            other?
                 .join()
-                .map_err(|_| io::Error::other("a thread compressing the page panicked"))?;
-            compressed.push(piece?);
-        }
-        Ok(compressed)
+                .unwrap_or_else(|_| Err(io::Error::other("a thread compressing the page panicked")))
+        });
+        std::iter::once(first)
+            .chain(others)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .collect::<io::Result<Vec<_>>>()
     })?;
 
     let body: usize = compressed.iter().map(|(piece, _)| piece.len()).sum();

@@ -180,9 +180,10 @@ impl RedisLedger {
             .set_response_timeout(Duration::from_secs(5))
             .set_number_of_retries(1);
         let deadline = Instant::now() + connect_timeout;
-        let conn = loop {
-            match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
-                Ok(conn) => break conn,
+        let connect = || ConnectionManager::new_with_config(client.clone(), config.clone());
+        let (conn, reads) = loop {
+            match tokio::try_join!(connect(), connect()) {
+                Ok(both) => break both,
                 Err(e) if Instant::now() < deadline => {
                     tracing::warn!(error = %e, "waiting for redis");
                     tokio::time::sleep(PROBE_EVERY).await;
@@ -190,9 +191,6 @@ impl RedisLedger {
                 Err(e) => return Err(format!("cannot reach redis: {e}")),
             }
         };
-        let reads = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| format!("cannot reach redis: {e}"))?;
         let ledger = Arc::new(RedisLedger {
             conn,
             reads,
