@@ -156,7 +156,10 @@ fn answer(waiting: Vec<Scrape>, page: Bytes) {
     if gzip.is_empty() {
         return;
     }
-    let compressed = match gzip::compress(&page) {
+    // A panic here would end this thread, and every later scrape with it.
+    let compressed = std::panic::catch_unwind(|| gzip::compress(&page))
+        .unwrap_or_else(|_| Err(std::io::Error::other("compressing panicked")));
+    let compressed = match compressed {
         Ok(compressed) => Page {
             body: Bytes::from(compressed),
             encoding: Encoding::Gzip,
