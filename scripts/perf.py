@@ -258,37 +258,43 @@ def workdir():
     return tempfile.mkdtemp(prefix="css-exporter-perf-")
 
 
+class Sqlite:
+    """The exporter's default store: the database file `db` (with its WAL)."""
+
+    args = []
+    what = "database"
+
+    def __init__(self, db):
+        self.db = db
+
+    def stored_mib(self):
+        return db_mib(self.db)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
 class Redis:
     """`--redis`: a redis-server in `dir` (AOF, `appendfsync everysec`, as
-    scripts/redis_bench.sh runs it) for the exporter to store its state in instead of SQLite."""
+    scripts/redis_bench.sh runs it) for the exporter to keep its state in instead."""
 
     PORT = 16398
+    args = ["--storage.redis-url", f"redis://{HOST}:{PORT}/0"]
+    what = "Redis used_memory"
 
     def __init__(self, dir):
         self.dir = dir
         self.proc = None
 
-    @property
-    def args(self):
-        """The exporter's flags to use it."""
-        return ["--storage.redis-url", f"redis://{HOST}:{self.PORT}/0"]
+    def cli(self, *words):
+        return subprocess.run(["redis-cli", "-p", str(self.PORT), *words],
+                              capture_output=True, text=True).stdout
 
-    def command(self, *words):
-        """One command's answer (RESP, read until the reply is whole enough for INFO and PING)."""
-        import socket
-
-        with socket.create_connection((HOST, self.PORT), timeout=5) as c:
-            c.sendall(("*%d\r\n" % len(words) + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)).encode())
-            data = c.recv(65536)
-            if data.startswith(b"$"):
-                length = int(data[1:data.index(b"\r\n")])
-                while len(data) < data.index(b"\r\n") + 2 + length:
-                    data += c.recv(65536)
-            return data.decode(errors="replace")
-
-    def used_memory_mib(self):
-        info = self.command("INFO", "memory")
-        for line in info.splitlines():
+    def stored_mib(self):
+        for line in self.cli("INFO", "memory").splitlines():
             if line.startswith("used_memory:"):
                 return int(line.split(":")[1]) / (1024 * 1024)
         return None
@@ -299,11 +305,9 @@ class Redis:
              "--appendonly", "yes", "--appendfsync", "everysec", "--dir", self.dir],
             stdout=subprocess.DEVNULL)
         for _ in range(100):
-            try:
-                if "PONG" in self.command("PING"):
-                    return self
-            except OSError:
-                time.sleep(0.1)
+            if "PONG" in self.cli("PING"):
+                return self
+            time.sleep(0.1)
         raise SystemExit("redis-server did not answer")
 
     def __exit__(self, *exc):
@@ -312,21 +316,8 @@ class Redis:
 
 
 def storage(a, tmp):
-    """The store a command runs the exporter on: Redis with `--redis`, else SQLite (its
-    default); a context manager, with `.args` for the exporter."""
-    if getattr(a, "redis", False):
-        return Redis(tmp)
-
-    class Sqlite:
-        args = []
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            pass
-
-    return Sqlite()
+    """The store a command runs the exporter on: Redis with `--redis`, else SQLite."""
+    return Redis(tmp) if getattr(a, "redis", False) else Sqlite(os.path.join(tmp, "exporter.db"))
 
 
 def cmd_throughput(a):
@@ -519,8 +510,6 @@ def cmd_memory(a):
 
 def memory_runs(a, db, store, out):
     """`memory` on `store`: idle, with `--streams` live streams, then restarts."""
-    stored = (lambda: store.used_memory_mib()) if store.args else (lambda: db_mib(db))
-    where = "Redis used_memory" if store.args else "database"
     ex = Exporter(db, store.args).start()
     try:
         time.sleep(a.idle)
@@ -537,9 +526,9 @@ def memory_runs(a, db, store, out):
         out["live_streams"] = live
         out["live_rss_mib"] = rss_mib(ex.pid)
         out["load"] = s
-        out["stored_mib"] = stored()
+        out["stored_mib"] = store.stored_mib()
         log(f"{live:.0f} live streams: RSS {out['live_rss_mib']:.1f} MiB (max during the load "
-            f"{s['rss_mib']['max']:.1f} MiB), {where} {out['stored_mib']:.1f} MiB; load: {describe(s)}")
+            f"{s['rss_mib']['max']:.1f} MiB), {store.what} {out['stored_mib']:.1f} MiB; load: {describe(s)}")
     finally:
         ex.stop()
     restarts = []
