@@ -19,6 +19,7 @@ Then, for example:
     scripts/perf.py memory --redis        # the same with the state in Redis (also: metrics --redis)
     scripts/perf.py soak                  # 10 minutes of unique events, RSS/db/fds every 10 s
     scripts/perf.py restart OLD NEW       # restart readiness of two builds, alternated
+    scripts/perf.py metrics --redis --scrape-every 1.1 OLD NEW  # scrapes' cost to callbacks, two builds alternated
     scripts/perf.py silent                # a callback while silent connections hold every slot
     scripts/perf.py silent --slow-body    # the same with slow POSTs (head sent, body never finished)
 
@@ -270,6 +271,12 @@ class Sqlite:
     def stored_mib(self):
         return db_mib(self.db)
 
+    def reset_stats(self):
+        pass
+
+    def stats(self):
+        return {}
+
     def __enter__(self):
         return self
 
@@ -298,6 +305,26 @@ class Redis:
             if line.startswith("used_memory:"):
                 return int(line.split(":")[1]) / (1024 * 1024)
         return None
+
+    def reset_stats(self):
+        """Starts Redis's own per-command times and its record of stalls afresh."""
+        self.cli("CONFIG", "SET", "latency-monitor-threshold", "1")
+        self.cli("CONFIG", "RESETSTAT")
+        self.cli("LATENCY", "RESET")
+
+    def stats(self):
+        """Since `reset_stats`: Redis's own time per call of the commands a scrape reads with,
+        and its longest stall (ms), during which it answered no one."""
+        out = {}
+        for line in self.cli("INFO", "commandstats").splitlines():
+            name, _, fields = line.removeprefix("cmdstat_").partition(":")
+            if line.startswith("cmdstat_") and name in ("hgetall", "hscan"):
+                f = dict(kv.split("=", 1) for kv in fields.split(","))
+                out[name] = {"calls": int(f["calls"]), "usec_per_call": float(f["usec_per_call"])}
+        # Four lines an event: its name, when, the latest and the longest stall in ms.
+        latest = self.cli("LATENCY", "LATEST").split()
+        out["longest_stall_ms"] = max((int(m) for m in latest[3::4]), default=0)
+        return out
 
     def __enter__(self):
         self.proc = subprocess.Popen(
@@ -451,7 +478,69 @@ def cmd_scrapers(a):
     print(json.dumps(out))
 
 
+def scraped_load(ex, a):
+    """The callback load of `metrics` while /metrics is scraped every `--scrape-every` s: the
+    load's summary and each scrape's time in ms."""
+    stop = threading.Event()
+    during = []
+
+    def scrape_loop():
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            http_get(ex.url + "/metrics", timeout=30, headers=scrape_headers(a.gzip))
+            during.append((time.perf_counter() - t0) * 1000)
+            # 0: back to back, the worst case; Prometheus scrapes every 15 s or so.
+            stop.wait(max(0.0, a.scrape_every - (time.perf_counter() - t0)))
+
+    scraper = threading.Thread(target=scrape_loop)
+    scraper.start()
+    try:
+        busy = load(ex.url, "--domains", a.domains, "--rate", a.rate, "--duration", a.duration, "--concurrency", 32, server_pid=ex.pid, quiet=False)
+    finally:
+        stop.set()
+        scraper.join()
+    log(f"callbacks, while scraping every {a.scrape_every} s ({len(during)} scrapes, "
+        f"p50 {pct(during, 0.5):.1f} ms, max {max(during):.1f} ms):", describe(busy))
+    return busy, during
+
+
+def metrics_alternated(a):
+    """`metrics OLD NEW`: the builds take turns on one store, filled once, each under the same
+    callback load while scraped, `--rounds` times, so that they share the machine's state of
+    the moment."""
+    for b in a.builds:
+        if not os.path.exists(b):
+            raise SystemExit(f"{b} missing")
+    tmp = workdir()
+    db = os.path.join(tmp, "exporter.db")
+    out = {b: [] for b in a.builds}
+    try:
+        with storage(a, tmp) as store:
+            with Exporter(db, store.args, bin=a.builds[0]) as ex:
+                fill_domains(ex, a.domains)
+            for _ in range(a.rounds):
+                for b in a.builds:
+                    log(f"{b}:")
+                    store.reset_stats()
+                    with Exporter(db, store.args, bin=b) as ex:
+                        busy, during = scraped_load(ex, a)
+                    stats = store.stats()
+                    if stats:
+                        log(f"  {store.what.split()[0]}: {stats}")
+                    out[b].append({"scraping": busy, "scrapes_during": len(during), "store": stats,
+                                   "scrape_during_ms": {"p50": pct(during, 0.5), "max": max(during)}})
+        for b in a.builds:
+            p99s = ", ".join(f"{r['scraping']['latency_ms']['p99']:.2f}" for r in out[b])
+            scrapes = ", ".join(f"{r['scrape_during_ms']['p50']:.0f}" for r in out[b])
+            log(f"{b}: callbacks' p99 {p99s} ms; scrapes' p50 {scrapes} ms")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(out))
+
+
 def cmd_metrics(a):
+    if a.builds:
+        return metrics_alternated(a)
     tmp = workdir()
     out = {}
     try:
@@ -468,27 +557,7 @@ def cmd_metrics(a):
 
             quiet = load(ex.url, "--domains", a.domains, "--rate", a.rate, "--duration", a.duration, "--concurrency", 32, server_pid=ex.pid)
             log("callbacks, no scrape:", describe(quiet))
-
-            stop = threading.Event()
-            during = []
-
-            def scrape_loop():
-                while not stop.is_set():
-                    t0 = time.perf_counter()
-                    http_get(ex.url + "/metrics", timeout=30, headers=scrape_headers(a.gzip))
-                    during.append((time.perf_counter() - t0) * 1000)
-                    # 0: back to back, the worst case; Prometheus scrapes every 15 s or so.
-                    stop.wait(max(0.0, a.scrape_every - (time.perf_counter() - t0)))
-
-            scraper = threading.Thread(target=scrape_loop)
-            scraper.start()
-            try:
-                busy = load(ex.url, "--domains", a.domains, "--rate", a.rate, "--duration", a.duration, "--concurrency", 32, server_pid=ex.pid, quiet=False)
-            finally:
-                stop.set()
-                scraper.join()
-            log(f"callbacks, while scraping every {a.scrape_every} s ({len(during)} scrapes, "
-                f"p50 {pct(during, 0.5):.1f} ms, max {max(during):.1f} ms):", describe(busy))
+            busy, during = scraped_load(ex, a)
             out.update(quiet=quiet, scraping=busy, scrapes_during=len(during),
                        scrape_during_ms={"p50": pct(during, 0.5), "max": max(during)})
     finally:
@@ -674,6 +743,9 @@ def main():
                    help="seconds between the starts of two scrapes during the callback load (0: back to back)")
     m.add_argument("--gzip", action="store_true", help="scrape with Accept-Encoding: gzip, as Prometheus does")
     m.add_argument("--redis", action="store_true", help="the exporter stores its state in a redis-server started for the run")
+    m.add_argument("--rounds", type=int, default=3, help="with builds: turns each build takes")
+    m.add_argument("builds", nargs="*", help="exporter binaries to alternate on one store, filled once "
+                   "(only the load while scraped is run; default: one build, every step)")
     sc = sub.add_parser("scrapers", help="many clients scraping /metrics at once: scrapes answered, peak RSS")
     sc.add_argument("--domains", default="1000")
     sc.add_argument("--clients", type=int, default=32)
