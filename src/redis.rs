@@ -17,6 +17,7 @@
 //! - `last_callback_ms`: the last accepted callback time; `domains`: the admitted domains.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,9 @@ const SEP: char = '\x1f';
 const VIEW_MAX_AGE: Duration = Duration::from_secs(1);
 /// How often a failing Redis is probed, so readiness recovers without waiting for traffic.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Fields of the counters' hash asked for by one `HSCAN` step: about half a millisecond of
+/// Redis's time, so callbacks' commands get in between the steps of a scrape's read.
+const SCAN_COUNT: usize = 1000;
 /// Transitions retried after a concurrent change of the same stream, before giving up (503).
 const MAX_ATTEMPTS: usize = 16;
 
@@ -140,6 +144,59 @@ fn increments(counts: Vec<Count>) -> (Vec<(String, i64)>, i64) {
     (fields, touched)
 }
 
+/// The numbers of a scrape from the fields read from Redis. A field read twice (`HSCAN` may
+/// return one again while Redis rehashes) keeps its later value; fields this version does not
+/// know are skipped, so replicas of different versions can share one Redis.
+fn decode(counters: Vec<(String, i64)>, live: Vec<(String, i64)>, last: Option<i64>) -> View {
+    let mut c = Counters::default();
+    let mut histograms: BTreeMap<Series, Histogram> = BTreeMap::new();
+    for (f, n) in counters {
+        let mut parts = f.split(SEP);
+        let (Some(metric), Some(labels)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Some(series) = serde_json::from_str::<Vec<String>>(labels)
+            .ok()
+            .and_then(|l| Series::decode(metric, &l))
+        else {
+            continue;
+        };
+        let n = n.max(0) as u64;
+        match (parts.next(), series.bounds()) {
+            (None, None) => {
+                let _ = c.restore(&series, Value::Count(n));
+            }
+            (Some(part), Some(bounds)) => {
+                let h = histograms.entry(series).or_insert_with(|| Histogram {
+                    counts: vec![0; bounds.len() + 1],
+                    sum_ms: 0,
+                });
+                match part.strip_prefix('b').and_then(|b| b.parse::<usize>().ok()) {
+                    Some(i) if i < h.counts.len() => h.counts[i] = n,
+                    _ if part == "sum" => h.sum_ms = n,
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    for (series, h) in histograms {
+        let _ = c.restore(&series, Value::Histogram(h));
+    }
+    c.last_callback_ms = last.unwrap_or(0);
+    let live: BTreeMap<(Domain, Area), u64> = live
+        .into_iter()
+        .filter_map(|(f, n)| {
+            let (domain, area) = f.split_once(SEP)?;
+            Some((
+                (Domain::from(domain), Area::from_label(area)?),
+                n.max(0) as u64,
+            ))
+        })
+        .collect();
+    View { live, counters: c }
+}
+
 /// Records events in Redis.
 pub struct RedisLedger {
     conn: ConnectionManager,
@@ -160,6 +217,11 @@ pub struct RedisLedger {
     pending: Mutex<HashMap<String, i64>>,
     /// The numbers last read from Redis, and when.
     view: Mutex<(Option<Instant>, View)>,
+    /// Held while the numbers are read again: scrapes arriving together share one read of
+    /// Redis (or its failure, when Redis hangs) instead of each making their own.
+    reading: tokio::sync::Mutex<()>,
+    /// Reads of Redis tried so far, so that a scrape that waited for one knows it happened.
+    reads_tried: AtomicU64,
     /// Every recorded callback's transaction is timed and counted here, for `/metrics`.
     stats: CommitStats,
 }
@@ -205,6 +267,8 @@ impl RedisLedger {
             fault: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             view: Mutex::new((None, View::default())),
+            reading: tokio::sync::Mutex::new(()),
+            reads_tried: AtomicU64::new(0),
             stats: CommitStats::default(),
         });
         tracing::info!(prefix, "recording in redis");
@@ -268,19 +332,39 @@ impl RedisLedger {
     /// Reads the numbers again if the copy is older than `VIEW_MAX_AGE`; keeps the old copy
     /// while Redis is unreachable.
     pub async fn refresh(&self) {
-        let fresh = lock(&self.view)
-            .0
-            .is_some_and(|at| at.elapsed() < VIEW_MAX_AGE);
-        if !fresh {
-            self.refresh_now().await;
+        let fresh = || {
+            lock(&self.view)
+                .0
+                .is_some_and(|at| at.elapsed() < VIEW_MAX_AGE)
+        };
+        if fresh() {
+            return;
+        }
+        let tried = self.reads_tried.load(Ordering::Acquire);
+        let _reading = self.reading.lock().await;
+        // Unless read (or tried) by the scrape this one waited for.
+        if self.reads_tried.load(Ordering::Acquire) == tried && !fresh() {
+            self.read_again().await;
         }
     }
 
     /// Reads the numbers again whatever the age of the copy (a scrape right after a change that
     /// must see it, as in tests).
     pub async fn refresh_now(&self) {
-        match self.read_view().await {
-            Ok(view) => *lock(&self.view) = (Some(Instant::now()), view),
+        let _reading = self.reading.lock().await;
+        self.read_again().await;
+    }
+
+    /// Reads the numbers; the caller holds `reading`.
+    async fn read_again(&self) {
+        let result = self.read_view().await;
+        self.reads_tried.fetch_add(1, Ordering::Release);
+        match result {
+            Ok(view) => {
+                let old = std::mem::replace(&mut *lock(&self.view), (Some(Instant::now()), view));
+                // Tens of thousands of series take milliseconds to free: not on a runtime worker.
+                tokio::task::spawn_blocking(move || drop(old));
+            }
             Err(e) => tracing::warn!(error = %e, "cannot read the metrics from redis"),
         }
     }
@@ -434,62 +518,45 @@ impl RedisLedger {
         }
     }
 
+    /// Reads the counters' hash in slices (`HSCAN`), so that neither Redis nor this runtime's
+    /// worker spends a stretch of milliseconds on one reply while callbacks wait: with 1,000
+    /// domains the hash has tens of thousands of fields, and one `HGETALL` held Redis for
+    /// 17-19 ms. Each field is still read whole, and every counter only grows, so a page never
+    /// shows a counter going back; a histogram's `_sum` may be a callback or so apart from its
+    /// buckets, as between any two reads. The decoding runs on the blocking pool.
     async fn read_view(&self) -> RedisResult<View> {
         let mut conn = self.reads.clone();
-        let (counters, live, last): (HashMap<String, i64>, HashMap<String, i64>, Option<i64>) =
-            redis::pipe()
-                .hgetall(self.keys.named("counters"))
-                .hgetall(self.keys.named("live"))
-                .get(self.keys.named("last_callback_ms"))
+        let (live, last): (Vec<(String, i64)>, Option<i64>) = redis::pipe()
+            .hgetall(self.keys.named("live"))
+            .get(self.keys.named("last_callback_ms"))
+            .query_async(&mut conn)
+            .await?;
+        let counters_key = self.keys.named("counters");
+        let mut counters: Vec<(String, i64)> = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, slice): (u64, Vec<(String, i64)>) = redis::cmd("HSCAN")
+                .arg(&counters_key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
                 .query_async(&mut conn)
                 .await?;
-        let mut c = Counters::default();
-        let mut histograms: BTreeMap<Series, Histogram> = BTreeMap::new();
-        for (f, n) in counters {
-            let mut parts = f.split(SEP);
-            let (Some(metric), Some(labels)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            let Some(series) = serde_json::from_str::<Vec<String>>(labels)
-                .ok()
-                .and_then(|l| Series::decode(metric, &l))
-            else {
-                continue;
-            };
-            let n = n.max(0) as u64;
-            match (parts.next(), series.bounds()) {
-                (None, None) => {
-                    let _ = c.restore(&series, Value::Count(n));
-                }
-                (Some(part), Some(bounds)) => {
-                    let h = histograms.entry(series).or_insert_with(|| Histogram {
-                        counts: vec![0; bounds.len() + 1],
-                        sum_ms: 0,
-                    });
-                    match part.strip_prefix('b').and_then(|b| b.parse::<usize>().ok()) {
-                        Some(i) if i < h.counts.len() => h.counts[i] = n,
-                        _ if part == "sum" => h.sum_ms = n,
-                        _ => {}
-                    }
-                }
-                _ => {}
+            counters.extend(slice);
+            if next == 0 {
+                break;
             }
+            cursor = next;
         }
-        for (series, h) in histograms {
-            let _ = c.restore(&series, Value::Histogram(h));
-        }
-        c.last_callback_ms = last.unwrap_or(0);
-        let live: BTreeMap<(Domain, Area), u64> = live
-            .into_iter()
-            .filter_map(|(f, n)| {
-                let (domain, area) = f.split_once(SEP)?;
-                Some((
-                    (Domain::from(domain), Area::from_label(area)?),
-                    n.max(0) as u64,
+        tokio::task::spawn_blocking(move || decode(counters, live, last))
+            .await
+            .map_err(|e| {
+                redis::RedisError::from((
+                    redis::ErrorKind::ClientError,
+                    "decoding the counters",
+                    e.to_string(),
                 ))
             })
-            .collect();
-        Ok(View { live, counters: c })
     }
 
     fn healthy(&self) {
@@ -517,4 +584,47 @@ impl ViewSource for RedisLedger {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_field_read_twice_keeps_its_later_value_and_unknown_fields_are_skipped() {
+        let pushes = Series::Pushes("a.example.com".into(), Area::Mainland);
+        let duration = Series::PushDuration("a.example.com".into(), Area::Mainland);
+        let counters = vec![
+            (field(&pushes, None), 3),
+            (field(&duration, Some("b1")), 2),
+            (field(&duration, Some("sum")), 40_000),
+            (format!("from_a_later_version{SEP}[]"), 7),
+            ("no separator".to_owned(), 1),
+            (field(&duration, Some("b99")), 5),
+            // Returned again by a later `HSCAN` step, after more callbacks.
+            (field(&pushes, None), 4),
+        ];
+        let live = vec![
+            (format!("a.example.com{SEP}mainland"), 2),
+            (format!("a.example.com{SEP}nowhere"), 9),
+        ];
+        let view = decode(counters, live, Some(1_700_000_000_000));
+
+        let c = &view.counters;
+        assert_eq!(c.value(&pushes), Value::Count(4));
+        let mut counts = vec![0; crate::state::counters::PUSH_DURATION_BOUNDS_MS.len() + 1];
+        counts[1] = 2;
+        assert_eq!(
+            c.value(&duration),
+            Value::Histogram(Histogram {
+                counts,
+                sum_ms: 40_000
+            })
+        );
+        assert_eq!(c.last_callback_ms, 1_700_000_000_000);
+        assert_eq!(
+            view.live.into_iter().collect::<Vec<_>>(),
+            [(("a.example.com".into(), Area::Mainland), 2)]
+        );
+    }
 }

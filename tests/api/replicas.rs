@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::helpers::*;
 
@@ -351,4 +351,131 @@ async fn a_push_is_remembered_for_a_window_after_its_session_ends() {
     assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
     assert_eq!(s.callbacks("push", "duplicate"), 1.0);
     assert_eq!(s.sum("tencent_css_active_streams", &[]), 0.0);
+}
+
+/// With many domains the counters' hash is read in slices: every series must still be read,
+/// each once, and agree between a replica that wrote it and one that only reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_reads_every_counter_of_many_domains_in_slices() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let (writer, reader) = (replica(&redis).await, replica(&redis).await);
+    const DOMAINS: usize = 60;
+    const CODES: [i64; 10] = [1, 2, 3, 4, 35, 21, 8, 20, 12, 13];
+    // One push duration per errcode, each in its own bucket of the histogram.
+    const SECONDS: [u64; 10] = [5, 20, 45, 120, 600, 1200, 2700, 5400, 10800, 21600];
+    const BOUNDS: [&str; 10] = [
+        "10", "30", "60", "300", "900", "1800", "3600", "7200", "14400", "28800",
+    ];
+    let mut bodies = Vec::new();
+    for d in 0..DOMAINS {
+        for (set_id, area) in [(1, "m"), (50, "o")] {
+            for (k, code) in CODES.iter().enumerate() {
+                let (domain, stream) = (format!("d{d}.example.com"), format!("s{d}{area}{k}"));
+                let mut body = disconnect(&domain, &stream, &stream, set_id, *code);
+                body["push_duration"] = json!((SECONDS[k] * 1000).to_string());
+                bodies.push(signed(body));
+            }
+        }
+    }
+    let bodies = Arc::new(Mutex::new(bodies));
+    let senders: Vec<_> = (0..8)
+        .map(|_| {
+            let (bodies, writer) = (bodies.clone(), writer.client.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Some(body) = bodies.lock().unwrap().pop() else {
+                        return;
+                    };
+                    let answer = writer.post(&body).await;
+                    assert_eq!(answer.status, 200, "{}", answer.body);
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.await.unwrap();
+    }
+
+    // The hash is well past what one `HSCAN` step returns (and past Redis's compact encoding,
+    // which `HSCAN` returns whole).
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let fields: usize = redis::cmd("HLEN")
+        .arg("tencent_css:counters")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(fields > 2_500, "{fields} fields");
+
+    let s = agreed(&writer, &reader).await;
+    assert_eq!(
+        s.sum("tencent_css_disconnects_total", &[]),
+        (DOMAINS * 2 * CODES.len()) as f64
+    );
+    let total: u64 = SECONDS.iter().sum();
+    for d in 0..DOMAINS {
+        let domain = format!("d{d}.example.com");
+        for area in ["mainland", "overseas"] {
+            let at = [("domain", domain.as_str()), ("area", area)];
+            for (k, code) in CODES.iter().enumerate() {
+                let code = code.to_string();
+                let labels = [at[0], at[1], ("errcode", code.as_str())];
+                assert_eq!(s.sum("tencent_css_disconnects_total", &labels), 1.0);
+                let bucket = [at[0], at[1], ("le", BOUNDS[k])];
+                assert_eq!(
+                    s.value("tencent_css_push_duration_seconds_bucket", &bucket),
+                    (k + 1) as f64,
+                    "{domain} {area} le={}",
+                    BOUNDS[k]
+                );
+            }
+            assert_eq!(
+                s.value("tencent_css_push_duration_seconds_sum", &at),
+                total as f64
+            );
+        }
+    }
+
+    // Scrapes that find the copy old at the same moment share one read of Redis.
+    let one = hscans_of(&mut conn, &reader, 1).await;
+    assert!(one >= 3, "{one} slices");
+    assert_eq!(hscans_of(&mut conn, &reader, 8).await, one);
+}
+
+/// The `HSCAN`s Redis answered for `scrapes` scrapes sent together, once the copy is old.
+async fn hscans_of(
+    conn: &mut redis::aio::MultiplexedConnection,
+    exporter: &Exporter,
+    scrapes: usize,
+) -> u64 {
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let scrapes: Vec<_> = (0..scrapes)
+        .map(|_| {
+            let client = exporter.client.clone();
+            tokio::spawn(async move { client.scrape().await })
+        })
+        .collect();
+    for s in scrapes {
+        s.await.unwrap();
+    }
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let calls = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_hscan:calls="))
+        .unwrap_or_else(|| panic!("no HSCAN in {stats}"));
+    calls.split(',').next().unwrap().parse().unwrap()
 }
