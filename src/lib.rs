@@ -16,7 +16,8 @@
 //! - [`store`]: where the state is kept; in memory or in SQLite behind one interface.
 //! - [`ledger`]: applies events one batch at a time (one writer task on the runtime), commits
 //!   each batch in one transaction and only then answers its requests.
-//! - [`redis`]: the same truth rules applied atomically in Redis, for several replicas;
+//! - [`redis`]: the same truth rules applied atomically in Redis, for several replicas (its keys
+//!   and fields laid out in `redis::fields`);
 //!   [`recorder`] is the one interface the HTTP side sees over both.
 //! - [`metrics`]: `/metrics`: at each scrape, copies the state's numbers and writes them in
 //!   the Prometheus text format, with the process and build metrics and the storage metrics of

@@ -7,16 +7,9 @@
 //! then apply with a Lua script that first checks the facts are still true (otherwise read
 //! again). A 200 is only sent once Redis acknowledged the script.
 //!
-//! Keys, under `--storage.redis-prefix` (default `tencent_css:`):
-//! - `session:<json [app, appname, stream_id]>`: hash `seq`, `area`, `since`, `live` (its field
-//!   in the `live` hash);
-//! - `delivered:<sequence>:<event_type>`: a delivered event, expiring one dedup window after it
-//!   was delivered (a push: one window after its session ended);
-//! - `live`: hash `<domain>\x1f<area>` → live streams;
-//! - `counters`: hash `<metric>\x1f<labels json>[\x1fb<bucket>|\x1fsum]` → counter values;
-//! - `last_callback_ms`: the last accepted callback time; `domains`: the admitted domains.
+//! [`fields`] lays out the keys and fields; this module reads and writes them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,15 +18,17 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
 
 use crate::area::Area;
-use crate::callback::{Event, EventKind, Outcome, StreamKey};
+use crate::callback::{Event, EventKind, Outcome};
 use crate::ledger::{now_ms, Unrecorded};
 use crate::metrics::{CommitStats, Frame, ViewSource};
-use crate::state::counters::{tally, Count, Counters, Domain, Histogram, Series, Value};
+use crate::state::counters::{tally, Domain, Series};
 use crate::state::rules::{self, Decision, Effect, Facts, Sequence, Session};
 use crate::state::{View, OTHER_DOMAIN};
 
-/// Separates the parts of a hash field; cannot occur in JSON-encoded labels.
-const SEP: char = '\x1f';
+mod fields;
+
+use fields::{decode, field, increments, live_field, Keys};
+
 /// How long a scrape may show numbers old by.
 const VIEW_MAX_AGE: Duration = Duration::from_secs(1);
 /// How often a failing Redis is probed, so readiness recovers without waiting for traffic.
@@ -94,108 +89,6 @@ return 0
 /// The stream's session (`seq`, `area`, `since`), whether the event was delivered, and whether
 /// its session's disconnect was.
 type StoredFacts = ((Option<String>, Option<String>, Option<i64>), bool, bool);
-
-/// Key names under the prefix.
-struct Keys {
-    prefix: String,
-}
-
-impl Keys {
-    fn session(&self, stream: &StreamKey) -> String {
-        let id = serde_json::to_string(&[&*stream.app, &*stream.appname, &*stream.stream_id])
-            .expect("strings serialize");
-        format!("{}session:{id}", self.prefix)
-    }
-
-    fn delivered(&self, sequence: &str, kind: EventKind) -> String {
-        let event_type = crate::state::DeliveryKey::new(sequence, kind).event_type();
-        format!("{}delivered:{sequence}:{event_type}", self.prefix)
-    }
-
-    fn named(&self, name: &str) -> String {
-        format!("{}{name}", self.prefix)
-    }
-}
-
-/// A counter field of the `counters` hash.
-fn field(series: &Series, part: Option<&str>) -> String {
-    let labels = serde_json::to_string(&series.labels()).expect("strings serialize");
-    match part {
-        Some(part) => format!("{}{SEP}{labels}{SEP}{part}", series.metric()),
-        None => format!("{}{SEP}{labels}", series.metric()),
-    }
-}
-
-/// The hash increments of what an event counts, and the time it moves the last callback to.
-fn increments(counts: Vec<Count>) -> (Vec<(String, i64)>, i64) {
-    let mut fields = Vec::with_capacity(counts.len() + 2);
-    let mut touched = 0;
-    for count in counts {
-        match count {
-            Count::Inc(series) => fields.push((field(&series, None), 1)),
-            Count::Observe(series, ms) => {
-                let bucket = format!("b{}", series.bucket(ms));
-                fields.push((field(&series, Some(&bucket)), 1));
-                fields.push((field(&series, Some("sum")), ms as i64));
-            }
-            Count::Touch(at) => touched = at,
-        }
-    }
-    (fields, touched)
-}
-
-/// The numbers of a scrape from the fields read from Redis. A field read twice (`HSCAN` may
-/// return one again while Redis rehashes) keeps its later value; fields this version does not
-/// know are skipped, so replicas of different versions can share one Redis.
-fn decode(counters: Vec<(String, i64)>, live: Vec<(String, i64)>, last: Option<i64>) -> View {
-    let mut c = Counters::default();
-    let mut histograms: BTreeMap<Series, Histogram> = BTreeMap::new();
-    for (f, n) in counters {
-        let mut parts = f.split(SEP);
-        let (Some(metric), Some(labels)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        let Some(series) = serde_json::from_str::<Vec<String>>(labels)
-            .ok()
-            .and_then(|l| Series::decode(metric, &l))
-        else {
-            continue;
-        };
-        let n = n.max(0) as u64;
-        match (parts.next(), series.bounds()) {
-            (None, None) => {
-                let _ = c.restore(&series, Value::Count(n));
-            }
-            (Some(part), Some(bounds)) => {
-                let h = histograms.entry(series).or_insert_with(|| Histogram {
-                    counts: vec![0; bounds.len() + 1],
-                    sum_ms: 0,
-                });
-                match part.strip_prefix('b').and_then(|b| b.parse::<usize>().ok()) {
-                    Some(i) if i < h.counts.len() => h.counts[i] = n,
-                    _ if part == "sum" => h.sum_ms = n,
-                    _ => {}
-                }
-            }
-            _ => {}
-        }
-    }
-    for (series, h) in histograms {
-        let _ = c.restore(&series, Value::Histogram(h));
-    }
-    c.last_callback_ms = last.unwrap_or(0);
-    let live: BTreeMap<(Domain, Area), u64> = live
-        .into_iter()
-        .filter_map(|(f, n)| {
-            let (domain, area) = f.split_once(SEP)?;
-            Some((
-                (Domain::from(domain), Area::from_label(area)?),
-                n.max(0) as u64,
-            ))
-        })
-        .collect();
-    View { live, counters: c }
-}
 
 /// Records events in Redis.
 pub struct RedisLedger {
@@ -432,7 +325,7 @@ impl RedisLedger {
                 Effect::Keep => invocation.arg("keep").arg("").arg("").arg("").arg(""),
                 Effect::End => invocation.arg("end").arg("").arg("").arg("").arg(""),
                 Effect::Start(new) => {
-                    let live = format!("{domain}{SEP}{}", new.area.as_str());
+                    let live = live_field(&domain, new.area);
                     invocation
                         .arg("start")
                         .arg(new.sequence.to_string())
@@ -584,47 +477,4 @@ impl ViewSource for RedisLedger {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_field_read_twice_keeps_its_later_value_and_unknown_fields_are_skipped() {
-        let pushes = Series::Pushes("a.example.com".into(), Area::Mainland);
-        let duration = Series::PushDuration("a.example.com".into(), Area::Mainland);
-        let counters = vec![
-            (field(&pushes, None), 3),
-            (field(&duration, Some("b1")), 2),
-            (field(&duration, Some("sum")), 40_000),
-            (format!("from_a_later_version{SEP}[]"), 7),
-            ("no separator".to_owned(), 1),
-            (field(&duration, Some("b99")), 5),
-            // Returned again by a later `HSCAN` step, after more callbacks.
-            (field(&pushes, None), 4),
-        ];
-        let live = vec![
-            (format!("a.example.com{SEP}mainland"), 2),
-            (format!("a.example.com{SEP}nowhere"), 9),
-        ];
-        let view = decode(counters, live, Some(1_700_000_000_000));
-
-        let c = &view.counters;
-        assert_eq!(c.value(&pushes), Value::Count(4));
-        let mut counts = vec![0; crate::state::counters::PUSH_DURATION_BOUNDS_MS.len() + 1];
-        counts[1] = 2;
-        assert_eq!(
-            c.value(&duration),
-            Value::Histogram(Histogram {
-                counts,
-                sum_ms: 40_000
-            })
-        );
-        assert_eq!(c.last_callback_ms, 1_700_000_000_000);
-        assert_eq!(
-            view.live.into_iter().collect::<Vec<_>>(),
-            [(("a.example.com".into(), Area::Mainland), 2)]
-        );
-    }
 }
