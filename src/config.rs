@@ -68,6 +68,16 @@ pub struct Config {
     )]
     pub callback_path: String,
 
+    /// Path of the metrics page, as in other exporters (for a reverse proxy that serves
+    /// several under one host, say).
+    #[arg(
+        long = "web.telemetry-path",
+        env = "CSS_EXPORTER_TELEMETRY_PATH",
+        default_value = "/metrics",
+        value_parser = parse_telemetry_path
+    )]
+    pub telemetry_path: String,
+
     /// Deadline for a client to send a request's headers; slower connections are closed.
     #[arg(long = "web.read-header-timeout", env = "CSS_EXPORTER_READ_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
@@ -281,14 +291,43 @@ pub struct LoadArgs {
 }
 
 fn parse_path(path: &str) -> Result<String, String> {
-    let reserved = ["/", "/metrics", "/healthz", "/readyz"];
-    if !path.starts_with('/') || path.len() < 2 {
+    served_path(path, &["/metrics", "/healthz", "/readyz"])
+}
+
+fn parse_telemetry_path(path: &str) -> Result<String, String> {
+    served_path(path, &["/healthz", "/readyz"])
+}
+
+/// A literal path to serve. The router reads `{...}`, `*` and a leading `:` in a segment as
+/// captures (or refuses them with a panic), and a space or `?` could never match a request,
+/// so only the characters of a plain URL path are taken.
+fn served_path(path: &str, reserved: &[&str]) -> Result<String, String> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/-._~!$&'()+,;=@%".contains(c);
+    if !path.starts_with('/') || path.len() < 2 || path.contains("//") {
         return Err("must start with / and name a path".into());
+    }
+    if !path.chars().all(plain) {
+        return Err(format!(
+            "{path}: only letters, digits, / and -._~!$&'()+,;=@% are allowed"
+        ));
     }
     if reserved.contains(&path) {
         return Err(format!("{path} is served by the exporter itself"));
     }
     Ok(path.to_owned())
+}
+
+impl Config {
+    /// Checks what the flags cannot check one by one.
+    pub fn check(&self) -> Result<(), String> {
+        if self.metrics_address.is_none() && self.telemetry_path == self.callback_path {
+            return Err(format!(
+                "--web.telemetry-path and --web.callback-path are both {} on one address",
+                self.callback_path
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -307,6 +346,7 @@ mod tests {
         let c = cli.config;
         assert_eq!(c.listen_address.to_string(), "0.0.0.0:9877");
         assert_eq!(c.callback_path, "/callback");
+        assert_eq!(c.telemetry_path, "/metrics");
         assert_eq!(c.clock_skew, Duration::from_secs(60));
         assert_eq!(c.max_validity, Duration::from_secs(900));
         assert_eq!(c.dedup_window, Duration::from_secs(3600));
@@ -316,11 +356,39 @@ mod tests {
 
     #[test]
     fn callback_path_cannot_shadow_the_exporter_paths() {
-        for bad in ["/metrics", "callback", "/"] {
+        for bad in [
+            "/metrics", "callback", "/", "/:x", "/*x", "/a/{*x}", "/a{b}", "/a b", "/a?b", "//",
+            "/a//b", "/é",
+        ] {
             assert!(
                 Cli::try_parse_from(["x", "--web.callback-path", bad]).is_err(),
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn the_telemetry_path_cannot_take_the_callback_path_on_one_address() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|cli| cli.config.check());
+        assert!(parse(&["x", "--web.telemetry-path", "/readyz"]).is_err());
+        for bad in ["prom", "/", "/:x", "/{x}", "/*"] {
+            assert!(parse(&["x", "--web.telemetry-path", bad]).is_err(), "{bad}");
+        }
+        let odd_but_plain = "/css-exporter/v1.2/metrics;x=1";
+        assert!(parse(&["x", "--web.telemetry-path", odd_but_plain]).is_ok());
+        assert_eq!(
+            parse(&["x", "--web.telemetry-path", "/prom"]).ok(),
+            Some(Ok(()))
+        );
+        let same = [
+            "x",
+            "--web.telemetry-path",
+            "/hook",
+            "--web.callback-path",
+            "/hook",
+        ];
+        assert!(parse(&same).unwrap().is_err());
+        let apart = [&same[..], &["--web.metrics-address", "127.0.0.1:9878"]].concat();
+        assert_eq!(parse(&apart).ok(), Some(Ok(())));
     }
 }

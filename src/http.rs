@@ -33,6 +33,8 @@ pub struct AppState {
     pub scrapes: Scrapes,
     /// Where callbacks are posted; shown on the landing page.
     pub callback_path: Arc<str>,
+    /// Where `/metrics` is served (`--web.telemetry-path`); linked from the landing page.
+    pub telemetry_path: Arc<str>,
     /// Deadline for a whole callback request: reading the body and recording the event.
     pub request_timeout: Duration,
 }
@@ -43,7 +45,7 @@ pub fn callback_router(state: AppState, with_ops: bool) -> Router {
     let callback = post(receive).fallback(wrong_method);
     let router = Router::new().route(&state.callback_path, callback);
     let router = if with_ops {
-        router.merge(ops_routes())
+        router.merge(ops_routes(&state))
     } else {
         // Metrics live on their own listener: say so instead of linking to nothing.
         router.route("/", get(|State(app): State<AppState>| landing(app, false)))
@@ -53,13 +55,13 @@ pub fn callback_router(state: AppState, with_ops: bool) -> Router {
 
 /// The router for a separate metrics listener.
 pub fn ops_router(state: AppState) -> Router {
-    ops_routes().with_state(state)
+    ops_routes(&state).with_state(state)
 }
 
-fn ops_routes() -> Router<AppState> {
+fn ops_routes(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/", get(|State(app): State<AppState>| landing(app, true)))
-        .route("/metrics", get(metrics))
+        .route(&state.telemetry_path, get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
 }
@@ -272,13 +274,16 @@ async fn readyz(State(app): State<AppState>) -> Response {
 
 async fn landing(app: AppState, with_ops: bool) -> Html<String> {
     let links = if with_ops {
-        "<ul>
-<li><a href=\"/metrics\">Metrics</a></li>
+        format!(
+            "<ul>
+<li><a href=\"{metrics}\">Metrics</a></li>
 <li><a href=\"/healthz\">Health</a></li>
 <li><a href=\"/readyz\">Readiness</a></li>
-</ul>"
+</ul>",
+            metrics = app.telemetry_path
+        )
     } else {
-        "<p>Metrics, health and readiness are served on the separate metrics address.</p>"
+        "<p>Metrics, health and readiness are served on the separate metrics address.</p>".into()
     };
     Html(format!(
         "<!doctype html>

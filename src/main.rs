@@ -31,6 +31,10 @@ fn main() -> ExitCode {
 
 async fn serve(config: Config) -> ExitCode {
     init_logging(&config);
+    if let Err(e) = config.check() {
+        tracing::error!("{e}");
+        return ExitCode::from(2);
+    }
     let keys = match config.keys.load() {
         Ok(keys) => keys,
         Err(e) => {

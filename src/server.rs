@@ -72,6 +72,7 @@ pub async fn run(
             config.max_validity.as_secs() as i64,
         )),
         callback_path: config.callback_path.as_str().into(),
+        telemetry_path: config.telemetry_path.as_str().into(),
         request_timeout: config.request_timeout,
     };
 

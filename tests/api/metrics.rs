@@ -218,6 +218,34 @@ async fn metrics_can_move_to_a_separate_listener() {
 }
 
 #[tokio::test]
+async fn metrics_can_move_to_another_path() {
+    let path = "/css/metrics";
+    let app = spawn_app_with(AppOptions {
+        args: vec![
+            "--storage.path".into(),
+            ":memory:".into(),
+            "--web.telemetry-path".into(),
+            path.into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(app.post(&signed(sample("push"))).await.status, 200);
+    let page = app.get(&format!("{}{path}", app.metrics_base)).await;
+    assert_eq!(page.status, 200);
+    let s = Scrape::parse(page.body);
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
+    let old = app.get(&format!("{}/metrics", app.metrics_base)).await;
+    assert_eq!(old.status, 404);
+    let landing = app.get(&format!("{}/", app.metrics_base)).await;
+    assert!(
+        landing.body.contains(&format!("href=\"{path}\"")),
+        "{}",
+        landing.body
+    );
+}
+
+#[tokio::test]
 async fn landing_health_and_readiness() {
     let app = spawn_app().await;
     let landing = app.get(&format!("http://{}/", app.callback_addr)).await;

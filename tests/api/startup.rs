@@ -35,6 +35,50 @@ fn an_empty_key_file_is_refused() {
 }
 
 #[test]
+fn refuses_metrics_and_callbacks_on_one_path() {
+    let output = binary()
+        .env("CSS_CALLBACK_KEY", KEY)
+        .args([
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--storage.path",
+            ":memory:",
+        ])
+        .args([
+            "--web.callback-path",
+            "/hook",
+            "--web.telemetry-path",
+            "/hook",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--web.telemetry-path"), "{stderr}");
+}
+
+#[test]
+fn refuses_a_path_the_router_would_read_as_a_capture() {
+    for path in ["/:x", "/{x}", "/*x"] {
+        let output = binary()
+            .env("CSS_CALLBACK_KEY", KEY)
+            .args([
+                "--web.listen-address",
+                "127.0.0.1:0",
+                "--storage.path",
+                ":memory:",
+            ])
+            .args(["--web.callback-path", path])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        // clap's usage error, not a panic (101).
+        assert_eq!(output.status.code(), Some(2), "{path}");
+    }
+}
+
+#[test]
 fn help_explains_every_flag_and_version_prints() {
     let help = binary().arg("--help").output().unwrap();
     assert!(help.status.success());
@@ -43,6 +87,7 @@ fn help_explains_every_flag_and_version_prints() {
         "--web.listen-address",
         "--web.metrics-address",
         "--web.callback-path",
+        "--web.telemetry-path",
         "--callback.key-file",
         "--callback.insecure-skip-verify",
         "--callback.clock-skew",
@@ -56,6 +101,7 @@ fn help_explains_every_flag_and_version_prints() {
         "CSS_EXPORTER_LISTEN_ADDRESS",
         "CSS_EXPORTER_METRICS_ADDRESS",
         "CSS_EXPORTER_CALLBACK_PATH",
+        "CSS_EXPORTER_TELEMETRY_PATH",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
