@@ -79,12 +79,12 @@ pub struct Config {
     pub telemetry_path: String,
 
     /// Deadline for a client to send a request's headers; slower connections are closed.
-    #[arg(long = "web.read-header-timeout", env = "CSS_EXPORTER_READ_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long = "web.read-header-timeout", env = "CSS_EXPORTER_READ_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
 
     /// Deadline for a whole callback request, body included (answered 408 past it); also how
     /// long in-flight requests may take to finish at shutdown.
-    #[arg(long = "web.request-timeout", env = "CSS_EXPORTER_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long = "web.request-timeout", env = "CSS_EXPORTER_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
     /// Most connections served at once per listener; more wait in the accept queue, and the
@@ -108,17 +108,17 @@ pub struct Config {
 
     /// How far a callback's `t` may be in the past (our clock ahead of Tencent's) before it is
     /// refused as expired.
-    #[arg(long = "callback.clock-skew", env = "CSS_EXPORTER_CLOCK_SKEW", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long = "callback.clock-skew", env = "CSS_EXPORTER_CLOCK_SKEW", default_value = "60s", value_parser = parse_duration)]
     pub clock_skew: Duration,
 
     /// How far a callback's `t` may be in the future before it is refused (Tencent sets t to
     /// event time + 10 minutes).
-    #[arg(long = "callback.max-validity", env = "CSS_EXPORTER_MAX_VALIDITY", default_value = "15m", value_parser = humantime::parse_duration)]
+    #[arg(long = "callback.max-validity", env = "CSS_EXPORTER_MAX_VALIDITY", default_value = "15m", value_parser = parse_duration)]
     pub max_validity: Duration,
 
     /// How long a recorded event is remembered to recognise Tencent's retries (which come for
     /// about 12 minutes).
-    #[arg(long = "callback.dedup-window", env = "CSS_EXPORTER_DEDUP_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long = "callback.dedup-window", env = "CSS_EXPORTER_DEDUP_WINDOW", default_value = "1h", value_parser = parse_duration)]
     pub dedup_window: Duration,
 
     /// Most push domains with series of their own; events of further domains are counted under
@@ -234,7 +234,7 @@ pub struct SimulateArgs {
     pub streams: usize,
 
     /// How long to keep streams pushing, reconnecting and disconnecting.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub duration: Duration,
 
     #[command(flatten)]
@@ -253,7 +253,7 @@ pub struct LoadArgs {
     pub concurrency: usize,
 
     /// How long to send for.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, conflicts_with = "requests")]
+    #[arg(long, default_value = "30s", value_parser = parse_duration, conflicts_with = "requests")]
     pub duration: Duration,
 
     /// Send this many requests, then stop (instead of --duration).
@@ -279,7 +279,7 @@ pub struct LoadArgs {
     pub pid: Option<u32>,
 
     /// Print the request rate this often while running (0s: never).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub progress: Duration,
 
     /// Print the summary as one JSON object.
@@ -288,6 +288,19 @@ pub struct LoadArgs {
 
     #[command(flatten)]
     pub keys: KeySource,
+}
+
+/// The longest duration a flag takes. Past it a deadline overflows the clock's arithmetic
+/// (a panic at the first connection), a window no longer fits the signed seconds it is
+/// compared in, and nothing of this exporter means anything over a year.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d > MAX_DURATION {
+        return Err(format!("{text} is over the longest duration taken, 366d"));
+    }
+    Ok(d)
 }
 
 fn parse_path(path: &str) -> Result<String, String> {
@@ -390,5 +403,32 @@ mod tests {
         assert!(parse(&same).unwrap().is_err());
         let apart = [&same[..], &["--web.metrics-address", "127.0.0.1:9878"]].concat();
         assert_eq!(parse(&apart).ok(), Some(Ok(())));
+    }
+
+    #[test]
+    fn every_duration_is_at_most_a_year() {
+        for flag in [
+            "--web.read-header-timeout",
+            "--web.request-timeout",
+            "--callback.clock-skew",
+            "--callback.max-validity",
+            "--callback.dedup-window",
+        ] {
+            assert!(Cli::try_parse_from(["x", flag, "366d"]).is_ok(), "{flag}");
+            let err = Cli::try_parse_from(["x", flag, "584542046090y"]).unwrap_err();
+            assert!(err.to_string().contains("366d"), "{flag}: {err}");
+        }
+        for flag in ["--duration", "--progress"] {
+            let load = [
+                "x",
+                "load",
+                "--target",
+                "http://127.0.0.1:9877/callback",
+                flag,
+            ];
+            assert!(Cli::try_parse_from([&load[..], &["366d"]].concat()).is_ok());
+            let err = Cli::try_parse_from([&load[..], &["367d"]].concat()).unwrap_err();
+            assert!(err.to_string().contains("366d"), "{flag}: {err}");
+        }
     }
 }
