@@ -159,11 +159,13 @@ pub struct Config {
     )]
     pub storage_sync: SyncMode,
 
-    /// Log level: error, warn, info, debug or trace (or a tracing filter directive).
+    /// Log level: error, warn, info, debug or trace (or a tracing filter directive, such as
+    /// `info,tencent_css_exporter::redis=debug`).
     #[arg(
         long = "log.level",
         env = "CSS_EXPORTER_LOG_LEVEL",
-        default_value = "info"
+        default_value = "info",
+        value_parser = parse_log_level
     )]
     pub log_level: String,
 
@@ -303,6 +305,21 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A level, or a filter directive. A bare word that is neither (`warning`, `err`) would be
+/// read as the name of a module to log, which silences every other log line, errors included.
+fn parse_log_level(text: &str) -> Result<String, String> {
+    let levels = ["error", "warn", "info", "debug", "trace", "off"];
+    let bare = !text.contains(['=', ',', ':', '[']);
+    if bare && !levels.contains(&text.to_ascii_lowercase().as_str()) {
+        return Err(format!(
+            "{text}: not a level (error, warn, info, debug, trace) nor a filter directive \
+             such as `info,tencent_css_exporter::redis=debug`"
+        ));
+    }
+    tracing_subscriber::EnvFilter::try_new(text).map_err(|e| format!("{text}: {e}"))?;
+    Ok(text.to_owned())
+}
+
 fn parse_path(path: &str) -> Result<String, String> {
     served_path(path, &["/metrics", "/healthz", "/readyz"])
 }
@@ -429,6 +446,24 @@ mod tests {
             assert!(Cli::try_parse_from([&load[..], &["366d"]].concat()).is_ok());
             let err = Cli::try_parse_from([&load[..], &["367d"]].concat()).unwrap_err();
             assert!(err.to_string().contains("366d"), "{flag}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_log_level_that_would_silence_every_line_is_refused() {
+        let level = |l: &str| Cli::try_parse_from(["x", "--log.level", l]).map(|c| c.config);
+        for ok in [
+            "warn",
+            "WARN",
+            "Info",
+            "off",
+            "info,hyper=debug",
+            "tencent_css_exporter::redis=debug",
+        ] {
+            assert!(level(ok).is_ok(), "{ok}");
+        }
+        for bad in ["warning", "err", "verbose", "info,[", "=x=y"] {
+            assert!(level(bad).is_err(), "{bad}");
         }
     }
 }

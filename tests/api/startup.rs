@@ -59,6 +59,25 @@ fn refuses_metrics_and_callbacks_on_one_path() {
 }
 
 #[test]
+fn refuses_a_log_level_that_would_silence_every_line() {
+    let output = binary()
+        .env("CSS_CALLBACK_KEY", KEY)
+        .args([
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--storage.path",
+            ":memory:",
+        ])
+        .args(["--log.level", "warning"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not a level"), "{stderr}");
+}
+
+#[test]
 fn refuses_a_path_the_router_would_read_as_a_capture() {
     for path in ["/:x", "/{x}", "/*x"] {
         let output = binary()
