@@ -242,7 +242,12 @@ pub async fn run(args: LoadArgs) -> Result<(), String> {
                 .map_err(|e| format!("a connection task failed: {e}"))?,
         );
     }
-    let elapsed = start.elapsed();
+    // A run of `--duration` lasts that long even when its last request went out early (at a
+    // low `--rate`, the next one would have been due past the end): the rate is over the run.
+    let elapsed = match args.requests {
+        Some(_) => start.elapsed(),
+        None => start.elapsed().max(args.duration),
+    };
     if let Some(p) = progress {
         p.abort();
     }

@@ -6,6 +6,7 @@ mod dashboards;
 mod durability;
 mod helpers;
 mod hostile;
+mod load;
 mod metrics;
 mod properties;
 mod replicas;

@@ -1,0 +1,88 @@
+//! The `load` subcommand against a running exporter: what it reports is what the exporter
+//! recorded.
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+/// Runs `load` against `app` with `args` and returns its `--json` summary.
+async fn load(app: &TestApp, args: &[&str]) -> Value {
+    let mut command = binary();
+    command
+        .env("CSS_CALLBACK_KEY", KEY)
+        .args([
+            "load",
+            "--target",
+            &app.callback_url,
+            "--json",
+            "--progress",
+            "0s",
+        ])
+        .args(args);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn load_sends_signed_unique_sessions_over_domains_and_areas() {
+    let app = spawn_app().await;
+    let summary = load(
+        &app,
+        &["--requests", "240", "--concurrency", "4", "--domains", "3"],
+    )
+    .await;
+    assert_eq!(summary["requests"], 240);
+    assert_eq!(summary["ok"], 240);
+    assert_eq!(summary["non_200"], 0);
+    assert_eq!(summary["errors"], 0);
+    assert!(summary["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+
+    let s = app.scrape().await;
+    // Each stream pushed, then disconnected: none counted twice, none left live.
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 120.0);
+    assert_eq!(s.sum("tencent_css_disconnects_total", &[]), 120.0);
+    assert_eq!(s.sum("tencent_css_active_streams", &[]), 0.0);
+    assert_eq!(
+        s.sum("tencent_css_callbacks_total", &[("outcome", "accepted")]),
+        240.0
+    );
+    assert_eq!(s.sum("tencent_css_callbacks_total", &[]), 240.0);
+    let domains: std::collections::BTreeSet<_> = s
+        .matching("tencent_css_pushes_total", &[])
+        .map(|sample| sample.labels["domain"].clone())
+        .collect();
+    assert_eq!(domains.len(), 3, "{domains:?}");
+    for area in ["mainland", "overseas"] {
+        assert!(
+            s.sum("tencent_css_pushes_total", &[("area", area)]) > 0.0,
+            "{area}"
+        );
+    }
+    // A mix of disconnect codes, and push durations in the histogram.
+    assert!(s.matching("tencent_css_disconnects_total", &[]).count() > 3);
+    assert_eq!(s.sum("tencent_css_push_duration_seconds_count", &[]), 120.0);
+}
+
+#[tokio::test]
+async fn an_open_loop_run_sends_on_schedule_and_reports_the_rate_over_the_run() {
+    let app = spawn_app().await;
+    let summary = load(&app, &["--rate", "20", "--duration", "1s", "--push-only"]).await;
+    // Due at 0, 50, ..., 950 ms.
+    assert_eq!(summary["requests"], 20);
+    assert_eq!(summary["ok"], 20);
+    let rate = summary["requests_per_second"].as_f64().unwrap();
+    assert!((10.0..=20.0).contains(&rate), "{rate}");
+    assert!(summary["seconds"].as_f64().unwrap() >= 1.0);
+    assert_eq!(
+        app.scrape().await.sum("tencent_css_active_streams", &[]),
+        20.0
+    );
+}
