@@ -393,6 +393,28 @@ pub fn binary() -> Command {
     cmd
 }
 
+/// Runs a subcommand of the binary (`simulate`, `load`) with [`KEY`] off the runtime's
+/// threads; it must succeed. Returns what it printed on stdout.
+pub async fn subcommand(args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        binary()
+            .env("CSS_CALLBACK_KEY", KEY)
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 /// The exporter as a process of its own.
 pub struct Exporter {
     pub child: Child,

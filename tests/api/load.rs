@@ -7,27 +7,9 @@ use crate::helpers::*;
 
 /// Runs `load` against `app` with `args` and returns its `--json` summary.
 async fn load(app: &TestApp, args: &[&str]) -> Value {
-    let mut command = binary();
-    command
-        .env("CSS_CALLBACK_KEY", KEY)
-        .args([
-            "load",
-            "--target",
-            &app.callback_url,
-            "--json",
-            "--progress",
-            "0s",
-        ])
-        .args(args);
-    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let url = app.callback_url.as_str();
+    let base = ["load", "--target", url, "--json", "--progress", "0s"];
+    let stdout = subcommand(&[&base[..], args].concat()).await;
     serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap()
 }
 

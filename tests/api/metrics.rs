@@ -265,30 +265,17 @@ async fn landing_health_and_readiness() {
 #[tokio::test]
 async fn simulate_moves_the_metrics_of_a_running_exporter() {
     let app = spawn_app().await;
-    let url = app.callback_url.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        binary()
-            .env("CSS_CALLBACK_KEY", KEY)
-            .args([
-                "simulate",
-                "--target",
-                &url,
-                "--streams",
-                "6",
-                "--duration",
-                "3s",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let url = app.callback_url.as_str();
+    let stdout = subcommand(&[
+        "simulate",
+        "--target",
+        url,
+        "--streams",
+        "6",
+        "--duration",
+        "3s",
+    ])
+    .await;
     assert!(stdout.contains("push"), "{stdout}");
     let s = app.scrape().await;
     let pushes = s.sum("tencent_css_pushes_total", &[]);

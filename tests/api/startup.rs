@@ -4,20 +4,29 @@ use std::process::Stdio;
 
 use crate::helpers::*;
 
-#[test]
-fn refuses_to_start_without_a_key() {
-    let output = binary()
-        .args([
-            "--web.listen-address",
-            "127.0.0.1:0",
-            "--storage.path",
-            ":memory:",
-        ])
+/// Runs the binary with `args` (and the callback key when `key`) on a port of its own and an
+/// in-memory store; it must refuse to start with a usage error (2, not a panic's 101).
+/// Returns what it printed.
+fn refused(key: bool, args: &[&str]) -> String {
+    let mut command = binary();
+    if key {
+        command.env("CSS_CALLBACK_KEY", KEY);
+    }
+    let output = command
+        .args(["--web.listen-address", "127.0.0.1:0"])
+        .args(["--storage.path", ":memory:"])
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+    stderr
+}
+
+#[test]
+fn refuses_to_start_without_a_key() {
+    let stderr = refused(false, &[]);
     assert!(stderr.contains("CSS_CALLBACK_KEY"), "{stderr}");
 }
 
@@ -36,64 +45,26 @@ fn an_empty_key_file_is_refused() {
 
 #[test]
 fn refuses_metrics_and_callbacks_on_one_path() {
-    let output = binary()
-        .env("CSS_CALLBACK_KEY", KEY)
-        .args([
-            "--web.listen-address",
-            "127.0.0.1:0",
-            "--storage.path",
-            ":memory:",
-        ])
-        .args([
-            "--web.callback-path",
-            "/hook",
-            "--web.telemetry-path",
-            "/hook",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let same = [
+        "--web.callback-path",
+        "/hook",
+        "--web.telemetry-path",
+        "/hook",
+    ];
+    let stderr = refused(true, &same);
     assert!(stderr.contains("--web.telemetry-path"), "{stderr}");
 }
 
 #[test]
 fn refuses_a_log_level_that_would_silence_every_line() {
-    let output = binary()
-        .env("CSS_CALLBACK_KEY", KEY)
-        .args([
-            "--web.listen-address",
-            "127.0.0.1:0",
-            "--storage.path",
-            ":memory:",
-        ])
-        .args(["--log.level", "warning"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused(true, &["--log.level", "warning"]);
     assert!(stderr.contains("not a level"), "{stderr}");
 }
 
 #[test]
 fn refuses_a_path_the_router_would_read_as_a_capture() {
     for path in ["/:x", "/{x}", "/*x"] {
-        let output = binary()
-            .env("CSS_CALLBACK_KEY", KEY)
-            .args([
-                "--web.listen-address",
-                "127.0.0.1:0",
-                "--storage.path",
-                ":memory:",
-            ])
-            .args(["--web.callback-path", path])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        // clap's usage error, not a panic (101).
-        assert_eq!(output.status.code(), Some(2), "{path}");
+        refused(true, &["--web.callback-path", path]);
     }
 }
 
