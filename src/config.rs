@@ -400,8 +400,7 @@ mod tests {
     #[test]
     fn the_telemetry_path_cannot_take_the_callback_path_on_one_address() {
         let parse = |args: &[&str]| Cli::try_parse_from(args).map(|cli| cli.config.check());
-        assert!(parse(&["x", "--web.telemetry-path", "/readyz"]).is_err());
-        for bad in ["prom", "/", "/:x", "/{x}", "/*"] {
+        for bad in ["/readyz", "prom", "/", "/:x", "/{x}", "/*"] {
             assert!(parse(&["x", "--web.telemetry-path", bad]).is_err(), "{bad}");
         }
         let odd_but_plain = "/css-exporter/v1.2/metrics;x=1";

@@ -92,7 +92,7 @@ async fn bind(config: &Config) -> Result<Listeners, String> {
 }
 
 fn init_logging(config: &Config) {
-    // Checked when the flags were parsed.
+    // Checked when the flags were parsed; the fallback only serves a `Config` built otherwise.
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

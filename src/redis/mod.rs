@@ -10,7 +10,6 @@
 //! [`fields`] lays out the keys and fields; this module reads and writes them.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -110,11 +109,10 @@ pub struct RedisLedger {
     pending: Mutex<HashMap<String, i64>>,
     /// The numbers last read from Redis, and when.
     view: Mutex<(Option<Instant>, View)>,
-    /// Held while the numbers are read again: scrapes arriving together share one read of
-    /// Redis (or its failure, when Redis hangs) instead of each making their own.
-    reading: tokio::sync::Mutex<()>,
-    /// Reads of Redis tried so far, so that a scrape that waited for one knows it happened.
-    reads_tried: AtomicU64,
+    /// When the last read of Redis ended, whether it succeeded or not; held while reading, so
+    /// that scrapes arriving together share one read (or its failure, when Redis hangs)
+    /// instead of each making their own.
+    reading: tokio::sync::Mutex<Option<Instant>>,
     /// Every recorded callback's transaction is timed and counted here, for `/metrics`.
     stats: CommitStats,
 }
@@ -160,8 +158,7 @@ impl RedisLedger {
             fault: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             view: Mutex::new((None, View::default())),
-            reading: tokio::sync::Mutex::new(()),
-            reads_tried: AtomicU64::new(0),
+            reading: tokio::sync::Mutex::new(None),
             stats: CommitStats::default(),
         });
         tracing::info!(prefix, "recording in redis");
@@ -233,26 +230,26 @@ impl RedisLedger {
         if fresh() {
             return;
         }
-        let tried = self.reads_tried.load(Ordering::Acquire);
-        let _reading = self.reading.lock().await;
+        let arrived = Instant::now();
+        let mut last_read = self.reading.lock().await;
         // Unless read (or tried) by the scrape this one waited for.
-        if self.reads_tried.load(Ordering::Acquire) == tried && !fresh() {
+        if !last_read.is_some_and(|ended| ended >= arrived) {
             self.read_again().await;
+            *last_read = Some(Instant::now());
         }
     }
 
     /// Reads the numbers again whatever the age of the copy (a scrape right after a change that
     /// must see it, as in tests).
     pub async fn refresh_now(&self) {
-        let _reading = self.reading.lock().await;
+        let mut last_read = self.reading.lock().await;
         self.read_again().await;
+        *last_read = Some(Instant::now());
     }
 
     /// Reads the numbers; the caller holds `reading`.
     async fn read_again(&self) {
-        let result = self.read_view().await;
-        self.reads_tried.fetch_add(1, Ordering::Release);
-        match result {
+        match self.read_view().await {
             Ok(view) => {
                 let old = std::mem::replace(&mut *lock(&self.view), (Some(Instant::now()), view));
                 // Tens of thousands of series take milliseconds to free: not on a runtime worker.
@@ -426,6 +423,9 @@ impl RedisLedger {
             .await?;
         let counters_key = self.keys.named("counters");
         let mut counters: Vec<(String, i64)> = Vec::new();
+        // By hand rather than with the crate's scan iterator, which (without its
+        // `safe_iterators` feature) would end quietly on a failed step: a page with part of
+        // the counters missing would look like counters going back.
         let mut cursor = 0u64;
         loop {
             let (next, slice): (u64, Vec<(String, i64)>) = redis::cmd("HSCAN")
