@@ -248,7 +248,7 @@ struct Wire {
     sequence: Option<String>,
     #[serde(default, deserialize_with = "int")]
     event_time: Option<i64>,
-    #[serde(default, deserialize_with = "int")]
+    #[serde(default, deserialize_with = "code")]
     errcode: Option<i64>,
     #[serde(default, deserialize_with = "int")]
     set_id: Option<i64>,
@@ -309,14 +309,40 @@ fn text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     d.deserialize_any(Lenient(scalar_to_text))
 }
 
+/// Reads a disconnect code like [`int`], except that a number which is no code (beyond `i64`, or
+/// with a fraction) is kept as out of every code's range, so it is labelled `other` rather than
+/// taken for an absent code (`0`).
+fn code<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    d.deserialize_any(Lenient(scalar_to_code))
+}
+
 fn scalar_to_int(v: Scalar<'_>) -> Option<i64> {
     match v {
         Scalar::Int(i) => Some(i),
-        // Integral floats only, and only where f64 is still exact.
-        Scalar::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Some(f as i64),
-        Scalar::Float(_) => None,
-        Scalar::Str(s) => s.trim().parse().ok(),
+        Scalar::Float(f) => whole(f),
+        // The same number whether it comes as a JSON number or as a string: `"7.0"` as `7.0`.
+        Scalar::Str(s) => {
+            let s = s.trim();
+            s.parse().ok().or_else(|| whole(s.parse().ok()?))
+        }
     }
+}
+
+/// An integral float, where `f64` is still exact.
+fn whole(f: f64) -> Option<i64> {
+    (f.fract() == 0.0 && f.abs() < 9.0e15).then_some(f as i64)
+}
+
+fn scalar_to_code(v: Scalar<'_>) -> Option<i64> {
+    scalar_to_int(v).or_else(|| {
+        let f = match v {
+            Scalar::Int(i) => return Some(i),
+            Scalar::Float(f) => f,
+            Scalar::Str(s) => s.trim().parse().ok()?,
+        };
+        f.is_finite()
+            .then_some(if f < 0.0 { i64::MIN } else { i64::MAX })
+    })
 }
 
 fn scalar_to_text(v: Scalar<'_>) -> Option<String> {
@@ -327,6 +353,7 @@ fn scalar_to_text(v: Scalar<'_>) -> Option<String> {
     }
 }
 
+#[derive(Clone, Copy)]
 enum Scalar<'a> {
     Int(i64),
     Float(f64),
@@ -449,6 +476,72 @@ mod tests {
         assert_eq!(s.sequence, "6674468118806626493");
         assert_eq!(s.area, Area::Overseas);
         assert_eq!(s.event_time, Some(1699999000));
+    }
+
+    #[test]
+    fn a_number_reads_the_same_as_a_json_number_or_as_a_string() {
+        for (event_type, t, set_id) in [
+            (json!(1.0), json!(1700000000.0), json!(7.0)),
+            (json!("1.0"), json!("1700000000.0"), json!("7.0")),
+            (json!("1"), json!("1.7e9"), json!(" 7 ")),
+        ] {
+            let cb = parse_json(json!({
+                "event_type": event_type, "t": t, "app": "d", "stream_id": "s",
+                "sequence": "q", "set_id": set_id
+            }))
+            .unwrap();
+            let Event::Push(s) = cb.event else { panic!() };
+            assert_eq!(s.area, Area::Overseas);
+            assert_eq!(cb.t, 1_700_000_000);
+        }
+        let cb = parse_json(json!({
+            "event_type": 0, "t": 1, "app": "d", "stream_id": "s", "sequence": "q",
+            "errcode": "12.0", "push_duration": "1500.0"
+        }))
+        .unwrap();
+        let Event::Disconnect {
+            errcode,
+            push_duration_ms,
+            ..
+        } = cb.event
+        else {
+            panic!()
+        };
+        assert_eq!((errcode, push_duration_ms), (12, Some(1500)));
+    }
+
+    #[test]
+    fn a_disconnect_code_that_is_no_code_is_out_of_range_not_absent() {
+        let errcode = |code: &str| {
+            let body = format!(
+                r#"{{"event_type":0,"t":1,"app":"d","stream_id":"s","sequence":"q","errcode":{code}}}"#
+            );
+            match parse(body.as_bytes()).unwrap().event {
+                Event::Disconnect { errcode, .. } => errcode,
+                _ => panic!("not a disconnect"),
+            }
+        };
+        for huge in [
+            "9223372036854775808",
+            "18446744073709551616",
+            "100000000000000000000",
+            "1e20",
+            "\"9223372036854775808\"",
+            "12.5",
+            "\"12.5\"",
+        ] {
+            assert_eq!(
+                crate::errcode::ErrCode::new(errcode(huge)).to_string(),
+                "other",
+                "{huge}"
+            );
+        }
+        assert_eq!(errcode("-1e20"), i64::MIN);
+        // Absent, or not a number at all: no code was sent.
+        for absent in ["null", "\"\"", "\"abc\"", "\"NaN\"", "\"inf\"", "[12]"] {
+            assert_eq!(errcode(absent), 0, "{absent}");
+        }
+        assert_eq!(errcode("21"), 21);
     }
 
     #[test]
