@@ -67,8 +67,42 @@ struct Plan {
     run_id: u32,
     /// Next stream to claim.
     next_stream: AtomicU64,
-    /// Requests answered or failed so far (for progress).
+    /// Requests answered or failed so far (for progress, and what was not sent).
     done: AtomicU64,
+}
+
+impl Plan {
+    /// When request `index` is due on the open loop's schedule; `None` when it does not fall
+    /// within the run (at or past its end, or past what the clock can count: `--rate 1e-300`).
+    fn due(&self, interval: f64, index: u64) -> Option<Instant> {
+        Duration::try_from_secs_f64(index as f64 * interval)
+            .ok()
+            .and_then(|after| self.start.checked_add(after))
+            .filter(|due| *due < self.end)
+    }
+
+    /// How many requests fall due within the run on the open loop's schedule (`None` in a closed
+    /// loop): the first `n` indexes, as `due` is monotonic.
+    fn due_in_run(&self) -> Option<u64> {
+        let interval = self.interval?;
+        let window = (self.end - self.start).as_secs_f64();
+        // A bound past the last due index (float rounding moves it by one at most); the cast
+        // saturates for rates beyond counting.
+        let mut past = ((window / interval).ceil() as u64).saturating_add(2);
+        if let Some(limit) = self.limit {
+            past = past.min(limit);
+        }
+        let mut due = 0;
+        while due < past {
+            let mid = due + (past - due) / 2;
+            if self.due(interval, mid).is_some() {
+                due = mid + 1;
+            } else {
+                past = mid;
+            }
+        }
+        Some(due)
+    }
 }
 
 /// splitmix64's finalizer: a bijection on u64 that scatters consecutive numbers (the session
@@ -258,7 +292,10 @@ pub async fn run(args: LoadArgs) -> Result<(), String> {
     let rss = *rss.lock().expect("rss lock");
     let intervals = intervals.lock().expect("intervals lock").clone();
 
-    let summary = Summary::new(&args, tally, elapsed, rss, fds, &intervals);
+    let unsent = plan.due_in_run().map_or(0, |due| {
+        due.saturating_sub(plan.done.load(Ordering::Relaxed))
+    });
+    let summary = Summary::new(&args, tally, unsent, elapsed, rss, fds, &intervals);
     if args.json {
         println!("{}", summary.json());
     } else {
@@ -286,12 +323,13 @@ async fn worker(plan: Arc<Plan>) -> Tally {
             if plan.limit.is_some_and(|limit| index >= limit) {
                 break 'claim;
             }
-            let due = plan
-                .interval
-                .map(|i| plan.start + Duration::from_secs_f64(index as f64 * i));
-            if due.is_some_and(|due| due >= plan.end) {
-                break 'claim;
-            }
+            let due = match plan.interval {
+                Some(interval) => match plan.due(interval, index) {
+                    Some(due) => Some(due),
+                    None => break 'claim,
+                },
+                None => None,
+            };
             // A disconnect cannot go out before its push is answered: it is due then at the
             // earliest, so the push's latency is not counted a second time.
             let due = due.map(|due| answered.map_or(due, |answered| due.max(answered)));
@@ -301,6 +339,10 @@ async fn worker(plan: Arc<Plan>) -> Tally {
                     // Timer lateness is ours, not the exporter's: count from the actual send.
                     Instant::now()
                 }
+                // Due within the run, behind schedule and still not sent at its end: the target
+                // did not keep up. Such a backlog is not sent after the end (the run would last
+                // as long as it takes); the summary counts it as unsent.
+                Some(due) if Instant::now() >= plan.end && due.elapsed() > LATE => break 'claim,
                 Some(due) => {
                     // Behind schedule: the wait for a free connection is part of the latency.
                     if due.elapsed() > LATE {
@@ -374,6 +416,27 @@ mod tests {
             next_stream: AtomicU64::new(0),
             done: AtomicU64::new(0),
         })
+    }
+
+    #[test]
+    fn the_schedule_counts_what_falls_due_within_the_run() {
+        let due_in_run = |rate: f64, window: Duration, limit: Option<u64>| {
+            let mut p = Arc::into_inner(plan(1)).unwrap();
+            p.end = p.start + window;
+            p.interval = Some(1.0 / rate);
+            p.limit = limit;
+            p.due_in_run()
+        };
+        let second = Duration::from_secs(1);
+        // Due at 0, 50, ..., 950 ms; at 0, 333 and 667 ms (the next one at the end exactly).
+        assert_eq!(due_in_run(20.0, second, None), Some(20));
+        assert_eq!(due_in_run(3.0, second, None), Some(3));
+        assert_eq!(due_in_run(1e9, second, None), Some(1_000_000_000));
+        assert_eq!(due_in_run(1e9, second, Some(5)), Some(5));
+        // The second request would be due past what the clock counts: never, and no panic.
+        assert_eq!(due_in_run(1e-300, second, None), Some(1));
+        assert_eq!(due_in_run(1e30, second, None), Some(u64::MAX));
+        assert_eq!(plan(1).due_in_run(), None, "closed loop");
     }
 
     #[test]

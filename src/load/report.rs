@@ -77,6 +77,8 @@ pub(super) struct Summary {
     pub(super) errors: u64,
     pub(super) first_error: Option<String>,
     pub(super) late: u64,
+    /// Requests due within an open-loop run that were not sent by its end.
+    pub(super) unsent: u64,
     /// p50, p99, p99.9 and max, in microseconds.
     pub(super) latency_us: Option<[u32; 4]>,
     pub(super) mean_us: f64,
@@ -91,6 +93,7 @@ impl Summary {
     pub(super) fn new(
         args: &LoadArgs,
         mut tally: Tally,
+        unsent: u64,
         elapsed: Duration,
         rss: Option<Rss>,
         fds: Option<usize>,
@@ -127,6 +130,7 @@ impl Summary {
             errors: tally.errors,
             first_error: tally.first_error,
             late: tally.late,
+            unsent,
             latency_us,
             mean_us,
             interval_rates,
@@ -179,6 +183,12 @@ impl Summary {
                 self.late
             );
         }
+        if self.unsent > 0 {
+            println!(
+                "  NOT SENT: {} requests due within the run, still waiting for a free connection at its end: the target did not keep up with --rate (the latencies above are of the requests sent)",
+                self.unsent
+            );
+        }
         let non_200: u64 = self.non_200.values().sum();
         println!(
             "answers: {} x 200, {non_200} non-200, {} errors",
@@ -220,6 +230,7 @@ impl Summary {
                 "mean": self.mean_us / 1000.0,
             })),
             "late": self.late,
+            "unsent": self.unsent,
             "ok": self.ok,
             "non_200": self.non_200.values().sum::<u64>(),
             "statuses": self.non_200.iter().map(|(s, n)| (s.to_string(), *n)).collect::<BTreeMap<_, _>>(),
@@ -262,7 +273,7 @@ mod tests {
             disconnects: 500,
             ..Tally::default()
         };
-        let s = Summary::new(&args, tally, Duration::from_secs(1), None, None, &[]);
+        let s = Summary::new(&args, tally, 0, Duration::from_secs(1), None, None, &[]);
         assert_eq!(s.latency_us, Some([500, 990, 999, 1000]));
         assert_eq!(s.ok, 999);
         assert!(s.failed());

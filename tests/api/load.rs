@@ -68,3 +68,32 @@ async fn an_open_loop_run_sends_on_schedule_and_reports_the_rate_over_the_run() 
         20.0
     );
 }
+
+#[tokio::test]
+async fn an_open_loop_run_the_target_cannot_keep_up_with_ends_on_time_and_counts_what_it_did_not_send(
+) {
+    let app = spawn_app().await;
+    // A billion requests due within a second: far more than two connections can send.
+    let summary = load(
+        &app,
+        &[
+            "--rate",
+            "1e9",
+            "--duration",
+            "1s",
+            "--concurrency",
+            "2",
+            "--push-only",
+        ],
+    )
+    .await;
+    let sent = summary["requests"].as_u64().unwrap();
+    assert!(sent > 0);
+    assert_eq!(summary["ok"].as_u64().unwrap(), sent);
+    assert_eq!(summary["unsent"].as_u64().unwrap(), 1_000_000_000 - sent);
+    // What was not sent was not recorded either.
+    assert_eq!(
+        app.scrape().await.sum("tencent_css_pushes_total", &[]),
+        sent as f64
+    );
+}
