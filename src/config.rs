@@ -358,7 +358,34 @@ impl Config {
         }
         Ok(())
     }
+
+    /// Settings that work but give up a promise, to be logged as warnings at start: a dedup
+    /// window shorter than the time Tencent retries, or than a callback stays valid, lets the
+    /// same event be counted twice. Shorter windows are allowed (they save memory at high
+    /// rates), but not silently.
+    pub fn warnings(&self) -> Vec<String> {
+        let window = humantime::format_duration(self.dedup_window);
+        let mut warnings = Vec::new();
+        if self.dedup_window < TENCENT_RETRIES {
+            warnings.push(format!(
+                "--callback.dedup-window {window} is shorter than Tencent retries a failed delivery (about {}): a retry that comes after the window is counted again",
+                humantime::format_duration(TENCENT_RETRIES)
+            ));
+        }
+        let valid = self.clock_skew.saturating_add(self.max_validity);
+        if self.dedup_window < valid {
+            warnings.push(format!(
+                "--callback.dedup-window {window} is shorter than a callback can pass the `t` check (--callback.clock-skew + --callback.max-validity = {}): a copy of it received after the window is counted again",
+                humantime::format_duration(valid)
+            ));
+        }
+        warnings
+    }
 }
+
+/// How long Tencent keeps retrying a push or disconnect it could not deliver: 12 retries a
+/// minute apart, after the first attempt and its 20-s timeout.
+const TENCENT_RETRIES: Duration = Duration::from_secs(13 * 60);
 
 #[cfg(test)]
 mod tests {
@@ -382,6 +409,31 @@ mod tests {
         assert_eq!(c.dedup_window, Duration::from_secs(3600));
         assert_eq!(c.storage_path, "data/exporter.db");
         assert_eq!(c.storage_sync, SyncMode::Normal);
+    }
+
+    #[test]
+    fn a_dedup_window_that_lets_an_event_count_twice_is_warned_about() {
+        let warnings = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["tencent-css-exporter"], args].concat()).unwrap();
+            cli.config.warnings()
+        };
+        assert_eq!(warnings(&[]), Vec::<String>::new());
+        assert_eq!(warnings(&["--callback.dedup-window", "16m"]).len(), 0);
+        // Covers the retries, not a copy valid for 16 minutes.
+        let w = warnings(&["--callback.dedup-window", "15m"]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("--callback.max-validity = 16m"), "{w:?}");
+        assert_eq!(warnings(&["--callback.dedup-window", "1m"]).len(), 2);
+        assert_eq!(
+            warnings(&[
+                "--callback.dedup-window",
+                "20m",
+                "--callback.max-validity",
+                "1d"
+            ])
+            .len(),
+            1
+        );
     }
 
     #[test]

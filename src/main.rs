@@ -35,6 +35,9 @@ async fn serve(config: Config) -> ExitCode {
         tracing::error!("{e}");
         return ExitCode::from(2);
     }
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let keys = match config.keys.load() {
         Ok(keys) => keys,
         Err(e) => {

@@ -161,6 +161,30 @@ async fn key_file_keys_verify_and_are_never_logged() {
 }
 
 #[tokio::test]
+async fn a_dedup_window_shorter_than_tencent_retries_is_warned_about_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let args = [
+        "--storage.path",
+        ":memory:",
+        "--callback.dedup-window",
+        "5m",
+    ];
+    let log_file = Stdio::from(std::fs::File::create(&log).unwrap());
+    let mut exporter =
+        Exporter::start_logging_to(free_port(), args.map(String::from).to_vec(), log_file).await;
+    assert!(exporter.terminate().success());
+    let log = std::fs::read_to_string(&log).unwrap();
+    let warned = |what: &str| {
+        log.lines().any(|l| {
+            l.contains("WARN") && l.contains("--callback.dedup-window 5m") && l.contains(what)
+        })
+    };
+    assert!(warned("Tencent retries"), "{log}");
+    assert!(warned("--callback.max-validity"), "{log}");
+}
+
+#[tokio::test]
 async fn sigterm_finishes_and_exits_0() {
     let mut exporter = Exporter::start(&["--storage.path", ":memory:"]).await;
     assert_eq!(exporter.post(&signed(sample("push"))).await.status, 200);
