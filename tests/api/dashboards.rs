@@ -32,6 +32,8 @@ const RUNBOOK_FILES: [&str; 2] = ["README.md", "dashboards/DASHBOARDS.md"];
 const JOB: &str = "tencent-css-exporter";
 /// The alert that must fire within a minute of bad-signature callbacks.
 const SIGNATURE_ALERT: &str = "TencentCSSCallbacksRejected";
+/// Labels Prometheus adds to every scraped series, which the rule unit tests may set.
+const TARGET_LABELS: [&str; 3] = ["job", "instance", "pod"];
 /// Metric names that Prometheus makes up itself rather than scraping them.
 const SYNTHESISED: [&str; 1] = ["up"];
 /// The callback key the exporter under test is started with.
@@ -116,6 +118,47 @@ fn alert_rules() -> Vec<(String, serde_yaml::Value)> {
     }
     assert!(!out.is_empty(), "alerts.yml has no rules");
     out
+}
+
+/// Every `input_series` of the rule unit tests.
+fn rule_test_series() -> Vec<String> {
+    let tests = yaml(ALERTS_TEST);
+    let series: Vec<String> = tests["tests"]
+        .as_sequence()
+        .expect("alerts_test.yml has tests")
+        .iter()
+        .flat_map(|t| t["input_series"].as_sequence().cloned().unwrap_or_default())
+        .map(|s| s["series"].as_str().expect("a series").to_owned())
+        .collect();
+    assert!(!series.is_empty(), "alerts_test.yml has no input series");
+    series
+}
+
+/// Only the rules about the scrape itself (`up`) may select the scrape job: every other one
+/// works under any job name, so renaming the job leaves nothing silent but what the README says.
+#[test]
+fn only_the_rules_on_up_select_the_scrape_job() {
+    let values = builtins();
+    for (name, rule) in alert_rules() {
+        let query = Query {
+            origin: name.clone(),
+            expr: rule["expr"]
+                .as_str()
+                .expect("every rule has an expr")
+                .to_owned(),
+        };
+        let expr = parse(&query, &values).unwrap();
+        for vs in selectors(&expr) {
+            let on_up = metric_name(vs).as_deref() == Some("up");
+            let by_job = matchers(vs).any(|m| m.name == "job");
+            assert!(
+                on_up || !by_job,
+                "{name} selects job on {:?}: it would go silent under another job name",
+                metric_name(vs)
+            );
+            assert!(!on_up || name.starts_with("TencentCSSExporter"), "{name}");
+        }
+    }
 }
 
 /// A PromQL expression and where it comes from, for messages.
@@ -1209,6 +1252,54 @@ async fn queries_use_only_metrics_the_exporter_serves() {
     }
     for query in variable_queries(&dashboard).iter().chain(&rule_queries()) {
         check(query, false, &mut problems);
+    }
+    // The rule unit tests feed series as the exporter serves them: its names, its labels (and
+    // the target's) and its bucket bounds, or they test rules against data that never comes.
+    let bounds: BTreeSet<(String, String)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let at = l.find("le=\"")? + 4;
+            let len = l[at..].find('"')?;
+            Some((l[..l.find('{')?].to_owned(), l[at..at + len].to_owned()))
+        })
+        .collect();
+    for series in rule_test_series() {
+        let query = Query {
+            origin: format!("{ALERTS_TEST}: {series}"),
+            expr: series,
+        };
+        let expr = match parse(&query, &values) {
+            Ok(expr) => expr,
+            Err(e) => {
+                problems.push(e);
+                continue;
+            }
+        };
+        for vs in selectors(&expr) {
+            let Some(name) = metric_name(vs) else {
+                continue;
+            };
+            if SYNTHESISED.contains(&name.as_str()) {
+                continue;
+            }
+            let Some(labels) = exposition.series.get(&name) else {
+                problems.push(format!("{}: {name} is not served", query.origin));
+                continue;
+            };
+            for m in matchers(vs).filter(|m| m.name != "__name__") {
+                let known = labels.contains(&m.name) || TARGET_LABELS.contains(&m.name.as_str());
+                if !known {
+                    problems.push(format!("{}: {name} has no label {}", query.origin, m.name));
+                }
+                if m.name == "le" && !bounds.contains(&(name.clone(), m.value.clone())) {
+                    problems.push(format!(
+                        "{}: {name} has no bucket le=\"{}\"",
+                        query.origin, m.value
+                    ));
+                }
+            }
+        }
     }
     for (family, kind) in &exposition.families {
         if !family.starts_with("tencent_css_") {
