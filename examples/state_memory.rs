@@ -40,7 +40,7 @@ fn stream(k: u64) -> StreamKey {
 }
 
 fn area(k: u64) -> Area {
-    if (k / 100) % 2 == 0 {
+    if (k / 100).is_multiple_of(2) {
         Area::Mainland
     } else {
         Area::Overseas

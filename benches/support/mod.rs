@@ -17,7 +17,7 @@ pub fn stream_event(k: u64) -> StreamEvent {
         },
         sequence: k.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_string(),
         event_time: Some(NOW_MS / 1000),
-        area: if k % 2 == 0 {
+        area: if k.is_multiple_of(2) {
             Area::Mainland
         } else {
             Area::Overseas

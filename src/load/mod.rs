@@ -138,7 +138,7 @@ impl Bodies {
         let domain = k % plan.domains;
         // Each domain gets streams in both areas, over every mainland and many overseas set_ids.
         let round = k / plan.domains;
-        let set_id = if round % 2 == 0 {
+        let set_id = if round.is_multiple_of(2) {
             1 + (round / 2) % 6
         } else {
             7 + (round / 2) % 194

@@ -31,6 +31,8 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("database {path} is in use by another exporter ({lock} is locked): stop it first, or give each exporter its own --storage.path (replicas share state through --storage.redis-url)")]
+    InUse { path: PathBuf, lock: PathBuf },
 }
 
 /// The storage interface of the ledger.

@@ -983,13 +983,13 @@ fn dashboard_imports_anywhere_and_documents_every_panel() {
         }
         if panel["description"]
             .as_str()
-            .map_or(true, |d| d.trim().is_empty())
+            .is_none_or(|d| d.trim().is_empty())
         {
             problems.push(format!("{title}: no description"));
         }
         if panel["fieldConfig"]["defaults"]["unit"]
             .as_str()
-            .map_or(true, str::is_empty)
+            .is_none_or(str::is_empty)
         {
             problems.push(format!("{title}: no unit"));
         }
@@ -1107,7 +1107,7 @@ fn alert_rules_are_labelled_documented_and_unit_tested() {
         for annotation in ["summary", "description", "runbook_url"] {
             if rule["annotations"][annotation]
                 .as_str()
-                .map_or(true, str::is_empty)
+                .is_none_or(str::is_empty)
             {
                 problems.push(format!("{name}: no {annotation} annotation"));
             }

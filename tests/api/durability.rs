@@ -604,3 +604,28 @@ async fn failing_writes_answer_503_then_recover_and_lose_nothing() {
     let after = exporter.scrape().await;
     assert_eq!(before.exporter_samples(), after.exporter_samples());
 }
+
+#[tokio::test]
+async fn a_second_exporter_on_the_same_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Exporter::start_on(free_port(), db_args(&dir)).await;
+    let body = signed(push("lock.example.com", "s", "q1", 1));
+    assert_eq!(first.post(&body).await.status, 200);
+
+    // It would write its counters over the first one's: it must not start at all.
+    let db = dir.path().join("state/exporter.db");
+    let output = start_refused(&db);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("in use by another exporter"), "{stderr}");
+    assert!(stderr.contains(&db.display().to_string()), "{stderr}");
+
+    // The first one goes on, and once it has stopped (even killed) the database is free.
+    let other = signed(push("lock.example.com", "s2", "q2", 1));
+    assert_eq!(first.post(&other).await.status, 200);
+    first.crash();
+    let mut second = Exporter::start_on(free_port(), db_args(&dir)).await;
+    let s = second.scrape().await;
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 2.0);
+    second.terminate();
+}

@@ -46,7 +46,8 @@ mod rows;
 mod schema;
 mod unfolded;
 
-use std::path::PathBuf;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection};
 
@@ -95,6 +96,41 @@ pub struct SqliteStore {
     trim_every: u64,
     /// Copies the WAL into the database off the commit path; told after every commit.
     checkpointer: Checkpointer,
+    /// The lock on `<path>.lock`, held while the store is open: a second exporter on the same
+    /// database would write its counters' values and log rows over this one's (the store keeps
+    /// absolute values and numbers its rows), losing counts answered 200.
+    _lock: Option<File>,
+}
+
+/// Takes the database's lock file, `<path>.lock`, which the system frees when the process ends
+/// however it ends. A lock file that cannot be made or locked (a read-only folder, a file system
+/// without locks) gets a warning: the lock is a safety net, not a reason to stay down.
+fn lock(path: &Path) -> Result<Option<File>, StoreError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let taken = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map(|file| (file.try_lock(), file));
+    let e = match taken {
+        Ok((Ok(()), file)) => return Ok(Some(file)),
+        Ok((Err(TryLockError::WouldBlock), _)) => {
+            return Err(StoreError::InUse {
+                path: path.to_owned(),
+                lock: lock_path,
+            })
+        }
+        Ok((Err(TryLockError::Error(e)), _)) | Err(e) => e,
+    };
+    tracing::warn!(
+        path = %lock_path.display(),
+        error = %e,
+        "cannot lock the database against a second exporter: make sure only one uses it"
+    );
+    Ok(None)
 }
 
 impl SqliteStore {
@@ -107,6 +143,7 @@ impl SqliteStore {
                 source,
             })?;
         }
+        let lock = lock(&path)?;
         let checkpointer = Checkpointer::start(path.clone(), sync);
         let mut store = SqliteStore {
             path,
@@ -116,6 +153,7 @@ impl SqliteStore {
             fold_lag: FOLD_LAG,
             trim_every: TRIM_EVERY,
             checkpointer,
+            _lock: lock,
         };
         store.with_conn(|_, _| Ok(()))?;
         Ok(store)

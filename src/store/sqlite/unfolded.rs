@@ -168,7 +168,7 @@ impl Unfolded {
     /// every `trim_every`-th does.
     pub(super) fn count_write(&mut self, trim_every: u64) -> bool {
         self.writes += 1;
-        self.writes % trim_every == 0
+        self.writes.is_multiple_of(trim_every)
     }
 
     /// Appends a batch's session changes to `session_log` as one row, folds what is due
