@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, HttpBody as _};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -176,6 +176,11 @@ async fn receive(State(app): State<AppState>, body: Body) -> Response {
 }
 
 async fn handle(app: &AppState, body: Body) -> Result<(), CallbackError> {
+    // A body declared over the cap is refused at once: reading it first would keep the client
+    // until it had sent the cap, or until the deadline (408) if it waits for `100 Continue`.
+    if body.size_hint().lower() > MAX_BODY as u64 {
+        return Err(CallbackError::TooLarge);
+    }
     let deadline = Instant::now() + app.request_timeout;
     let body = match timeout_at(deadline, axum::body::to_bytes(body, MAX_BODY)).await {
         Err(_elapsed) => return Err(CallbackError::SlowBody),

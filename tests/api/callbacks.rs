@@ -263,6 +263,45 @@ async fn insecure_mode_accepts_unsigned_callbacks() {
     assert_eq!(app.post(&body).await.status, 200);
 }
 
+/// Sends `head` on a new connection and returns the status line of the first answer.
+async fn first_status_line(app: &TestApp, head: &str) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(app.callback_addr)
+        .await
+        .unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(stream);
+    // Not a speed limit: without an early answer the server would wait for the body.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        reader.read_line(&mut line),
+    )
+    .await
+    .expect("no answer within a minute: the server waits for the body")
+    .unwrap();
+    line
+}
+
+#[tokio::test]
+async fn a_body_declared_over_64_kib_is_413_before_it_is_sent() {
+    // A request timeout longer than the test may take: a 408 would mean the body was awaited.
+    let mut options = AppOptions::default();
+    options
+        .args
+        .extend(["--web.request-timeout".into(), "10m".into()]);
+    let app = spawn_app_with(options).await;
+    let head = |extra: &str| {
+        format!("POST /callback HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n{extra}\r\n")
+    };
+    let line = first_status_line(&app, &head("")).await;
+    assert!(line.starts_with("HTTP/1.1 413"), "{line}");
+    // Nor is such a body invited.
+    let line = first_status_line(&app, &head("Expect: 100-continue\r\n")).await;
+    assert!(line.starts_with("HTTP/1.1 413"), "{line}");
+    assert_eq!(outcome(&app, "unknown", "malformed").await, 2.0);
+}
+
 #[tokio::test]
 async fn body_over_64_kib_is_413() {
     let app = spawn_app().await;
