@@ -92,7 +92,8 @@ pub struct Config {
     #[arg(
         long = "web.max-connections",
         env = "CSS_EXPORTER_MAX_CONNECTIONS",
-        default_value_t = 1024
+        default_value_t = 1024,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
     )]
     pub max_connections: usize,
 
@@ -100,9 +101,12 @@ pub struct Config {
     pub keys: KeySource,
 
     /// Accept callbacks without checking their sign (only when the Tencent template has no key).
+    /// From the environment: true, 1, yes or on (false, 0, no or off).
     #[arg(
         long = "callback.insecure-skip-verify",
-        env = "CSS_EXPORTER_INSECURE_SKIP_VERIFY"
+        env = "CSS_EXPORTER_INSECURE_SKIP_VERIFY",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub insecure_skip_verify: bool,
 
@@ -138,7 +142,7 @@ pub struct Config {
 
     /// Redis holding the state instead of SQLite, shared by several replicas behind a load
     /// balancer: redis://host:port/db, redis://:password@host:port/db, or rediss:// for TLS.
-    #[arg(long = "storage.redis-url", env = "CSS_EXPORTER_REDIS_URL")]
+    #[arg(long = "storage.redis-url", env = "CSS_EXPORTER_REDIS_URL", value_parser = parse_redis_url)]
     pub redis_url: Option<String>,
 
     /// Prefix of every Redis key, so several exporters can share one Redis.
@@ -326,6 +330,14 @@ fn parse_path(path: &str) -> Result<String, String> {
 
 fn parse_telemetry_path(path: &str) -> Result<String, String> {
     served_path(path, &["/healthz", "/readyz"])
+}
+
+/// A Redis URL, checked as the client will read it, so that a typo is a usage error at once
+/// rather than a failure to connect.
+fn parse_redis_url(url: &str) -> Result<String, String> {
+    redis::Client::open(url)
+        .map(|_| url.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 /// A literal path to serve. The router reads `{...}`, `*` and a leading `:` in a segment as

@@ -4,15 +4,14 @@ use std::process::Stdio;
 
 use crate::helpers::*;
 
-/// Runs the binary with `args` (and the callback key when `key`) on a port of its own and an
-/// in-memory store; it must refuse to start with a usage error (2, not a panic's 101).
-/// Returns what it printed.
-fn refused(key: bool, args: &[&str]) -> String {
-    let mut command = binary();
-    if key {
-        command.env("CSS_CALLBACK_KEY", KEY);
-    }
-    let output = command
+/// The environment of a start that has its callback key.
+const WITH_KEY: [(&str, &str); 1] = [("CSS_CALLBACK_KEY", KEY)];
+
+/// Runs the binary with `env` and `args` on a port of its own and an in-memory store; it must
+/// refuse to start with a usage error (2, not a panic's 101). Returns what it printed.
+fn refused(env: &[(&str, &str)], args: &[&str]) -> String {
+    let output = binary()
+        .envs(env.iter().copied())
         .args(["--web.listen-address", "127.0.0.1:0"])
         .args(["--storage.path", ":memory:"])
         .args(args)
@@ -26,7 +25,7 @@ fn refused(key: bool, args: &[&str]) -> String {
 
 #[test]
 fn refuses_to_start_without_a_key() {
-    let stderr = refused(false, &[]);
+    let stderr = refused(&[], &[]);
     assert!(stderr.contains("CSS_CALLBACK_KEY"), "{stderr}");
 }
 
@@ -51,21 +50,63 @@ fn refuses_metrics_and_callbacks_on_one_path() {
         "--web.telemetry-path",
         "/hook",
     ];
-    let stderr = refused(true, &same);
+    let stderr = refused(&WITH_KEY, &same);
     assert!(stderr.contains("--web.telemetry-path"), "{stderr}");
 }
 
 #[test]
 fn refuses_a_log_level_that_would_silence_every_line() {
-    let stderr = refused(true, &["--log.level", "warning"]);
+    let stderr = refused(&WITH_KEY, &["--log.level", "warning"]);
     assert!(stderr.contains("not a level"), "{stderr}");
 }
 
 #[test]
 fn refuses_a_path_the_router_would_read_as_a_capture() {
     for path in ["/:x", "/{x}", "/*x"] {
-        refused(true, &["--web.callback-path", path]);
+        refused(&WITH_KEY, &["--web.callback-path", path]);
     }
+}
+
+#[test]
+fn refuses_values_that_could_only_fail_later() {
+    for args in [
+        ["--web.max-connections", "0"],
+        ["--storage.redis-url", "http://redis.example.com"],
+        ["--storage.redis-url", ""],
+    ] {
+        let stderr = refused(&WITH_KEY, &args);
+        assert!(stderr.contains(args[0]), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn insecure_skip_verify_reads_the_usual_words_from_the_environment() {
+    const FLAG: &str = "CSS_EXPORTER_INSECURE_SKIP_VERIFY";
+    for word in ["1", "yes", "on", "true"] {
+        let mut child = binary()
+            .env(FLAG, word)
+            .args(["--web.listen-address", "127.0.0.1:0"])
+            .args(["--storage.path", ":memory:"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = std::io::BufReader::new(child.stderr.take().unwrap());
+        let serving = std::io::BufRead::lines(log)
+            .map_while(Result::ok)
+            .any(|line| line.contains("accepting unsigned callbacks"));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(serving, "{FLAG}={word}");
+    }
+    for word in ["0", "no", "off", "false"] {
+        let stderr = refused(&[(FLAG, word)], &[]);
+        assert!(stderr.contains("no callback key"), "{word}: {stderr}");
+    }
+    let stderr = refused(&[(FLAG, "maybe")], &[]);
+    assert!(
+        stderr.contains("--callback.insecure-skip-verify"),
+        "{stderr}"
+    );
 }
 
 #[test]
