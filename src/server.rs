@@ -48,7 +48,26 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let (recorder, thread) = open_recorder(config).await?;
+    // Shutdown is heeded from the start: loading a large database or waiting for Redis takes
+    // a while, and a SIGTERM meanwhile should end the exporter cleanly, not be left unhandled.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let (recorder, thread) = tokio::select! {
+        opened = open_recorder(config) => opened?,
+        () = stopped() => {
+            tracing::info!("stopped while starting");
+            return Ok(());
+        }
+    };
     let metrics = Metrics::new(recorder.view_source());
     for collector in recorder.collectors() {
         metrics.register(collector);
@@ -74,18 +93,6 @@ pub async fn run(
         callback_path: config.callback_path.as_str().into(),
         telemetry_path: config.telemetry_path.as_str().into(),
         request_timeout: config.request_timeout,
-    };
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
     };
 
     let limits = Limits {

@@ -232,3 +232,31 @@ async fn sigterm_finishes_and_exits_0() {
     let status = exporter.terminate();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn sigterm_while_starting_exits_0() {
+    // Nothing listens there: the exporter waits for Redis (up to 30 s) before serving.
+    let port = free_port();
+    let mut child = binary()
+        .env("CSS_CALLBACK_KEY", KEY)
+        .args(["--web.listen-address", "127.0.0.1:0"])
+        .arg("--storage.redis-url")
+        .arg(format!("redis://127.0.0.1:{port}/0"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()))
+        .map_while(Result::ok);
+    assert!(log.any(|line| line.contains("waiting for redis")));
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest: Vec<String> = log.collect();
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("shutdown signal received")),
+        "{rest:?}"
+    );
+}
