@@ -283,11 +283,15 @@ impl Inner {
     fn run_timer(&self, stop: mpsc::Receiver<()>, purge_every: Duration) {
         let mut next_purge = Instant::now() + purge_every;
         loop {
+            // Never asleep for longer than a probe's interval: a write may fail meanwhile, and
+            // the failing store is then probed within a second, so readiness recovers without
+            // waiting for traffic (or for the next purge, up to 10 s away).
             let wait = if self.shared.fault().is_some() {
-                // Probe soon, so readiness recovers without waiting for traffic.
                 PROBE_EVERY.min(purge_every)
             } else {
-                next_purge.saturating_duration_since(Instant::now())
+                next_purge
+                    .saturating_duration_since(Instant::now())
+                    .min(PROBE_EVERY)
             };
             match stop.recv_timeout(wait) {
                 Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
