@@ -14,8 +14,11 @@
 //!
 //! Layout: the families, the [`Frame`] a scrape copies and the page are here; `text` writes
 //! label sets, sample lines and numbers; `storage` keeps the exporter's own storage metrics;
-//! `tests` holds the text writer to the crate's encoder.
+//! `process` the crate's process metrics with a finer CPU time; `tests` holds the text writer
+//! to the crate's encoder.
 
+#[cfg(target_os = "linux")]
+mod process;
 mod storage;
 #[cfg(test)]
 mod tests;
@@ -267,9 +270,7 @@ impl Metrics {
             .expect("build info registers once");
         #[cfg(target_os = "linux")]
         registry
-            .register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ))
+            .register(Box::new(process::ProcessMetrics::for_self()))
             .expect("process metrics register once");
         Metrics {
             source,

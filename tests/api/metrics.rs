@@ -95,6 +95,9 @@ async fn every_metric_and_label_after_the_sample_session() {
     );
     assert!(s.get("process_resident_memory_bytes", &[]).unwrap() > 0.0);
     assert!(s.get("process_start_time_seconds", &[]).is_some());
+    // Not in whole seconds, so that its rate shows a lightly loaded exporter.
+    let cpu = s.get("process_cpu_seconds_total", &[]).unwrap();
+    assert!(cpu > 0.0 && cpu.fract() != 0.0, "{cpu}");
 
     // Types and help are declared, and no stream id, IP or free text is a label.
     for (family, kind) in [
