@@ -306,7 +306,12 @@ impl Inner {
         // Shutting down: whatever is still queued (nothing once the servers have drained),
         // then what only memory holds.
         while self.write_batch() {}
-        self.lock_worker().guarded(Worker::flush);
+        let mut worker = self.lock_worker();
+        worker.guarded(Worker::flush);
+        // Closed now rather than with the last handle (a writer task may still hold one for a
+        // moment): the database's lock goes with it, so an exporter started again on it in
+        // the same process finds it free once this thread is joined.
+        worker.store = Box::new(crate::store::Closed);
     }
 }
 

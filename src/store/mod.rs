@@ -31,6 +31,8 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the store is closed: the exporter is stopping")]
+    Closed,
     #[error("database {path} is in use by another exporter ({lock} is locked): stop it first, or give each exporter its own --storage.path (replicas share state through --storage.redis-url)")]
     InUse { path: PathBuf, lock: PathBuf },
 }
@@ -49,6 +51,21 @@ pub trait Store: Send {
     /// `None` for a store that keeps nothing beyond the ledger's memory.
     fn reload(&mut self) -> Option<Result<Snapshot, StoreError>> {
         None
+    }
+}
+
+/// What the ledger holds once it has stored everything and stopped: nothing more is written.
+pub struct Closed;
+
+impl Store for Closed {
+    fn load(&mut self) -> Result<Snapshot, StoreError> {
+        Err(StoreError::Closed)
+    }
+    fn write(&mut self, _: &Commit, _: i64) -> Result<(), StoreError> {
+        Err(StoreError::Closed)
+    }
+    fn purge(&mut self, _: i64) -> Result<(), StoreError> {
+        Err(StoreError::Closed)
     }
 }
 
