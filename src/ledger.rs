@@ -661,4 +661,106 @@ mod tests {
         drop(ledger);
         thread.join();
     }
+
+    /// A store whose writes fail while told to, as on a full disk.
+    struct Failing<S> {
+        inner: S,
+        failing: Arc<AtomicBool>,
+    }
+
+    impl<S: Store> Store for Failing<S> {
+        fn load(&mut self) -> Result<Snapshot, StoreError> {
+            self.inner.load()
+        }
+
+        fn write(&mut self, commit: &Commit, now_ms: i64) -> Result<(), StoreError> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Invalid {
+                    path: "test".into(),
+                    reason: "disk full".into(),
+                });
+            }
+            self.inner.write(commit, now_ms)
+        }
+
+        fn purge(&mut self, now_ms: i64) -> Result<(), StoreError> {
+            self.inner.purge(now_ms)
+        }
+
+        fn reload(&mut self) -> Option<Result<Snapshot, StoreError>> {
+            self.inner.reload()
+        }
+    }
+
+    fn push_to(app: &str, id: &str, sequence: &str) -> Event {
+        let Event::Push(mut s) = push(id, sequence) else {
+            unreachable!()
+        };
+        s.stream.app = app.into();
+        Event::Push(s)
+    }
+
+    /// `tencent_css_active_streams` as `/metrics` shows it.
+    fn active(ledger: &Ledger) -> Vec<(String, Area, u64)> {
+        let truth = ledger.shared().truth.read().unwrap();
+        truth
+            .live_streams()
+            .into_iter()
+            .map(|((d, a), n)| (d.to_string(), a, n))
+            .collect()
+    }
+
+    /// A batch that cannot be stored leaves nothing behind: not the domain it admitted under
+    /// the cap, not a live series at 0; what is shown equals what a restart shows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_batch_admits_no_domain_and_leaves_no_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exporter.db");
+        let failing = Arc::new(AtomicBool::new(true));
+        let store = Failing {
+            inner: SqliteStore::open(path.clone(), SyncMode::Normal).unwrap(),
+            failing: failing.clone(),
+        };
+        let hour = Duration::from_secs(3600);
+        let (ledger, thread) = Ledger::start_with_limits(Box::new(store), hour, 1).unwrap();
+        assert!(record(&ledger, push_to("a.com", "a1", "1")).await.is_err());
+        assert_eq!(active(&ledger), []);
+        failing.store(false, Ordering::SeqCst);
+        assert_eq!(
+            record(&ledger, push_to("b.com", "b1", "2")).await.unwrap(),
+            Outcome::Accepted
+        );
+        let shown = active(&ledger);
+        assert_eq!(shown, [("b.com".into(), Area::Mainland, 1)]);
+        assert_eq!(
+            ledger
+                .shared()
+                .truth
+                .read()
+                .unwrap()
+                .counters()
+                .domains_overflow,
+            0
+        );
+        ledger.close();
+        drop(ledger);
+        thread.join();
+
+        // The last writer task may still hold the store (and its lock) for a moment.
+        let mut tries = 0;
+        let store = loop {
+            match SqliteStore::open(path.clone(), SyncMode::Normal) {
+                Err(StoreError::InUse { .. }) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                store => break store.unwrap(),
+            }
+        };
+        let (ledger, thread) = Ledger::start_with_limits(Box::new(store), hour, 1).unwrap();
+        assert_eq!(active(&ledger), shown);
+        ledger.close();
+        drop(ledger);
+        thread.join();
+    }
 }

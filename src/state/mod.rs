@@ -37,6 +37,8 @@ pub struct Change {
     delivered: [Option<DeliveryKey>; 2],
     /// The stream whose session changed, with its session before.
     session: Option<(StreamKey, Option<Session>)>,
+    /// The domain this event admitted under the cap, which an undo forgets again.
+    admitted: Option<Domain>,
     deltas: Vec<Delta>,
 }
 
@@ -110,7 +112,11 @@ pub struct Truth {
     /// to walk every live stream.
     live: FastMap<(Domain, Area), u64>,
     counters: Counters,
-    /// Domains that have series of their own. Only grows, up to `max_domains`.
+    /// Domains that have series of their own, up to `max_domains` (more if restored with a
+    /// smaller cap). Only grows, but for an undone event forgetting the domain it admitted.
+    /// While a process runs, a domain counted under [`OTHER_DOMAIN`] is never admitted (the cap
+    /// is full, and the events undone are the last ones applied): a session is uncounted under
+    /// the label it was counted under.
     domains: FastSet<Domain>,
     /// Cardinality cap: events of further domains are counted under [`OTHER_DOMAIN`].
     max_domains: usize,
@@ -120,6 +126,16 @@ pub struct Truth {
 
 /// The `domain` label of events whose domain is beyond the cap.
 pub const OTHER_DOMAIN: &str = "_other";
+
+/// Where a domain stands under the cap.
+enum Label {
+    /// Admitted before: it has series of its own (or a live session restored under it).
+    Own(Domain),
+    /// It has series of its own from now on.
+    Admitted(Domain),
+    /// Over the cap: counted under [`OTHER_DOMAIN`].
+    Over,
+}
 
 /// Settings of the state.
 #[derive(Debug, Clone, Copy)]
@@ -149,7 +165,11 @@ impl Truth {
     pub fn restore(snapshot: Snapshot, limits: Limits, now_ms: i64) -> Result<Self, String> {
         let mut truth = Truth::new(limits);
         // Series first: every domain with series of its own keeps them, whatever the cap says
-        // now, and sessions are then indexed under the same labels as before.
+        // now. Sessions are then indexed under the labels their ends will find: a session of a
+        // domain without series of its own is admitted under the cap as its next event would be
+        // (a session counted under the overflow label before a restart with a larger cap), so
+        // its domain cannot be admitted later while the session is counted under the overflow
+        // label.
         for (series, value) in snapshot.series {
             let series = truth.intern_series(series);
             truth.counters.restore(&series, value)?;
@@ -166,7 +186,10 @@ impl Truth {
                 let label = match &last {
                     Some((app, label)) if *app == stream.app => label.clone(),
                     _ => {
-                        let label = truth.domain(&stream.app);
+                        let label = match truth.label(&stream.app) {
+                            Label::Own(d) | Label::Admitted(d) => d,
+                            Label::Over => truth.intern(OTHER_DOMAIN),
+                        };
                         last = Some((stream.app.clone(), label.clone()));
                         label
                     }
@@ -206,7 +229,7 @@ impl Truth {
     }
 
     /// Live sessions per (domain, area), in no order; a (domain, area) whose sessions all ended
-    /// may be listed at 0 or not at all.
+    /// is not listed.
     pub fn live(&self) -> &FastMap<(Domain, Area), u64> {
         &self.live
     }
@@ -244,7 +267,7 @@ impl Truth {
             _ => return self.count(kind, Outcome::Duplicate),
         };
 
-        let (domain, overflow) = self.admit(&stream_event.stream.app);
+        let (domain, overflow, admitted) = self.admit(&stream_event.stream.app);
         // A session that starts holds its push; every other event is remembered for the window,
         // and so is the push of a session that stops being live.
         let (own, session) = match effect {
@@ -269,6 +292,7 @@ impl Truth {
             outcome: Outcome::Accepted,
             delivered,
             session: session.map(|before| (stream_event.stream.clone(), before)),
+            admitted,
             deltas,
         }
     }
@@ -279,6 +303,7 @@ impl Truth {
             outcome,
             delivered: [None, None],
             session: None,
+            admitted: None,
             deltas: vec![self.counters.inc(Series::Callbacks(kind, outcome))],
         }
     }
@@ -293,6 +318,10 @@ impl Truth {
         }
         for key in change.delivered.iter().flatten() {
             self.delivered.forget(key);
+        }
+        // Its series and session are gone: the domain has nothing under its label any more.
+        if let Some(domain) = &change.admitted {
+            self.domains.remove(domain);
         }
     }
 
@@ -369,8 +398,16 @@ impl Truth {
         let before = self.sessions.set(stream, session);
         if let Some(b) = &before {
             self.delivered.release(&b.sequence);
-            if let Some(n) = self.live.get_mut(&(domain, b.area)) {
+            // A (domain, area) with nothing live leaves the index: if it ever had a push
+            // recorded, `pushes_total` lists it at 0; if not (a failed batch's push undone, a
+            // session restored under a label it was not pushed under) a restart would not show
+            // it either.
+            let key = (domain, b.area);
+            if let Some(n) = self.live.get_mut(&key) {
                 *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.live.remove(&key);
+                }
             }
         }
         before
@@ -384,16 +421,26 @@ impl Truth {
         }
     }
 
-    /// Admits `app` as a domain of its own if the cap allows; returns its label and whether it
-    /// overflowed.
-    fn admit(&mut self, app: &str) -> (Domain, bool) {
+    /// The `domain` label of `app`, admitting it as a domain of its own if the cap allows.
+    fn label(&mut self, app: &str) -> Label {
         if let Some(d) = self.domains.get(app) {
-            return (d.clone(), false);
+            return Label::Own(d.clone());
         }
         // The overflow label itself does not take a place under the cap.
         let admitted = self.domains.len() - self.domains.contains(OTHER_DOMAIN) as usize;
         if admitted < self.max_domains {
-            return (self.intern(app), false);
+            return Label::Admitted(self.intern(app));
+        }
+        Label::Over
+    }
+
+    /// The label of an event's `app` ([`Truth::label`]): its label, whether it overflowed, and
+    /// the domain admitted just now if it was.
+    fn admit(&mut self, app: &str) -> (Domain, bool, Option<Domain>) {
+        match self.label(app) {
+            Label::Own(d) => return (d, false, None),
+            Label::Admitted(d) => return (d.clone(), false, Some(d)),
+            Label::Over => {}
         }
         if !self.overflow_warned {
             self.overflow_warned = true;
@@ -402,7 +449,7 @@ impl Truth {
                 "domain cap reached: events of further domains are counted under domain=\"{OTHER_DOMAIN}\" (see --metrics.max-domains)"
             );
         }
-        (self.intern(OTHER_DOMAIN), true)
+        (self.intern(OTHER_DOMAIN), true, None)
     }
 
     fn intern(&mut self, name: &str) -> Domain {
@@ -866,5 +913,186 @@ mod tests {
                 ("2".to_string(), true)
             ]
         );
+    }
+
+    fn capped(max_domains: usize) -> Limits {
+        Limits {
+            dedup_window_ms: HOUR,
+            max_domains,
+        }
+    }
+
+    /// An event of stream `id` pushed to domain `app`, from overseas.
+    fn on(app: &str, id: &str, sequence: &str) -> StreamEvent {
+        StreamEvent {
+            stream: StreamKey {
+                app: app.into(),
+                appname: "live".into(),
+                stream_id: id.into(),
+            },
+            sequence: sequence.into(),
+            event_time: Some(10),
+            area: Area::Overseas,
+        }
+    }
+
+    fn push_on(app: &str, id: &str, sequence: &str) -> Event {
+        Event::Push(on(app, id, sequence))
+    }
+
+    fn disconnect_on(app: &str, id: &str, sequence: &str) -> Event {
+        Event::Disconnect {
+            session: on(app, id, sequence),
+            errcode: 1,
+            push_duration_ms: Some(1000),
+        }
+    }
+
+    /// `tencent_css_active_streams` as `/metrics` lists it: (domain, live streams).
+    fn active(truth: &Truth) -> Vec<(String, u64)> {
+        truth
+            .live_streams()
+            .into_iter()
+            .map(|((d, _), n)| (d.to_string(), n))
+            .collect()
+    }
+
+    /// A session is uncounted under the label it was counted under, also when its domain got
+    /// series of its own since (a restart with a larger cap), and a restart shows what was shown.
+    #[test]
+    fn a_session_ends_under_the_label_it_was_counted_under_when_the_cap_grows() {
+        let mut truth = Truth::new(capped(1));
+        let mut stored = Stored::default();
+        run(
+            &mut truth,
+            &mut stored,
+            &[
+                (push_on("a.com", "a1", "1"), T),
+                (push_on("b.com", "b1", "2"), T),
+            ],
+        );
+        assert_eq!(active(&truth), [("_other".into(), 1), ("a.com".into(), 1)]);
+        let same = Truth::restore(stored.snapshot(), capped(1), T).unwrap();
+        assert_eq!(active(&same), active(&truth));
+
+        let mut truth = Truth::restore(stored.snapshot(), capped(10), T).unwrap();
+        run(
+            &mut truth,
+            &mut stored,
+            &[
+                (push_on("b.com", "b2", "3"), T + 1),
+                (disconnect_on("b.com", "b1", "2"), T + 2),
+            ],
+        );
+        let expected = [
+            ("_other".to_string(), 0),
+            ("a.com".into(), 1),
+            ("b.com".into(), 1),
+        ];
+        assert_eq!(active(&truth), expected);
+        let mut truth = Truth::restore(stored.snapshot(), capped(10), T + 3).unwrap();
+        assert_eq!(active(&truth), expected);
+        run(
+            &mut truth,
+            &mut stored,
+            &[
+                (disconnect_on("b.com", "b2", "3"), T + 4),
+                (disconnect_on("a.com", "a1", "1"), T + 4),
+            ],
+        );
+        assert_eq!(truth.live_total(), 0);
+        assert!(
+            active(&truth).iter().all(|(_, n)| *n == 0),
+            "{:?}",
+            active(&truth)
+        );
+    }
+
+    /// A session restored under the overflow label because the cap is full stays there, and so
+    /// do the later sessions of its domain.
+    #[test]
+    fn a_restored_session_over_a_full_cap_ends_under_the_overflow_label() {
+        let mut truth = Truth::new(capped(2));
+        let mut stored = Stored::default();
+        run(
+            &mut truth,
+            &mut stored,
+            &[
+                (push_on("a.com", "a1", "1"), T),
+                (push_on("b.com", "b1", "2"), T),
+                (push_on("c.com", "c1", "3"), T),
+            ],
+        );
+        let mut truth = Truth::restore(stored.snapshot(), capped(2), T).unwrap();
+        run(
+            &mut truth,
+            &mut stored,
+            &[
+                (push_on("c.com", "c2", "4"), T + 1),
+                (disconnect_on("c.com", "c1", "3"), T + 2),
+            ],
+        );
+        assert_eq!(
+            active(&truth),
+            [
+                ("_other".into(), 1),
+                ("a.com".into(), 1),
+                ("b.com".into(), 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn undo_forgets_a_domain_the_change_admitted() {
+        let mut truth = Truth::new(capped(1));
+        let mut stored = Stored::default();
+        let batch = [push_on("a.com", "a1", "1"), push_on("c.com", "c1", "2")];
+        let changes: Vec<_> = batch.iter().map(|e| truth.apply(e, T)).collect();
+        for change in changes.iter().rev() {
+            truth.undo(change);
+        }
+        run(
+            &mut truth,
+            &mut stored,
+            &[(push_on("b.com", "b1", "3"), T + 1)],
+        );
+        assert_eq!(active(&truth), [("b.com".into(), 1)]);
+        assert_eq!(truth.counters().domains_overflow, 0);
+        // A domain admitted before the undone change stays admitted.
+        let change = truth.apply(&push_on("b.com", "b2", "4"), T + 2);
+        truth.undo(&change);
+        run(
+            &mut truth,
+            &mut stored,
+            &[(push_on("a.com", "a1", "1"), T + 3)],
+        );
+        assert_eq!(active(&truth), [("_other".into(), 1), ("b.com".into(), 1)]);
+        assert_eq!(truth.counters().domains_overflow, 1);
+    }
+
+    /// A failed batch leaves no series behind: the state after the undo shows what a restart
+    /// from the store shows.
+    #[test]
+    fn undo_leaves_no_live_series_behind() {
+        let mut truth = Truth::new(limits(HOUR));
+        let mut stored = Stored::default();
+        let change = truth.apply(&push_on("a.com", "a1", "1"), T);
+        truth.undo(&change);
+        assert_eq!(active(&truth), []);
+        assert!(truth.live().is_empty(), "{:?}", truth.live());
+
+        run(&mut truth, &mut stored, &[(push_on("b.com", "b1", "2"), T)]);
+        let change = truth.apply(&push_on("b.com", "b2", "3"), T + 1);
+        truth.undo(&change);
+        let restored = Truth::restore(stored.snapshot(), limits(HOUR), T + 2).unwrap();
+        assert_eq!(active(&truth), [("b.com".into(), 1)]);
+        assert_eq!(active(&truth), active(&restored));
+        let live = |t: &Truth| {
+            t.live()
+                .iter()
+                .map(|(k, n)| (k.clone(), *n))
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert_eq!(live(&truth), live(&restored));
     }
 }
