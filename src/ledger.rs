@@ -746,17 +746,8 @@ mod tests {
         drop(ledger);
         thread.join();
 
-        // The last writer task may still hold the store (and its lock) for a moment.
-        let mut tries = 0;
-        let store = loop {
-            match SqliteStore::open(path.clone(), SyncMode::Normal) {
-                Err(StoreError::InUse { .. }) if tries < 100 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                store => break store.unwrap(),
-            }
-        };
+        // The ledger's thread closed the store (and freed its lock) as it ended.
+        let store = SqliteStore::open(path, SyncMode::Normal).unwrap();
         let (ledger, thread) = Ledger::start_with_limits(Box::new(store), hour, 1).unwrap();
         assert_eq!(active(&ledger), shown);
         ledger.close();
