@@ -22,7 +22,24 @@ impl Recorder {
     pub async fn record(&self, event: Event) -> Result<Outcome, Unrecorded> {
         match self {
             Recorder::Local(l) => l.record(event).await,
-            Recorder::Redis(r) => r.record(event).await,
+            // On a task of its own: the HTTP side gives up at its deadline (503) by dropping
+            // this future, and the transition must still end, and count its error and set the
+            // fault if it fails, as the local ledger's batch does.
+            Recorder::Redis(r) => {
+                let redis = r.clone();
+                tokio::spawn(async move { redis.record(event).await })
+                    .await
+                    .unwrap_or_else(|e| Err(Unrecorded(format!("recording failed: {e}"))))
+            }
+        }
+    }
+
+    /// Stores what only memory holds before the process ends: the local ledger's last batch
+    /// and counts (on its thread, joined by the caller), Redis's counts kept while it was away.
+    pub async fn close(&self) {
+        match self {
+            Recorder::Local(l) => l.close(),
+            Recorder::Redis(r) => r.close().await,
         }
     }
 

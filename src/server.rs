@@ -123,9 +123,7 @@ pub async fn run(
     };
 
     tracing::info!("stopped accepting; storing what is queued");
-    if let Recorder::Local(ledger) = &state.recorder {
-        ledger.close();
-    }
+    state.recorder.close().await;
     drop(state);
     if let Some(thread) = thread {
         tokio::task::spawn_blocking(move || thread.join())

@@ -118,7 +118,8 @@ pub fn decode(counters: Vec<(String, i64)>, live: Vec<(String, i64)>, last: Opti
     let live: BTreeMap<(Domain, Area), u64> = live
         .into_iter()
         .filter_map(|(f, n)| {
-            let (domain, area) = f.split_once(SEP)?;
+            // The area is last: a domain may hold the separator itself.
+            let (domain, area) = f.rsplit_once(SEP)?;
             Some((
                 (Domain::from(domain), Area::from_label(area)?),
                 n.max(0) as u64,
@@ -150,6 +151,7 @@ mod tests {
         let live = vec![
             (format!("a.example.com{SEP}mainland"), 2),
             (format!("a.example.com{SEP}nowhere"), 9),
+            (live_field(&format!("odd{SEP}domain"), Area::Overseas), 1),
         ];
         let view = decode(counters, live, Some(1_700_000_000_000));
 
@@ -167,7 +169,13 @@ mod tests {
         assert_eq!(c.last_callback_ms, 1_700_000_000_000);
         assert_eq!(
             view.live.into_iter().collect::<Vec<_>>(),
-            [(("a.example.com".into(), Area::Mainland), 2)]
+            [
+                (("a.example.com".into(), Area::Mainland), 2),
+                (
+                    (format!("odd{SEP}domain").as_str().into(), Area::Overseas),
+                    1
+                )
+            ]
         );
     }
 }

@@ -162,14 +162,15 @@ impl RedisLedger {
             stats: CommitStats::default(),
         });
         tracing::info!(prefix, "recording in redis");
+        // Probed every second, not only while failing: a connection that broke while idle (Redis
+        // restarted, a network cut) is otherwise found only by the next callback, which gets
+        // a 503 for it, and `/readyz` says ready all the while.
         let weak = Arc::downgrade(&ledger);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(PROBE_EVERY).await;
                 let Some(ledger) = weak.upgrade() else { return };
-                if ledger.fault().is_some() || !lock(&ledger.pending).is_empty() {
-                    ledger.probe().await;
-                }
+                ledger.probe().await;
             }
         });
         Ok(ledger)
@@ -384,8 +385,27 @@ impl RedisLedger {
         *lock(&self.pending).entry(field).or_default() += 1;
     }
 
-    /// Checks Redis and adds the counts kept while it was away.
+    /// Adds the counts kept while Redis was away, if it is back, before the process ends.
+    pub async fn close(&self) {
+        if !lock(&self.pending).is_empty() {
+            self.probe().await;
+        }
+        let lost: i64 = lock(&self.pending).values().sum();
+        if lost > 0 {
+            tracing::warn!(
+                callbacks = lost,
+                "redis is unreachable: counts of refused and failed callbacks are lost"
+            );
+        }
+    }
+
+    /// Checks both connections (so that a broken one is found and reconnected before a
+    /// callback or a scrape needs it) and adds the counts kept while Redis was away.
     async fn probe(&self) {
+        // The scrapes' connection only reconnects; its state is not the callbacks'.
+        let _ = redis::cmd("PING")
+            .query_async::<String>(&mut self.reads.clone())
+            .await;
         let pending: Vec<(String, i64)> = lock(&self.pending).drain().collect();
         let result = match redis::cmd("PING")
             .query_async::<String>(&mut self.conn.clone())

@@ -320,6 +320,72 @@ async fn redis_down_means_503_then_both_replicas_recover() {
     }
 }
 
+/// A replica that serves no callback still finds Redis gone (not ready) and back (ready), and
+/// the first callback after Redis restarted is recorded, not refused over a connection that
+/// broke while idle.
+#[tokio::test]
+async fn an_idle_replica_finds_redis_gone_and_back_by_itself() {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let a = replica(&redis).await;
+    let events = events(2);
+    ok(&a, events[0].2.clone()).await;
+
+    redis.stop();
+    eventually(
+        Duration::from_secs(20),
+        "not ready while redis is down",
+        || async { a.ready().await.status == 503 },
+    )
+    .await;
+    redis.restart().await;
+    eventually(
+        Duration::from_secs(20),
+        "ready once redis is back",
+        || async { a.ready().await.status == 200 },
+    )
+    .await;
+    ok(&a, events[1].2.clone()).await;
+}
+
+/// A callback whose transition outlives its request (Redis hung past `--web.request-timeout`)
+/// is answered 503 and still ends: its failure is counted and the replica is not ready, as
+/// when Redis answers with an error.
+#[tokio::test]
+async fn a_callback_given_up_at_its_deadline_is_still_counted_as_an_error() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let args = vec![
+        "--storage.redis-url".into(),
+        redis.url(),
+        "--web.request-timeout".into(),
+        "1s".into(),
+    ];
+    let a = Exporter::start_on(free_port(), args).await;
+    let (_, _, push) = events(1).remove(0);
+    redis.pause();
+    let answer = a.post(&signed(push.clone())).await;
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    eventually(
+        Duration::from_secs(20),
+        "not ready while redis hangs",
+        || async { a.ready().await.status == 503 },
+    )
+    .await;
+    redis.resume();
+    eventually(Duration::from_secs(20), "the error counted", || async {
+        a.ready().await.status == 200 && {
+            let s = a.scrape().await;
+            s.callbacks("push", "error") == 1.0
+        }
+    })
+    .await;
+    // Tencent's retry is recorded.
+    ok(&a, push).await;
+}
+
 /// A session that outlives the dedup window: its push key, set at the push, has expired by the
 /// time it ends, and is set again then, so a retry of the push after the disconnect is still a
 /// duplicate (as with the local store), not a second push.
