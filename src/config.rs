@@ -82,8 +82,9 @@ pub struct Config {
     #[arg(long = "web.read-header-timeout", env = "CSS_EXPORTER_READ_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
 
-    /// Deadline for a whole callback request, body included (answered 408 past it); also how
-    /// long in-flight requests may take to finish at shutdown.
+    /// Deadline for a whole callback request, body included (answered 408 past it); how long
+    /// an answer may wait for its client to take any of it (then the connection is dropped);
+    /// and how long in-flight requests may take to finish at shutdown.
     #[arg(long = "web.request-timeout", env = "CSS_EXPORTER_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 

@@ -25,8 +25,8 @@
 //! - [`scrape`]: one page at a time on a thread of its own, shared by the scrapes that wait;
 //!   [`gzip`] compresses it in pieces on several threads for the scrapes that ask.
 //! - [`http`]: routes, status codes and logging of outcomes.
-//! - [`web`]: connection handling: header deadline, connection cap (where served connections
-//!   make room for waiting ones), graceful drain.
+//! - [`web`]: connection handling: header deadline, write timeout, connection cap (where served
+//!   connections make room for waiting ones), graceful drain.
 //! - [`server`]: [`run`] wires the above to listeners and a shutdown signal.
 //! - [`config`]: flags and environment variables; [`simulate`]: the `simulate` subcommand.
 //! - [`load`]: the `load` subcommand, a load generator for benchmarks and capacity planning.

@@ -98,6 +98,7 @@ pub async fn run(
     let limits = Limits {
         header_read_timeout: config.header_read_timeout,
         drain_timeout: config.request_timeout,
+        write_timeout: config.request_timeout,
     };
     tracing::info!(
         address = %listeners.callback.local_addr()?,

@@ -303,6 +303,27 @@ async fn a_body_declared_over_64_kib_is_413_before_it_is_sent() {
 }
 
 #[tokio::test]
+async fn a_client_that_ends_its_side_after_its_request_still_gets_the_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app().await;
+    let body = signed(sample("push")).to_string();
+    let mut stream = tokio::net::TcpStream::connect(app.callback_addr)
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /callback HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert_eq!(outcome(&app, "push", "accepted").await, 1.0);
+}
+
+#[tokio::test]
 async fn body_over_64_kib_is_413() {
     let app = spawn_app().await;
     let mut body = signed(sample("push"));

@@ -318,6 +318,27 @@ impl Default for AppOptions {
     }
 }
 
+/// Records a disconnect of a new domain at a time until the plain `/metrics` page is at least
+/// `bytes` long (about 10 KB a domain); returns how many domains it took.
+pub async fn fill_page(client: &Client, bytes: usize) -> usize {
+    let mut domains: i64 = 0;
+    while client
+        .get(&format!("{}/metrics", client.metrics_base))
+        .await
+        .body
+        .len()
+        < bytes
+    {
+        for _ in 0..250 {
+            let (domain, set_id) = (format!("d{domains}.example"), 1 + domains % 2 * 100);
+            let body = disconnect(&domain, "s", &format!("q{domains}"), set_id, 1);
+            assert_eq!(client.post(&signed(body)).await.status, 200);
+            domains += 1;
+        }
+    }
+    domains as usize
+}
+
 /// The exporter with its defaults, an in-memory store and [`KEY`].
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(AppOptions::default()).await

@@ -557,3 +557,116 @@ async fn any_connection_cap_is_taken_without_a_panic() {
     assert_eq!(limit, Some(f64::from(u32::MAX)));
     app.stop().await.unwrap();
 }
+
+/// Sends `GET /metrics` (plain) on a connection whose receive buffer is small, so that a large
+/// page stays on the server's side until it is read.
+async fn scrape_with_small_buffer(addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    stream
+}
+
+/// Reads an answer's head: its `Content-Length`, and the bytes of body read with it.
+async fn answer_head(stream: &mut TcpStream) -> (usize, usize) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the head of its answer");
+        got.extend_from_slice(&buf[..n]);
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .expect("a content-length");
+            return (length, got.len() - end - 4);
+        }
+    }
+}
+
+/// Reads the rest of an answer at `bytes_per_second` until the server closes the connection
+/// or `length` bytes are in; returns the bytes read.
+async fn read_at(
+    stream: &mut TcpStream,
+    mut read: usize,
+    length: usize,
+    bytes_per_second: f64,
+) -> usize {
+    let started = tokio::time::Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    while read < length {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => read += n,
+        }
+        let due = started + Duration::from_secs_f64(read as f64 / bytes_per_second);
+        tokio::time::sleep_until(due).await;
+    }
+    read
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_a_scrape_still_reading_its_page_keeps_its_slot() {
+    let app = at_the_cap("1").await;
+    fill_page(&app, 6_000_000).await;
+    let mut scrape = scrape_with_small_buffer(app.callback_addr).await;
+    let (length, read) = answer_head(&mut scrape).await;
+    // While its page is sent (over about 3 s), a callback waits for the slot.
+    let callback = tokio::spawn({
+        let addr = app.callback_addr;
+        async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let body = signed(sample("push")).to_string();
+            exchange(&mut s, body.as_bytes()).await.unwrap().0
+        }
+    });
+    let read = read_at(&mut scrape, read, length, 2_000_000.0).await;
+    assert_eq!(read, length, "the page was cut off");
+    drop(scrape);
+    assert_eq!(callback.await.unwrap(), 200);
+    let s = app.scrape().await;
+    let evicted = |reason| {
+        s.value(
+            "tencent_css_exporter_http_connections_evicted_total",
+            &[("listener", "callback"), ("reason", reason)],
+        )
+    };
+    assert_eq!(evicted("slowloris"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_takes_nothing_of_its_answer_loses_its_connection() {
+    let app = app_with(&["--web.request-timeout", "2s"]).await;
+    fill_page(&app, 6_000_000).await;
+    let open = |n: f64| {
+        let app = &app;
+        move || async move {
+            let s = app.scrape().await;
+            s.value(
+                "tencent_css_exporter_http_connections",
+                &[("listener", "callback")],
+            ) == n
+        }
+    };
+    // The test's own client holds one connection.
+    eventually(
+        Duration::from_secs(10),
+        "only the test's connection",
+        open(1.0),
+    )
+    .await;
+    let mut scrape = scrape_with_small_buffer(app.callback_addr).await;
+    eventually(Duration::from_secs(10), "the scrape served", open(2.0)).await;
+    // It reads nothing: its page waits, and after the write timeout the connection goes.
+    eventually(Duration::from_secs(30), "the connection dropped", open(1.0)).await;
+    let (length, read) = answer_head(&mut scrape).await;
+    assert!(read_at(&mut scrape, read, length, 1e9).await < length);
+}

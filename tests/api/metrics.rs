@@ -456,15 +456,7 @@ async fn a_page_of_megabytes_is_one_gzip_stream_of_the_page() {
     // gzip member, which readers that stop after the first member (as this one does) read
     // whole, CRC and size checked.
     let app = spawn_app().await;
-    let mut domains = 0;
-    while metrics_encoded(&app, None).await.2.len() < 2_500_000 {
-        for _ in 0..250 {
-            let (domain, set_id) = (format!("d{domains}.example"), 1 + domains % 2 * 100);
-            let body = disconnect(&domain, "s", &format!("q{domains}"), set_id, 1);
-            assert_eq!(app.post(&signed(body)).await.status, 200);
-            domains += 1;
-        }
-    }
+    let domains = fill_page(&app, 2_500_000).await;
     let (encoding, _, gzipped) = metrics_encoded(&app, Some("gzip")).await;
     assert_eq!(encoding.as_deref(), Some("gzip"));
     let mut text = String::new();

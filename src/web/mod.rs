@@ -23,7 +23,13 @@
 //!   a few hundred bytes; without that, such clients would hold their slots until
 //!   `--web.request-timeout`.
 //!
-//! Below the cap, connections stay open.
+//! Below the cap, connections stay open; but a client that takes no part of an answer for
+//! `--web.request-timeout` loses its connection ([`socket`]), whatever the cap.
+//!
+//! Layout: the slots, the notices and the connection tasks are here; [`socket`] watches what a
+//! connection writes.
+
+mod socket;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -34,7 +40,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::http::{header, HeaderValue, Request};
+use axum::http::{header, HeaderValue, Request, Version};
 use axum::Router;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
@@ -67,6 +73,9 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// How long in-flight requests may take to finish at shutdown.
     pub drain_timeout: Duration,
+    /// How long an answer may wait for its client to take any of it before the connection is
+    /// dropped.
+    pub write_timeout: Duration,
 }
 
 /// What a listener tells its connections, all at once.
@@ -91,6 +100,8 @@ struct Activity {
     head_ms: AtomicU64,
     /// The request in progress has not received its whole body yet (see [`Watched`]).
     reading: AtomicBool,
+    /// An answer is being written that the client has not taken yet (see [`socket`]).
+    writing: AtomicBool,
     /// The listener's start, shared by its connections: an instant in an atomic, as a number.
     epoch: Instant,
 }
@@ -102,6 +113,7 @@ impl Activity {
             since_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
             head_ms: AtomicU64::new(0),
             reading: AtomicBool::new(false),
+            writing: AtomicBool::new(false),
             epoch,
         }
     }
@@ -127,9 +139,23 @@ impl Activity {
         self.requests.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// How long no request has been in progress; `None` while one is.
+    /// A write waits for the client to take what was sent before.
+    fn write_blocked(&self) {
+        self.writing.store(true, Ordering::Relaxed);
+    }
+
+    /// The client took some of the answer: idle (if nothing else goes on) from now.
+    fn write_unblocked(&self) {
+        self.since_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.writing.store(false, Ordering::Relaxed);
+    }
+
+    /// How long no request has been in progress, nor an answer waited for its client; `None`
+    /// while one is (a handler that returned its answer is not done while the answer is sent).
     fn idle_for(&self) -> Option<Duration> {
-        (self.requests.load(Ordering::Relaxed) == 0).then(|| {
+        let busy =
+            self.requests.load(Ordering::Relaxed) > 0 || self.writing.load(Ordering::Relaxed);
+        (!busy).then(|| {
             let since = self.since_ms.load(Ordering::Relaxed);
             Duration::from_millis(self.now_ms().saturating_sub(since))
         })
@@ -210,7 +236,7 @@ enum Evicted {
     Idle = 0,
     /// Dropped while it trickled the head of a request.
     Slowloris = 1,
-    /// Answered with `Connection: close`.
+    /// Answered with `Connection: close`, where it would have stayed open.
     Busy = 2,
     /// Dropped while its request waited for the rest of its body.
     SlowBody = 3,
@@ -360,6 +386,23 @@ pub fn connection_metrics(listeners: Vec<Connections>) -> Box<dyn Collector> {
     })
 }
 
+/// Whether the connection of `request` stays open after its answer, as its client asks.
+fn keeps_alive<B>(request: &Request<B>) -> bool {
+    let says = |word: &str| {
+        request
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case(word))
+    };
+    match request.version() {
+        Version::HTTP_10 => says("keep-alive"),
+        _ => !says("close"),
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and lets the
 /// connections finish their requests (up to `limits.drain_timeout`). At most as many
 /// connections as `connections` has slots are served at once.
@@ -375,7 +418,10 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .keep_alive(true);
+        .keep_alive(true)
+        // A client may end its side once its request is sent, and still read the answer: a
+        // callback recorded then must be answered, or its retry is a duplicate.
+        .half_close(true);
     // Set while a connection waits for a slot: requests that start meanwhile close their
     // connections after their answers.
     let wanted = Arc::new(AtomicBool::new(false));
@@ -426,11 +472,9 @@ pub async fn serve(
             service_fn(move |request: Request<Incoming>| {
                 let request = request.map(|body| Watched::new(body, &activity));
                 let close = wanted.load(Ordering::Relaxed);
-                if close {
-                    connections.evicted(Evicted::Busy);
-                }
+                let kept_alive = keeps_alive(&request);
                 let answer = inner.call(request);
-                let activity = activity.clone();
+                let (activity, connections) = (activity.clone(), connections.clone());
                 async move {
                     let answer = answer.await;
                     activity.ended();
@@ -439,11 +483,17 @@ pub async fn serve(
                         response
                             .headers_mut()
                             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        // Counted when it makes room: not for a request that closed anyway,
+                        // nor one dropped before its answer (counted as that).
+                        if kept_alive {
+                            connections.evicted(Evicted::Busy);
+                        }
                     }
                     Ok::<_, Infallible>(response)
                 }
             })
         };
+        let stream = socket::Socket::new(stream, activity.clone(), limits.write_timeout);
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let (mut notice, connections) = (notice.clone(), connections.clone());
         tokio::spawn(async move {
