@@ -147,11 +147,16 @@ impl Ledger {
             max_domains,
         };
         let snapshot = store.load()?;
+        let now = now_ms();
         let truth =
-            Truth::restore(snapshot, limits, now_ms()).map_err(|reason| StoreError::Invalid {
+            Truth::restore(snapshot, limits, now).map_err(|reason| StoreError::Invalid {
                 path: "state".into(),
                 reason,
             })?;
+        // As long as the state remembers a key restored now: the window, and the eighth of it
+        // a key may be kept longer.
+        let window = limits.dedup_window_ms;
+        store.cap_expiry(now.saturating_add(window.saturating_add(window / 8)))?;
         release_freed_memory();
         tracing::info!(
             live_streams = truth.live_total(),

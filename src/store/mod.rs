@@ -52,6 +52,13 @@ pub trait Store: Send {
     fn reload(&mut self) -> Option<Result<Snapshot, StoreError>> {
         None
     }
+    /// Brings the stored delivered-event keys' expiry down to `until_ms` at most, at start: keys
+    /// written under a longer dedup window, or under a clock that was ahead, would otherwise
+    /// outlive the keys written after them and hold up their deletion, which goes from the
+    /// oldest on (the table grew with every event meanwhile).
+    fn cap_expiry(&mut self, _until_ms: i64) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// What the ledger holds once it has stored everything and stopped: nothing more is written.

@@ -277,6 +277,32 @@ impl Store for SqliteStore {
         Ok(snapshot)
     }
 
+    fn cap_expiry(&mut self, until_ms: i64) -> Result<(), StoreError> {
+        self.with_conn(|conn, _| {
+            // The newest batch expires last, unless the window or the clock changed: nothing
+            // is written in the usual case (a read-only database still starts), and only a
+            // changed one costs a pass over the table.
+            let newest: Option<i64> = conn
+                .query_row(
+                    "SELECT expires_ms FROM delivered ORDER BY id DESC LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .map(Some)
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                    e => Err(e),
+                })?;
+            if newest.is_some_and(|newest| newest > until_ms) {
+                conn.execute(
+                    "UPDATE delivered SET expires_ms = ?1 WHERE expires_ms > ?1",
+                    [until_ms],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
     fn write(&mut self, commit: &Commit, now_ms: i64) -> Result<(), StoreError> {
         if commit.is_empty() {
             return Ok(());

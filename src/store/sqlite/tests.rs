@@ -473,17 +473,21 @@ fn a_failed_write_leaves_nothing_behind() {
     assert_eq!(sessions_of(&mut store), expected);
 }
 
+/// A batch of 100 delivered keys, `from` on, expiring at `expires`.
+fn keys(from: u32, expires: i64) -> Commit {
+    Commit {
+        delivered: (from..from + 100)
+            .map(|n| (DeliveryKey::new(&n.to_string(), EventKind::Push), expires))
+            .collect(),
+        ..Commit::default()
+    }
+}
+
 /// Expired keys leave from the head of the table as batches come, valid ones stay.
 #[test]
 fn writes_and_purges_delete_expired_delivered_keys() {
     let (_dir, path, mut store) = new_store("expire.db");
     store.trim_every = 1;
-    let keys = |from: u32, expires: i64| Commit {
-        delivered: (from..from + 100)
-            .map(|n| (DeliveryKey::new(&n.to_string(), EventKind::Push), expires))
-            .collect(),
-        ..Commit::default()
-    };
     store.write(&keys(0, NOW + 10), NOW).unwrap();
     store.write(&keys(100, NOW + 20), NOW).unwrap();
     assert_eq!(count(&path, "delivered_keys"), 200);
@@ -494,6 +498,25 @@ fn writes_and_purges_delete_expired_delivered_keys() {
     assert_eq!(count(&path, "delivered_keys"), 100);
     let loaded = store.load().unwrap().delivered;
     assert!(loaded.iter().all(|(_, e)| *e == NOW + 1_000));
+}
+
+/// Keys written under a longer window (or a clock that was ahead) are brought down to the
+/// window at start, so that they do not hold up the deletion of the keys written after them.
+#[test]
+fn keys_of_a_longer_window_do_not_outlive_the_window_at_start() {
+    let (_dir, path, mut store) = new_store("cap.db");
+    store.trim_every = 1;
+    store.write(&keys(0, NOW + 3_600_000), NOW).unwrap();
+    // Started again with a window of 3 s.
+    store.cap_expiry(NOW + 3_000).unwrap();
+    store.write(&keys(100, NOW + 3_000), NOW).unwrap();
+    store.purge(NOW + 3_001).unwrap();
+    assert_eq!(count(&path, "delivered_keys"), 0);
+    // Nothing to bring down: nothing written.
+    store.write(&keys(200, NOW + 9_000), NOW + 4_000).unwrap();
+    store.cap_expiry(NOW + 10_000).unwrap();
+    store.purge(NOW + 9_001).unwrap();
+    assert_eq!(count(&path, "delivered_keys"), 0);
 }
 
 /// Counter values go to the series log, which keeps its last rows only: a counter that is
