@@ -334,15 +334,16 @@ fn whole(f: f64) -> Option<i64> {
 }
 
 fn scalar_to_code(v: Scalar<'_>) -> Option<i64> {
-    scalar_to_int(v).or_else(|| {
-        let f = match v {
-            Scalar::Int(i) => return Some(i),
-            Scalar::Float(f) => f,
-            Scalar::Str(s) => s.trim().parse().ok()?,
-        };
-        f.is_finite()
-            .then_some(if f < 0.0 { i64::MIN } else { i64::MAX })
-    })
+    if let Some(code) = scalar_to_int(v) {
+        return Some(code);
+    }
+    let f = match v {
+        Scalar::Int(i) => i as f64,
+        Scalar::Float(f) => f,
+        Scalar::Str(s) => s.trim().parse().ok()?,
+    };
+    f.is_finite()
+        .then_some(if f < 0.0 { i64::MIN } else { i64::MAX })
 }
 
 fn scalar_to_text(v: Scalar<'_>) -> Option<String> {

@@ -551,20 +551,39 @@ mod tests {
     use crate::state::{Commit, Snapshot};
     use crate::store::{MemoryStore, SqliteStore, SyncMode};
 
-    /// A store whose next write panics when told to, before it writes anything.
-    struct Panicking<S> {
-        inner: S,
-        armed: Arc<AtomicBool>,
+    /// How a [`Faulty`] store's writes go wrong while it is armed.
+    #[derive(Clone, Copy)]
+    enum Fault {
+        /// The next write panics, before it writes anything (a bug), once.
+        Panic,
+        /// Every write fails (a full disk), for as long as it is armed.
+        Fail,
     }
 
-    impl<S: Store> Store for Panicking<S> {
+    /// A store that goes wrong when told to.
+    struct Faulty<S> {
+        inner: S,
+        armed: Arc<AtomicBool>,
+        fault: Fault,
+    }
+
+    impl<S: Store> Store for Faulty<S> {
         fn load(&mut self) -> Result<Snapshot, StoreError> {
             self.inner.load()
         }
 
         fn write(&mut self, commit: &Commit, now_ms: i64) -> Result<(), StoreError> {
-            if self.armed.swap(false, Ordering::SeqCst) {
-                panic!("injected panic in a store write");
+            match self.fault {
+                Fault::Panic if self.armed.swap(false, Ordering::SeqCst) => {
+                    panic!("injected panic in a store write")
+                }
+                Fault::Fail if self.armed.load(Ordering::SeqCst) => {
+                    return Err(StoreError::Invalid {
+                        path: "test".into(),
+                        reason: "disk full".into(),
+                    })
+                }
+                _ => {}
             }
             self.inner.write(commit, now_ms)
         }
@@ -610,9 +629,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("exporter.db");
         let armed = Arc::new(AtomicBool::new(false));
-        let store = Panicking {
+        let store = Faulty {
             inner: SqliteStore::open(path.clone(), SyncMode::Normal).unwrap(),
             armed: armed.clone(),
+            fault: Fault::Panic,
         };
         let (ledger, thread) = start(store);
 
@@ -656,45 +676,16 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn with_memory_only_a_panicking_batch_does_not_stop_the_ledger() {
         let armed = Arc::new(AtomicBool::new(true));
-        let (ledger, thread) = start(Panicking {
+        let (ledger, thread) = start(Faulty {
             inner: MemoryStore,
             armed,
+            fault: Fault::Panic,
         });
         assert!(record(&ledger, push("a", "1")).await.is_err());
         assert!(record(&ledger, push("b", "2")).await.is_ok());
         ledger.close();
         drop(ledger);
         thread.join();
-    }
-
-    /// A store whose writes fail while told to, as on a full disk.
-    struct Failing<S> {
-        inner: S,
-        failing: Arc<AtomicBool>,
-    }
-
-    impl<S: Store> Store for Failing<S> {
-        fn load(&mut self) -> Result<Snapshot, StoreError> {
-            self.inner.load()
-        }
-
-        fn write(&mut self, commit: &Commit, now_ms: i64) -> Result<(), StoreError> {
-            if self.failing.load(Ordering::SeqCst) {
-                return Err(StoreError::Invalid {
-                    path: "test".into(),
-                    reason: "disk full".into(),
-                });
-            }
-            self.inner.write(commit, now_ms)
-        }
-
-        fn purge(&mut self, now_ms: i64) -> Result<(), StoreError> {
-            self.inner.purge(now_ms)
-        }
-
-        fn reload(&mut self) -> Option<Result<Snapshot, StoreError>> {
-            self.inner.reload()
-        }
     }
 
     fn push_to(app: &str, id: &str, sequence: &str) -> Event {
@@ -722,9 +713,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("exporter.db");
         let failing = Arc::new(AtomicBool::new(true));
-        let store = Failing {
+        let store = Faulty {
             inner: SqliteStore::open(path.clone(), SyncMode::Normal).unwrap(),
-            failing: failing.clone(),
+            armed: failing.clone(),
+            fault: Fault::Fail,
         };
         let hour = Duration::from_secs(3600);
         let (ledger, thread) = Ledger::start_with_limits(Box::new(store), hour, 1).unwrap();

@@ -30,7 +30,7 @@ use fields::{decode, field, increments, live_field, Keys};
 
 /// How long a scrape may show numbers old by.
 const VIEW_MAX_AGE: Duration = Duration::from_secs(1);
-/// How often a failing Redis is probed, so readiness recovers without waiting for traffic.
+/// How often Redis is probed: a fault is found, and cleared, without waiting for traffic.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Fields of the counters' hash asked for by one `HSCAN` step: about half a millisecond of
 /// Redis's time, so callbacks' commands get in between the steps of a scrape's read.

@@ -472,9 +472,10 @@ pub async fn serve(
             service_fn(move |request: Request<Incoming>| {
                 let request = request.map(|body| Watched::new(body, &activity));
                 let close = wanted.load(Ordering::Relaxed);
-                let kept_alive = keeps_alive(&request);
+                // Only looked at while a connection waits: nothing more for every callback.
+                let makes_room = (close && keeps_alive(&request)).then(|| connections.clone());
                 let answer = inner.call(request);
-                let (activity, connections) = (activity.clone(), connections.clone());
+                let activity = activity.clone();
                 async move {
                     let answer = answer.await;
                     activity.ended();
@@ -485,7 +486,7 @@ pub async fn serve(
                             .insert(header::CONNECTION, HeaderValue::from_static("close"));
                         // Counted when it makes room: not for a request that closed anyway,
                         // nor one dropped before its answer (counted as that).
-                        if kept_alive {
+                        if let Some(connections) = makes_room {
                             connections.evicted(Evicted::Busy);
                         }
                     }

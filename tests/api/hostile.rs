@@ -558,6 +558,17 @@ async fn any_connection_cap_is_taken_without_a_panic() {
     app.stop().await.unwrap();
 }
 
+/// A page size well over what the kernel may buffer on the server's side of a connection
+/// (`tcp_wmem`'s maximum, 4 MiB by default), so that part of the page is still the exporter's
+/// while its client does not read.
+fn beyond_send_buffer() -> usize {
+    let max = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 << 20);
+    (max * 3 / 2).max(6_000_000)
+}
+
 /// Sends `GET /metrics` (plain) on a connection whose receive buffer is small, so that a large
 /// page stays on the server's side until it is read.
 async fn scrape_with_small_buffer(addr: std::net::SocketAddr) -> TcpStream {
@@ -616,7 +627,7 @@ async fn read_at(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_cap_a_scrape_still_reading_its_page_keeps_its_slot() {
     let app = at_the_cap("1").await;
-    fill_page(&app, 6_000_000).await;
+    fill_page(&app, beyond_send_buffer()).await;
     let mut scrape = scrape_with_small_buffer(app.callback_addr).await;
     let (length, read) = answer_head(&mut scrape).await;
     // While its page is sent (over about 3 s), a callback waits for the slot.
@@ -645,9 +656,7 @@ async fn at_the_cap_a_scrape_still_reading_its_page_keeps_its_slot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_takes_nothing_of_its_answer_loses_its_connection() {
     let app = app_with(&["--web.request-timeout", "2s"]).await;
-    // Larger than what the kernel buffers on the server's side (4 MiB by default), so that
-    // part of the page is still the exporter's when the connection goes.
-    fill_page(&app, 6_000_000).await;
+    fill_page(&app, beyond_send_buffer()).await;
     let mut scrape = scrape_with_small_buffer(app.callback_addr).await;
     // It reads nothing for well past the write timeout: its page waits, then the connection
     // is dropped, and the client gets what the kernel still held, not the page.
