@@ -739,3 +739,77 @@ fn schema_1_is_upgraded() {
         .unwrap();
     assert_eq!(version, SCHEMA_VERSION);
 }
+
+/// The views read the folded rows and the logs once each, however many rows there are: no
+/// subquery run for each folded row (with `NOT IN` over the log's nullable JSON fields, SQLite
+/// scanned the whole log for each, and counting 50,000 live sessions took minutes).
+#[test]
+fn the_views_read_each_table_once() {
+    let (_dir, path, _store) = new_store("plan.db");
+    let conn = Connection::open(&path).unwrap();
+    for view in ["live_sessions", "current_series"] {
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN SELECT count(*) FROM {view}"))
+            .unwrap()
+            .query_map([], |r| r.get(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let per_row: Vec<_> = plan
+            .iter()
+            .filter(|step| step.contains("LIST SUBQUERY") || step.contains("CORRELATED"))
+            .collect();
+        assert!(per_row.is_empty(), "{view}: {plan:#?}");
+    }
+}
+
+/// A schema-4 database gets this release's views; its tables are kept as they are.
+#[test]
+fn schema_4_is_upgraded() {
+    let (_dir, path, mut store) = new_store("v4.db");
+    store.fold_lag = 0;
+    store
+        .write(
+            &Commit {
+                sessions: vec![(stream(1), live("10")), (stream(2), live("20"))],
+                ..Commit::default()
+            },
+            NOW,
+        )
+        .unwrap();
+    store
+        .write(
+            &Commit {
+                sessions: vec![(stream(1), None)],
+                ..Commit::default()
+            },
+            NOW,
+        )
+        .unwrap();
+    drop(store);
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "DROP VIEW live_sessions; CREATE VIEW live_sessions AS SELECT 'old' AS stream_id;
+             CREATE VIEW series_log_newest AS SELECT 1;
+             PRAGMA user_version = 4;",
+        )
+        .unwrap();
+    let mut store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+    let expected = HashMap::from([(stream(2), "20".to_string())]);
+    assert_eq!(sessions_of(&mut store), expected);
+    assert_live_sessions_view(&path, &expected);
+    let conn = Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    let leftover: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'series_log_newest'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(leftover, 0);
+}
