@@ -68,6 +68,9 @@ impl Shared {
     }
 }
 
+/// Where the ledger reads the time (unix milliseconds).
+type Clock = fn() -> i64;
+
 /// The store could not record the event.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("event not recorded: {0}")]
@@ -138,25 +141,31 @@ impl Ledger {
 
     /// Loads the state from `store` and starts the ledger.
     pub fn start_with_limits(
+        store: Box<dyn Store>,
+        dedup_window: Duration,
+        max_domains: usize,
+    ) -> Result<(Ledger, LedgerThread), StoreError> {
+        Self::launch(store, dedup_window, max_domains, now_ms)
+    }
+
+    fn launch(
         mut store: Box<dyn Store>,
         dedup_window: Duration,
         max_domains: usize,
+        clock: Clock,
     ) -> Result<(Ledger, LedgerThread), StoreError> {
         let limits = Limits {
             dedup_window_ms: dedup_window.as_millis().min(i64::MAX as u128) as i64,
             max_domains,
         };
         let snapshot = store.load()?;
-        let now = now_ms();
+        let now = clock();
         let truth =
             Truth::restore(snapshot, limits, now).map_err(|reason| StoreError::Invalid {
                 path: "state".into(),
                 reason,
             })?;
-        // As long as the state remembers a key restored now: the window, and the eighth of it
-        // a key may be kept longer.
-        let window = limits.dedup_window_ms;
-        store.cap_expiry(now.saturating_add(window.saturating_add(window / 8)))?;
+        store.cap_expiry(truth.latest_expiry(now))?;
         release_freed_memory();
         tracing::info!(
             live_streams = truth.live_total(),
@@ -174,6 +183,7 @@ impl Ledger {
                 shared: shared.clone(),
                 unsaved: Vec::new(),
                 limits,
+                clock,
                 suspect: false,
                 stats: stats.clone(),
             }),
@@ -328,6 +338,8 @@ struct Worker {
     unsaved: Vec<Change>,
     /// To rebuild the state from the store with the same limits.
     limits: Limits,
+    /// The time of a batch or purge: [`now_ms`], but for tests that set the clock back.
+    clock: Clock,
     /// A step panicked midway: memory may hold changes the store does not, so it is rebuilt
     /// from the store before anything else is recorded.
     suspect: bool,
@@ -368,7 +380,7 @@ impl Worker {
                 return false;
             }
         };
-        match Truth::restore(snapshot, self.limits, now_ms()) {
+        match Truth::restore(snapshot, self.limits, (self.clock)()) {
             Ok(truth) => {
                 let old = std::mem::replace(
                     &mut *self.shared.truth.write().unwrap_or_else(|e| e.into_inner()),
@@ -408,7 +420,7 @@ impl Worker {
             }
             return;
         }
-        let now = now_ms();
+        let now = (self.clock)();
         let mut truth = self.shared.truth.write().unwrap_or_else(|e| e.into_inner());
         let mut changes = std::mem::take(&mut self.unsaved);
         let mut replies = Vec::with_capacity(batch.len());
@@ -478,17 +490,20 @@ impl Worker {
         if !self.trustworthy() {
             return;
         }
-        let now = now_ms();
-        let expired = self
-            .shared
-            .truth
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .expire(now);
+        let now = (self.clock)();
+        let (expired, latest) = {
+            let mut truth = self.shared.truth.write().unwrap_or_else(|e| e.into_inner());
+            (truth.expire(now), truth.latest_expiry(now))
+        };
         // Freed here, after the lock is released: scrapes do not wait for the deallocation.
         let purged = expired.len();
         drop(expired);
-        let result = self.store.purge(now);
+        // After the clock was set back, the keys stored while it was ahead come down with
+        // those in memory (a read of the newest row otherwise).
+        let result = self
+            .store
+            .cap_expiry(latest)
+            .and_then(|()| self.store.purge(now));
         match result {
             Ok(()) => {
                 tracing::debug!(purged, "expired delivered keys purged");
@@ -590,6 +605,10 @@ mod tests {
 
         fn purge(&mut self, now_ms: i64) -> Result<(), StoreError> {
             self.inner.purge(now_ms)
+        }
+
+        fn cap_expiry(&mut self, until_ms: i64) -> Result<(), StoreError> {
+            self.inner.cap_expiry(until_ms)
         }
 
         fn reload(&mut self) -> Option<Result<Snapshot, StoreError>> {
@@ -747,6 +766,85 @@ mod tests {
         let store = SqliteStore::open(path, SyncMode::Normal).unwrap();
         let (ledger, thread) = Ledger::start_with_limits(Box::new(store), hour, 1).unwrap();
         assert_eq!(active(&ledger), shown);
+        ledger.close();
+        drop(ledger);
+        thread.join();
+    }
+
+    /// What the test below sets its ledger's clock to.
+    static CLOCK: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+    /// Started on a clock a day ahead (a machine that booted on local time), then set right:
+    /// the keys delivered meanwhile are forgotten a window after the correction, in memory and
+    /// in the database, and the last callback's time follows the clock back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_clock_set_back_does_not_keep_keys_or_the_last_callback_ahead() {
+        const T: i64 = 1_700_000_000_000;
+        const DAY: i64 = 86_400_000;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exporter.db");
+        let store = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        CLOCK.store(T + DAY, Ordering::SeqCst);
+        // Purged every second (half the window).
+        let window = Duration::from_secs(2);
+        let (ledger, thread) =
+            Ledger::launch(Box::new(store), window, 10, || CLOCK.load(Ordering::SeqCst)).unwrap();
+        let disconnect = |id: &str, sequence: &str| {
+            let Event::Push(session) = push(id, sequence) else {
+                unreachable!()
+            };
+            Event::Disconnect {
+                session,
+                errcode: 0,
+                push_duration_ms: None,
+            }
+        };
+        for event in [push("a", "1"), disconnect("a", "1")] {
+            record(&ledger, event).await.unwrap();
+        }
+        CLOCK.store(T, Ordering::SeqCst);
+        for event in [push("b", "2"), disconnect("b", "2")] {
+            record(&ledger, event).await.unwrap();
+        }
+        let last = || {
+            ledger
+                .shared()
+                .truth
+                .read()
+                .unwrap()
+                .counters()
+                .last_callback_ms
+        };
+        assert_eq!(last(), T);
+        // The next purge brings the stored expiries down to a window from now.
+        let latest_stored = || -> i64 {
+            rusqlite::Connection::open(&path)
+                .unwrap()
+                .query_row(
+                    "SELECT coalesce(max(expires_ms), 0) FROM delivered",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while latest_stored() > T + 3_000 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(latest_stored() <= T + 3_000, "{}", latest_stored() - T);
+        // Every key has had its window from the correction: all are forgotten.
+        CLOCK.store(T + 10_000, Ordering::SeqCst);
+        let rows = || -> i64 {
+            rusqlite::Connection::open(&path)
+                .unwrap()
+                .query_row("SELECT count(*) FROM delivered", [], |r| r.get(0))
+                .unwrap()
+        };
+        let held = || ledger.shared().truth.read().unwrap().delivered_len();
+        while (held() > 0 || rows() > 0) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!((held(), rows()), (0, 0), "keys left in memory and stored");
         ledger.close();
         drop(ledger);
         thread.join();

@@ -41,6 +41,10 @@ const MAX_ATTEMPTS: usize = 16;
 /// Applies one accepted event if the facts it was decided on still hold. Returns 1 when applied,
 /// 0 when another replica changed the stream in between (the caller decides again).
 ///
+/// The last callback's time is the newest of the replicas' (their clocks differ by a little),
+/// unless it is over a minute ahead of this replica's clock: a clock set back since (it would
+/// otherwise stay ahead for as long as the clock had been, and the no-callbacks alert with it).
+///
 /// A session that ends (or is replaced) has its push key set again for a whole window, as the
 /// local ledger remembers it from the session's end: while the session was live its push was
 /// known from the session itself, and the key set at the push may have expired since, after
@@ -71,7 +75,8 @@ for i = 1, n do
   redis.call('HINCRBY', counters, ARGV[8 + 2 * i], ARGV[9 + 2 * i])
 end
 local now = tonumber(ARGV[10 + 2 * n])
-if now > tonumber(redis.call('GET', last) or '0') then redis.call('SET', last, now) end
+local before = tonumber(redis.call('GET', last) or '0')
+if now > before or now < before - 60000 then redis.call('SET', last, now) end
 return 1
 "#;
 

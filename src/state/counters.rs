@@ -295,10 +295,15 @@ impl Counters {
         }
     }
 
-    /// Moves the last-accepted timestamp forward (never back: delivery order is not time order).
+    /// Sets the last-accepted timestamp to the time the ledger recorded the callback at. The
+    /// ledger reads its clock a batch at a time, in order, so this goes back only when the clock
+    /// was set back, and then follows it: kept at its highest, it stayed ahead for as long as
+    /// the clock had been (hours, for a machine that started on local time), and
+    /// `time() - tencent_css_last_callback_timestamp_seconds` could not say that callbacks
+    /// stopped.
     pub fn touch(&mut self, now_ms: i64) -> Delta {
         let before = self.last_callback_ms;
-        self.last_callback_ms = before.max(now_ms);
+        self.last_callback_ms = now_ms;
         Delta::Timestamp { before }
     }
 

@@ -199,7 +199,8 @@ pub struct Delivered {
     window_ms: i64,
     /// The insertion time a generation covers: an eighth of the window, rounded up.
     span_ms: i64,
-    /// Oldest first, ids increasing.
+    /// Oldest first, ids increasing (several may share the current id after the clock was set
+    /// back; keys go to the first of them).
     generations: VecDeque<Generation>,
     held: Held,
 }
@@ -269,7 +270,8 @@ impl Delivered {
         if !self.remembers() {
             return false;
         }
-        // A clock that went back files the key with the newest generation: remembered longer.
+        // A clock that went back files the key with the newest generation: remembered longer,
+        // until the next purge brings that generation to the clock (see `expire`).
         let id = self
             .generation_id(now_ms)
             .max(self.generations.back().map_or(i64::MIN, |g| g.id));
@@ -324,8 +326,35 @@ impl Delivered {
         }
     }
 
+    /// The latest a key remembered at `now_ms` is kept until: the end of the current
+    /// generation's span plus the window.
+    pub fn latest_expiry(&self, now_ms: i64) -> i64 {
+        self.expiry_of(self.generation_id(now_ms))
+    }
+
+    fn expiry_of(&self, id: i64) -> i64 {
+        id.saturating_add(1)
+            .saturating_mul(self.span_ms)
+            .saturating_add(self.window_ms)
+    }
+
     /// Takes out the generations expired at `now_ms`: a few tables, whatever their size.
+    ///
+    /// Generations filed ahead of `now_ms` (the clock was set back, say after the exporter
+    /// started on a clock hours ahead) become the current one first. Their keys all arrived
+    /// before now, so a window from now is still at least a window from each; left as they
+    /// were, they would be kept for as long as the clock had been ahead, and hold every later
+    /// generation behind them.
     pub fn expire(&mut self, now_ms: i64) -> Expired {
+        let current = self.generation_id(now_ms);
+        let expires_ms = self.expiry_of(current);
+        for g in self.generations.iter_mut().rev() {
+            if g.id <= current {
+                break;
+            }
+            g.id = current;
+            g.expires_ms = expires_ms;
+        }
         let mut expired = Vec::new();
         while self
             .generations
@@ -350,10 +379,7 @@ impl Delivered {
         if !matches!(self.generations.get(at), Some(g) if g.id == id) {
             let mut new = Generation {
                 id,
-                expires_ms: id
-                    .saturating_add(1)
-                    .saturating_mul(self.span_ms)
-                    .saturating_add(self.window_ms),
+                expires_ms: self.expiry_of(id),
                 pushes: Sequences::default(),
                 disconnects: Sequences::default(),
             };
@@ -515,6 +541,29 @@ mod tests {
         d.remember(push("2"), T - HOUR);
         assert!(d.expiry(&push("2")).unwrap() >= T + HOUR);
         assert_eq!(d.generations.len(), 1);
+    }
+
+    /// Started on a clock a day ahead, then set right: the keys of the day ahead are kept a
+    /// window from the correction, not a day, and do not hold up the generations after them.
+    #[test]
+    fn keys_filed_on_a_clock_ahead_are_forgotten_a_window_after_it_is_set_back() {
+        const DAY: i64 = 24 * HOUR;
+        let mut d = Delivered::new(HOUR);
+        d.remember(push("ahead"), T + DAY);
+        d.remember(disconnect("ahead"), T + DAY + 1);
+        assert_eq!(d.expire(T).len(), 0);
+        assert_eq!(d.expiry(&push("ahead")), Some(d.latest_expiry(T)));
+        d.remember(push("after"), T + HOUR / 2);
+        assert!(d.contains(&push("ahead"), T + HOUR));
+        assert_eq!(
+            d.expire(d.latest_expiry(T)).len(),
+            2,
+            "the keys filed ahead"
+        );
+        assert!(!d.contains(&push("ahead"), d.latest_expiry(T)));
+        assert!(d.contains(&push("after"), d.latest_expiry(T)));
+        assert_eq!(d.expire(d.latest_expiry(T + HOUR / 2)).len(), 1);
+        assert_eq!(d.len(), 0);
     }
 
     #[test]

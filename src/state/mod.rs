@@ -373,6 +373,12 @@ impl Truth {
         self.delivered.expire(now_ms)
     }
 
+    /// The latest a delivered key remembered at `now_ms` is kept until; a store brings the
+    /// expiries it keeps down to it (see [`crate::store::Store::cap_expiry`]).
+    pub fn latest_expiry(&self, now_ms: i64) -> i64 {
+        self.delivered.latest_expiry(now_ms)
+    }
+
     pub fn delivered_len(&self) -> usize {
         self.delivered.len()
     }

@@ -52,10 +52,11 @@ pub trait Store: Send {
     fn reload(&mut self) -> Option<Result<Snapshot, StoreError>> {
         None
     }
-    /// Brings the stored delivered-event keys' expiry down to `until_ms` at most, at start: keys
-    /// written under a longer dedup window, or under a clock that was ahead, would otherwise
-    /// outlive the keys written after them and hold up their deletion, which goes from the
-    /// oldest on (the table grew with every event meanwhile).
+    /// Brings the stored delivered-event keys' expiry down to `until_ms` at most, at start and
+    /// before each purge: keys written under a longer dedup window, or under a clock that was
+    /// ahead, would otherwise outlive the keys written after them and hold up their deletion,
+    /// which goes from the oldest on (the table grew with every event meanwhile). Called every
+    /// few seconds, so it must cost next to nothing when there is nothing to bring down.
     fn cap_expiry(&mut self, _until_ms: i64) -> Result<(), StoreError> {
         Ok(())
     }

@@ -635,6 +635,17 @@ impl RedisServer {
         assert!(status.success(), "kill {signal}");
     }
 
+    /// Runs one command (an inline command: no spaces in its words) and returns the reply line.
+    pub fn command(&self, words: &[&str]) -> String {
+        use std::io::{BufRead, BufReader, Write};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        conn.write_all(format!("{}\r\n", words.join(" ")).as_bytes())
+            .unwrap();
+        let mut reply = String::new();
+        BufReader::new(conn).read_line(&mut reply).unwrap();
+        reply.trim_end().to_string()
+    }
+
     /// Starts it again on the same port and data.
     pub async fn restart(&mut self) {
         self.stop();

@@ -102,6 +102,29 @@ async fn replicas_share_sessions_retries_and_counters() {
     assert_eq!(s.callbacks("push", "bad_signature"), 1.0);
 }
 
+/// A replica whose clock was a day ahead wrote the last callback's time; once clocks are right,
+/// the next callback brings it back, so the no-callbacks alert can fire again.
+#[tokio::test]
+async fn the_last_callback_time_comes_back_from_a_clock_that_was_ahead() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let a = replica(&redis).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let ahead = ((now + 86_400.0) * 1000.0) as i64;
+    assert_eq!(
+        redis.command(&["SET", "tencent_css:last_callback_ms", &ahead.to_string()]),
+        "+OK"
+    );
+    ok(&a, push("clock.example.com", "s1", "q1", 1)).await;
+    let s = agreed(&a, &a).await;
+    let last = s.value("tencent_css_last_callback_timestamp_seconds", &[]);
+    assert!((now..now + 60.0).contains(&last), "{last} against {now}");
+}
+
 #[tokio::test]
 async fn replicas_share_the_domain_cap() {
     let Some(redis) = RedisServer::start().await else {
