@@ -325,12 +325,17 @@ fn parse_log_level(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
+/// The paths served beside the metrics page, on its listener.
+const HEALTH_PATHS: [&str; 2] = ["/healthz", "/readyz"];
+
+/// Which paths it may not take depends on whether the metrics are served on its address too:
+/// see [`Config::check`].
 fn parse_path(path: &str) -> Result<String, String> {
-    served_path(path, &["/metrics", "/healthz", "/readyz"])
+    served_path(path, &[])
 }
 
 fn parse_telemetry_path(path: &str) -> Result<String, String> {
-    served_path(path, &["/healthz", "/readyz"])
+    served_path(path, &HEALTH_PATHS)
 }
 
 /// A Redis URL, checked as the client will read it, so that a typo is a usage error at once
@@ -363,9 +368,19 @@ fn served_path(path: &str, reserved: &[&str]) -> Result<String, String> {
 impl Config {
     /// Checks what the flags cannot check one by one.
     pub fn check(&self) -> Result<(), String> {
-        if self.metrics_address.is_none() && self.telemetry_path == self.callback_path {
+        // On an address of their own, the metrics leave every path to the callbacks.
+        if self.metrics_address.is_some() {
+            return Ok(());
+        }
+        if self.telemetry_path == self.callback_path {
             return Err(format!(
                 "--web.telemetry-path and --web.callback-path are both {} on one address",
+                self.callback_path
+            ));
+        }
+        if HEALTH_PATHS.contains(&self.callback_path.as_str()) {
+            return Err(format!(
+                "--web.callback-path {} is served by the exporter itself on its address",
                 self.callback_path
             ));
         }
@@ -451,14 +466,18 @@ mod tests {
 
     #[test]
     fn callback_path_cannot_shadow_the_exporter_paths() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|cli| cli.config.check());
         for bad in [
-            "/metrics", "callback", "/", "/:x", "/*x", "/a/{*x}", "/a{b}", "/a b", "/a?b", "//",
-            "/a//b", "/é",
+            "callback", "/", "/:x", "/*x", "/a/{*x}", "/a{b}", "/a b", "/a?b", "//", "/a//b", "/é",
         ] {
-            assert!(
-                Cli::try_parse_from(["x", "--web.callback-path", bad]).is_err(),
-                "{bad}"
-            );
+            assert!(parse(&["x", "--web.callback-path", bad]).is_err(), "{bad}");
+        }
+        // Taken by the metrics and health pages on the same address, free on their own.
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            let same = ["x", "--web.callback-path", path];
+            assert!(parse(&same).unwrap().is_err(), "{path}");
+            let apart = [&same[..], &["--web.metrics-address", "127.0.0.1:9878"]].concat();
+            assert_eq!(parse(&apart).ok(), Some(Ok(())), "{path}");
         }
     }
 

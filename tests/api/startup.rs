@@ -54,6 +54,38 @@ fn refuses_metrics_and_callbacks_on_one_path() {
     assert!(stderr.contains("--web.telemetry-path"), "{stderr}");
 }
 
+/// The metrics and health pages take their paths on the address they are served on only.
+#[tokio::test]
+async fn a_callback_path_is_free_where_the_metrics_are_not_served() {
+    for path in ["/metrics", "/healthz"] {
+        let stderr = refused(&WITH_KEY, &["--web.callback-path", path]);
+        assert!(stderr.contains(path), "{stderr}");
+    }
+    let (callback, metrics) = (free_port(), free_port());
+    let mut child = binary()
+        .env("CSS_CALLBACK_KEY", KEY)
+        .args(["--web.listen-address", &format!("127.0.0.1:{callback}")])
+        .args(["--web.metrics-address", &format!("127.0.0.1:{metrics}")])
+        .args(["--web.callback-path", "/metrics"])
+        .args(["--storage.path", ":memory:"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut client = Client::new(
+        format!("127.0.0.1:{callback}").parse().unwrap(),
+        format!("127.0.0.1:{metrics}").parse().unwrap(),
+    );
+    client.callback_url = format!("http://127.0.0.1:{callback}/metrics");
+    client.wait_healthy(|| child.try_wait().unwrap()).await;
+    assert_eq!(client.post(&signed(sample("push"))).await.status, 200);
+    assert_eq!(
+        client.scrape().await.sum("tencent_css_pushes_total", &[]),
+        1.0
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 #[test]
 fn refuses_a_log_level_that_would_silence_every_line() {
     let stderr = refused(&WITH_KEY, &["--log.level", "warning"]);
