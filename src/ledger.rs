@@ -715,6 +715,11 @@ mod tests {
         Event::Push(s)
     }
 
+    /// What `read` takes from the ledger's counters.
+    fn counted<T>(ledger: &Ledger, read: impl FnOnce(&crate::state::counters::Counters) -> T) -> T {
+        read(ledger.shared().truth.read().unwrap().counters())
+    }
+
     /// `tencent_css_active_streams` as `/metrics` shows it.
     fn active(ledger: &Ledger) -> Vec<(String, Area, u64)> {
         let truth = ledger.shared().truth.read().unwrap();
@@ -748,16 +753,7 @@ mod tests {
         );
         let shown = active(&ledger);
         assert_eq!(shown, [("b.com".into(), Area::Mainland, 1)]);
-        assert_eq!(
-            ledger
-                .shared()
-                .truth
-                .read()
-                .unwrap()
-                .counters()
-                .domains_overflow,
-            0
-        );
+        assert_eq!(counted(&ledger, |c| c.domains_overflow), 0);
         ledger.close();
         drop(ledger);
         thread.join();
@@ -806,27 +802,13 @@ mod tests {
         for event in [push("b", "2"), disconnect("b", "2")] {
             record(&ledger, event).await.unwrap();
         }
-        let last = || {
-            ledger
-                .shared()
-                .truth
-                .read()
-                .unwrap()
-                .counters()
-                .last_callback_ms
-        };
-        assert_eq!(last(), T);
+        assert_eq!(counted(&ledger, |c| c.last_callback_ms), T);
         // The next purge brings the stored expiries down to a window from now.
-        let latest_stored = || -> i64 {
-            rusqlite::Connection::open(&path)
-                .unwrap()
-                .query_row(
-                    "SELECT coalesce(max(expires_ms), 0) FROM delivered",
-                    [],
-                    |r| r.get(0),
-                )
-                .unwrap()
+        let stored = |sql: &str| -> i64 {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.query_row(sql, [], |r| r.get(0)).unwrap()
         };
+        let latest_stored = || stored("SELECT coalesce(max(expires_ms), 0) FROM delivered");
         let deadline = Instant::now() + Duration::from_secs(20);
         while latest_stored() > T + 3_000 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -834,12 +816,7 @@ mod tests {
         assert!(latest_stored() <= T + 3_000, "{}", latest_stored() - T);
         // Every key has had its window from the correction: all are forgotten.
         CLOCK.store(T + 10_000, Ordering::SeqCst);
-        let rows = || -> i64 {
-            rusqlite::Connection::open(&path)
-                .unwrap()
-                .query_row("SELECT count(*) FROM delivered", [], |r| r.get(0))
-                .unwrap()
-        };
+        let rows = || stored("SELECT count(*) FROM delivered");
         let held = || ledger.shared().truth.read().unwrap().delivered_len();
         while (held() > 0 || rows() > 0) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
