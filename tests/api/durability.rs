@@ -355,6 +355,11 @@ async fn locked_database_answers_503_then_recovers() {
         "the refused event left no series behind"
     );
     assert_eq!(s.callbacks("disconnect", "error"), 1.0);
+    // A retry of the push stored before the lock needs nothing stored but its count: it is
+    // acknowledged all the same.
+    let retry = app.post(&signed(push(d, "s", "q1", 1))).await;
+    assert_eq!(retry.status, 200, "{}", retry.body);
+    assert_eq!(app.scrape().await.callbacks("push", "duplicate"), 1.0);
 
     blocker.execute_batch("ROLLBACK;").unwrap();
     eventually(
@@ -369,16 +374,18 @@ async fn locked_database_answers_503_then_recovers() {
     assert_eq!(s.sum("tencent_css_active_streams", &[]), 0.0);
     assert_eq!(s.sum("tencent_css_disconnects_total", &[]), 1.0);
     app.stop().await.unwrap();
-    // The error count itself was stored once the database was writable again.
-    let stored: i64 = rusqlite::Connection::open(&db)
-        .unwrap()
-        .query_row(
-            "SELECT value FROM current_series WHERE metric = 'callbacks_total' AND labels = '[\"disconnect\",\"error\"]'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(stored, 1);
+    // The counts themselves were stored once the database was writable again.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    for labels in [r#"["disconnect","error"]"#, r#"["push","duplicate"]"#] {
+        let stored: i64 = conn
+            .query_row(
+                "SELECT value FROM current_series WHERE metric = 'callbacks_total' AND labels = ?1",
+                [labels],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, 1, "{labels}");
+    }
 }
 
 /// Runs the binary as an unprivileged user when the tests run as root, so file permissions
