@@ -496,7 +496,7 @@ impl Worker {
                     kept.push(truth.count(event.kind(), Outcome::Error));
                     let _ = reply.send(Err(Unrecorded(message.clone())));
                 }
-                self.unsaved = kept;
+                self.unsaved = Truth::counts_to_store(kept);
                 drop(truth);
                 self.failing(message);
             }
@@ -825,6 +825,48 @@ mod tests {
         );
         assert_eq!(live(&ledger), 2);
         assert_eq!(duplicates(), Value::Count(1));
+        ledger.close();
+        drop(ledger);
+        thread.join();
+    }
+
+    /// While the store fails for a long time, the counts waiting to be stored stay one a
+    /// series, however many callbacks are refused; all of them are stored once it recovers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn counts_kept_while_the_store_fails_do_not_grow_with_the_callbacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exporter.db");
+        let failing = Arc::new(AtomicBool::new(true));
+        let (ledger, thread) = start(Faulty {
+            inner: SqliteStore::open(path.clone(), SyncMode::Normal).unwrap(),
+            armed: failing.clone(),
+            fault: Fault::Fail,
+        });
+        for n in 0..300 {
+            assert!(record(&ledger, push("a", &n.to_string())).await.is_err());
+            ledger.count(EventKind::Push, Outcome::BadSignature).await;
+        }
+        // Errors and bad signatures of pushes.
+        assert_eq!(ledger.inner.lock_worker().unsaved.len(), 2);
+        failing.store(false, Ordering::SeqCst);
+        assert_eq!(
+            record(&ledger, push("b", "1")).await.unwrap(),
+            Outcome::Accepted
+        );
+        ledger.close();
+        drop(ledger);
+        thread.join();
+        let (ledger, thread) = start(SqliteStore::open(path, SyncMode::Normal).unwrap());
+        for (outcome, n) in [
+            (Outcome::Error, 300),
+            (Outcome::BadSignature, 300),
+            (Outcome::Accepted, 1),
+        ] {
+            let stored = counted(&ledger, |c| {
+                c.value(&Series::Callbacks(EventKind::Push, outcome))
+            });
+            assert_eq!(stored, Value::Count(n), "{outcome:?}");
+        }
         ledger.close();
         drop(ledger);
         thread.join();

@@ -360,6 +360,27 @@ impl Truth {
         commit
     }
 
+    /// Changes whose counts are kept for a later batch (rejections and errors counted while
+    /// the store fails), cut to one a series: a commit stores each series' value as it is
+    /// then, so more say nothing more. Kept whole, they grew by one a callback for as long as
+    /// the store failed, and every batch went through all of them.
+    pub fn counts_to_store(changes: Vec<Change>) -> Vec<Change> {
+        let mut seen = FastSet::default();
+        changes
+            .into_iter()
+            .filter(|change| {
+                let mut new_series = false;
+                for delta in &change.deltas {
+                    new_series |= seen.insert(delta.series());
+                }
+                // Not a count alone (none is kept today): kept as it is.
+                new_series
+                    || change.session.is_some()
+                    || change.delivered.iter().any(Option::is_some)
+            })
+            .collect()
+    }
+
     /// Forgets delivered keys whose window has passed; returns how many.
     pub fn purge(&mut self, now_ms: i64) -> usize {
         self.expire(now_ms).len()
