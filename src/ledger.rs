@@ -427,6 +427,11 @@ impl Worker {
         let mut counted = Vec::new();
         for cmd in batch {
             match cmd {
+                // Its request was answered 503 at its deadline while an earlier batch was
+                // written: not recorded, so that Tencent's retry is.
+                Command::Record { event, reply } if reply.is_closed() => {
+                    changes.push(truth.count(event.kind(), Outcome::Error));
+                }
                 Command::Record { event, reply } => {
                     changes.push(truth.apply(&event, now));
                     replies.push((event, changes.len() - 1, reply));
@@ -456,8 +461,21 @@ impl Worker {
             Ok(()) => {
                 drop(truth);
                 self.healthy();
-                for (_, i, reply) in replies {
-                    let _ = reply.send(Ok(changes[i].outcome));
+                let mut gave_up = Vec::new();
+                for (event, i, reply) in replies {
+                    if reply.send(Ok(changes[i].outcome)).is_err() {
+                        gave_up.push((event.kind(), changes[i].outcome));
+                    }
+                }
+                // Requests answered 503 at their deadline while this batch was written: their
+                // events are stored, their callbacks count as errors (stored with the next
+                // batch), as Tencent was told.
+                if !gave_up.is_empty() {
+                    let mut truth = self.shared.truth.write().unwrap_or_else(|e| e.into_inner());
+                    for (kind, outcome) in gave_up {
+                        self.unsaved.push(truth.reanswer(kind, outcome));
+                    }
+                    self.unsaved = Truth::counts_to_store(std::mem::take(&mut self.unsaved));
                 }
             }
             Err(e) => {
@@ -487,8 +505,10 @@ impl Worker {
                     if counted_only {
                         let again = truth.apply(&event, now);
                         if again.outcome != Outcome::Accepted {
-                            let _ = reply.send(Ok(again.outcome));
-                            kept.push(again);
+                            kept.push(match reply.send(Ok(again.outcome)) {
+                                Ok(()) => again,
+                                Err(_) => truth.reanswer(event.kind(), again.outcome),
+                            });
                             continue;
                         }
                         truth.undo(&again);
@@ -591,6 +611,8 @@ mod tests {
         Panic,
         /// Every write fails (a full disk), for as long as it is armed.
         Fail,
+        /// Every write takes half a second (a database another process holds), while armed.
+        Slow,
     }
 
     /// A store that goes wrong when told to.
@@ -615,6 +637,9 @@ mod tests {
                         path: "test".into(),
                         reason: "disk full".into(),
                     })
+                }
+                Fault::Slow if self.armed.load(Ordering::SeqCst) => {
+                    std::thread::sleep(Duration::from_millis(500))
                 }
                 _ => {}
             }
@@ -870,6 +895,70 @@ mod tests {
         ledger.close();
         drop(ledger);
         thread.join();
+    }
+
+    /// A request that gave up at its deadline (answered 503) counts as an error: its event is
+    /// not recorded if its batch had not begun, recorded if it was being written (and
+    /// Tencent's retry is then a duplicate).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_that_gave_up_counts_as_an_error() {
+        let slow = Arc::new(AtomicBool::new(true));
+        let (ledger, thread) = start(Faulty {
+            inner: MemoryStore,
+            armed: slow.clone(),
+            fault: Fault::Slow,
+        });
+        let push_outcome = |outcome| {
+            counted(&ledger, |c| {
+                c.value(&Series::Callbacks(EventKind::Push, outcome))
+            })
+        };
+        // Gave up while its batch was written (this test's body is no runtime worker, so its
+        // timer fires while the writer holds one).
+        let deadline = Duration::from_millis(100);
+        assert!(
+            tokio::time::timeout(deadline, ledger.record(push("a", "1")))
+                .await
+                .is_err()
+        );
+        eventually(|| push_outcome(Outcome::Error) == Value::Count(1)).await;
+        assert_eq!(push_outcome(Outcome::Accepted), Value::Count(0));
+        assert_eq!(live(&ledger), 1, "recorded");
+        slow.store(false, Ordering::SeqCst);
+        assert_eq!(
+            record(&ledger, push("a", "1")).await.unwrap(),
+            Outcome::Duplicate
+        );
+        // Gave up before its batch began: queued behind a slow batch, then dropped.
+        slow.store(true, Ordering::SeqCst);
+        let before = tokio::spawn({
+            let ledger = ledger.clone();
+            async move { ledger.record(push("c", "3")).await }
+        });
+        tokio::time::sleep(deadline).await;
+        let queued = tokio::time::timeout(Duration::ZERO, ledger.record(push("b", "2")));
+        assert!(queued.await.is_err());
+        assert_eq!(before.await.unwrap().unwrap(), Outcome::Accepted);
+        slow.store(false, Ordering::SeqCst);
+        eventually(|| push_outcome(Outcome::Error) == Value::Count(2)).await;
+        assert_eq!(live(&ledger), 2, "not recorded");
+        assert_eq!(
+            record(&ledger, push("b", "2")).await.unwrap(),
+            Outcome::Accepted
+        );
+        assert_eq!(push_outcome(Outcome::Accepted), Value::Count(2));
+        ledger.close();
+        drop(ledger);
+        thread.join();
+    }
+
+    /// Waits up to 10 s for `done`.
+    async fn eventually(done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// What the test below sets its ledger's clock to.

@@ -112,6 +112,9 @@ pub struct RedisLedger {
     fault: Mutex<Option<String>>,
     /// Counts made while Redis was unreachable (errors, rejections), added once it is back.
     pending: Mutex<HashMap<String, i64>>,
+    /// Held by a probe, which takes the kept counts out while it adds them: so that the one at
+    /// shutdown does not find them gone while the once-a-second one is adding them.
+    probing: tokio::sync::Mutex<()>,
     /// The numbers last read from Redis, and when.
     view: Mutex<(Option<Instant>, View)>,
     /// When the last read of Redis ended, whether it succeeded or not; held while reading, so
@@ -162,6 +165,7 @@ impl RedisLedger {
             admitted: Mutex::new(HashSet::new()),
             fault: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
+            probing: tokio::sync::Mutex::new(()),
             view: Mutex::new((None, View::default())),
             reading: tokio::sync::Mutex::new(None),
             stats: CommitStats::default(),
@@ -211,7 +215,7 @@ impl RedisLedger {
             Err(e) => {
                 let message = format!("redis: {e}");
                 self.failing(&message);
-                self.keep(field(&Series::Callbacks(kind, Outcome::Error), None));
+                self.keep(field(&Series::Callbacks(kind, Outcome::Error), None), 1);
                 Err(Unrecorded(message))
             }
         }
@@ -221,7 +225,21 @@ impl RedisLedger {
     pub async fn count(&self, kind: EventKind, outcome: Outcome) {
         let f = field(&Series::Callbacks(kind, outcome), None);
         if self.incr(vec![(f.clone(), 1)]).await.is_err() {
-            self.keep(f);
+            self.keep(f, 1);
+        }
+    }
+
+    /// Moves a recorded callback from `outcome` to `error`: its request was answered 503 at
+    /// its deadline while it was being recorded (Tencent's retry will be a duplicate).
+    pub async fn reanswer(&self, kind: EventKind, outcome: Outcome) {
+        let moved = vec![
+            (field(&Series::Callbacks(kind, outcome), None), -1),
+            (field(&Series::Callbacks(kind, Outcome::Error), None), 1),
+        ];
+        if self.incr(moved.clone()).await.is_err() {
+            for (f, n) in moved {
+                self.keep(f, n);
+            }
         }
     }
 
@@ -386,16 +404,19 @@ impl RedisLedger {
     }
 
     /// Keeps a count for when Redis is back.
-    fn keep(&self, field: String) {
-        *lock(&self.pending).entry(field).or_default() += 1;
+    fn keep(&self, field: String, n: i64) {
+        *lock(&self.pending).entry(field).or_default() += n;
     }
 
     /// Adds the counts kept while Redis was away, if it is back, before the process ends.
     pub async fn close(&self) {
+        // Held to the end: no probe takes the counts out after this one.
+        let _probing = self.probing.lock().await;
         if !lock(&self.pending).is_empty() {
-            self.probe().await;
+            self.probe_held().await;
         }
-        let lost: i64 = lock(&self.pending).values().sum();
+        // Callbacks counted; a callback moved to `error` is kept as -1 of another outcome.
+        let lost: i64 = lock(&self.pending).values().filter(|n| **n > 0).sum();
         if lost > 0 {
             tracing::warn!(
                 callbacks = lost,
@@ -407,6 +428,11 @@ impl RedisLedger {
     /// Checks both connections (so that a broken one is found and reconnected before a
     /// callback or a scrape needs it) and adds the counts kept while Redis was away.
     async fn probe(&self) {
+        let _probing = self.probing.lock().await;
+        self.probe_held().await;
+    }
+
+    async fn probe_held(&self) {
         // The scrapes' connection only reconnects; its state is not the callbacks'.
         let _ = redis::cmd("PING")
             .query_async::<String>(&mut self.reads.clone())

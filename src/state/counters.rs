@@ -196,6 +196,8 @@ pub fn tally(event: &Event, domain: Domain, overflow: bool, now_ms: i64) -> Vec<
 pub enum Delta {
     /// A counter series went up by one.
     Inc(Series),
+    /// A counter series went down by one: a callback counted under another outcome after all.
+    Dec(Series),
     /// A histogram series observed a value.
     Observe(Series, u64),
     /// The last-accepted timestamp moved; holds the value before.
@@ -221,7 +223,7 @@ impl Series {
 impl Delta {
     pub fn series(&self) -> Series {
         match self {
-            Delta::Inc(s) | Delta::Observe(s, _) => s.clone(),
+            Delta::Inc(s) | Delta::Dec(s) | Delta::Observe(s, _) => s.clone(),
             Delta::Timestamp { .. } => Series::LastCallback,
         }
     }
@@ -278,6 +280,13 @@ impl Counters {
         Delta::Inc(series)
     }
 
+    pub fn dec(&mut self, series: Series) -> Delta {
+        if let Some(c) = self.counter(&series) {
+            *c = c.saturating_sub(1);
+        }
+        Delta::Dec(series)
+    }
+
     pub fn observe(&mut self, series: Series, ms: u64) -> Delta {
         let ms = ms.min(MAX_OBSERVATION_MS);
         if let Some((h, bounds)) = self.histogram(&series) {
@@ -312,6 +321,11 @@ impl Counters {
             Delta::Inc(series) => {
                 if let Some(c) = self.counter(series) {
                     *c = c.saturating_sub(1);
+                }
+            }
+            Delta::Dec(series) => {
+                if let Some(c) = self.counter(series) {
+                    *c += 1;
                 }
             }
             Delta::Observe(series, ms) => {

@@ -308,6 +308,17 @@ impl Truth {
         }
     }
 
+    /// Moves a callback counted under `outcome` to `error`: its request was answered 503 at
+    /// its deadline while its batch was being written, so the event is recorded, and Tencent's
+    /// retry will be a duplicate, but the request itself failed.
+    pub fn reanswer(&mut self, kind: EventKind, outcome: Outcome) -> Change {
+        let mut change = self.count(kind, Outcome::Error);
+        change
+            .deltas
+            .push(self.counters.dec(Series::Callbacks(kind, outcome)));
+        change
+    }
+
     /// Reverses a change; changes of a batch are undone last first.
     pub fn undo(&mut self, change: &Change) {
         for delta in change.deltas.iter().rev() {
