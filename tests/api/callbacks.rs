@@ -1,6 +1,6 @@
 //! Every answer of the callback endpoint, and what each one counts.
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::helpers::*;
 
@@ -109,6 +109,29 @@ async fn not_json_is_400_malformed() {
         assert_eq!(answer.status, 400, "{:?}", String::from_utf8_lossy(body));
     }
     assert_eq!(outcome(&app, "unknown", "malformed").await, 4.0);
+}
+
+/// A signed callback's fields in an array, in the order the parser declares them: serde would
+/// read a struct from it, but no Tencent body is an array.
+#[tokio::test]
+async fn an_array_of_the_fields_is_400_malformed() {
+    let app = spawn_app().await;
+    let body = signed(sample("push"));
+    let fields = [
+        "event_type",
+        "t",
+        "sign",
+        "app",
+        "appname",
+        "stream_id",
+        "channel_id",
+        "sequence",
+    ];
+    let array: Vec<Value> = fields.iter().map(|f| body[*f].clone()).collect();
+    let answer = app.post(&Value::from(array)).await;
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    assert_eq!(outcome(&app, "unknown", "malformed").await, 1.0);
+    assert_eq!(app.scrape().await.sum("tencent_css_pushes_total", &[]), 0.0);
 }
 
 #[tokio::test]
