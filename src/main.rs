@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 
 fn main() -> ExitCode {
     ignore_file_size_signal();
+    unset_empty_settings();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("start the tokio runtime");
     match cli.command {
@@ -26,6 +27,20 @@ fn main() -> ExitCode {
             }
         },
         None => runtime.block_on(serve(cli.config)),
+    }
+}
+
+/// An empty `CSS_EXPORTER_*` variable counts as unset, as in other exporters: templates (a Helm
+/// chart, a systemd unit) often write `NAME=` for "no value", which would otherwise be refused
+/// as a value. Done before any thread starts.
+fn unset_empty_settings() {
+    for (name, value) in std::env::vars_os() {
+        let ours = name
+            .to_str()
+            .is_some_and(|n| n.starts_with("CSS_EXPORTER_"));
+        if ours && value.is_empty() {
+            std::env::remove_var(name);
+        }
     }
 }
 
