@@ -459,24 +459,18 @@ impl Worker {
         }
         match result {
             Ok(()) => {
-                drop(truth);
-                self.healthy();
-                let mut gave_up = Vec::new();
+                // Answered under the lock: a request answered 503 at its deadline while this
+                // batch was written has its event stored, and its callback counts as an error
+                // (stored with the next batch), as Tencent was told. No scrape sees it counted
+                // otherwise in between, which would make the counter go down.
                 for (event, i, reply) in replies {
                     if reply.send(Ok(changes[i].outcome)).is_err() {
-                        gave_up.push((event.kind(), changes[i].outcome));
+                        self.unsaved
+                            .push(truth.reanswer(event.kind(), changes[i].outcome));
                     }
                 }
-                // Requests answered 503 at their deadline while this batch was written: their
-                // events are stored, their callbacks count as errors (stored with the next
-                // batch), as Tencent was told.
-                if !gave_up.is_empty() {
-                    let mut truth = self.shared.truth.write().unwrap_or_else(|e| e.into_inner());
-                    for (kind, outcome) in gave_up {
-                        self.unsaved.push(truth.reanswer(kind, outcome));
-                    }
-                    self.unsaved = Truth::counts_to_store(std::mem::take(&mut self.unsaved));
-                }
+                drop(truth);
+                self.healthy();
             }
             Err(e) => {
                 let message = e.to_string();
@@ -611,7 +605,7 @@ mod tests {
         Panic,
         /// Every write fails (a full disk), for as long as it is armed.
         Fail,
-        /// Every write takes half a second (a database another process holds), while armed.
+        /// The next write takes half a second (a database another process holds), once.
         Slow,
     }
 
@@ -638,7 +632,7 @@ mod tests {
                         reason: "disk full".into(),
                     })
                 }
-                Fault::Slow if self.armed.load(Ordering::SeqCst) => {
+                Fault::Slow if self.armed.swap(false, Ordering::SeqCst) => {
                     std::thread::sleep(Duration::from_millis(500))
                 }
                 _ => {}
@@ -674,6 +668,13 @@ mod tests {
 
     fn start(store: impl Store + 'static) -> (Ledger, LedgerThread) {
         Ledger::start(Box::new(store), Duration::from_secs(3600)).unwrap()
+    }
+
+    /// Stores what is left and stops, as at shutdown.
+    fn stop(ledger: Ledger, thread: LedgerThread) {
+        ledger.close();
+        drop(ledger);
+        thread.join();
     }
 
     async fn record(ledger: &Ledger, event: Event) -> Result<Outcome, Unrecorded> {
@@ -720,9 +721,7 @@ mod tests {
             Outcome::Duplicate
         );
         assert_eq!(live(&ledger), 3);
-        ledger.close();
-        drop(ledger);
-        thread.join();
+        stop(ledger, thread);
 
         let (ledger, thread) = start(SqliteStore::open(path, SyncMode::Normal).unwrap());
         assert_eq!(live(&ledger), 3);
@@ -730,9 +729,7 @@ mod tests {
             record(&ledger, push("b", "2")).await.unwrap(),
             Outcome::Duplicate
         );
-        ledger.close();
-        drop(ledger);
-        thread.join();
+        stop(ledger, thread);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -745,9 +742,7 @@ mod tests {
         });
         assert!(record(&ledger, push("a", "1")).await.is_err());
         assert!(record(&ledger, push("b", "2")).await.is_ok());
-        ledger.close();
-        drop(ledger);
-        thread.join();
+        stop(ledger, thread);
     }
 
     fn push_to(app: &str, id: &str, sequence: &str) -> Event {
@@ -797,17 +792,13 @@ mod tests {
         let shown = active(&ledger);
         assert_eq!(shown, [("b.com".into(), Area::Mainland, 1)]);
         assert_eq!(counted(&ledger, |c| c.domains_overflow), 0);
-        ledger.close();
-        drop(ledger);
-        thread.join();
+        stop(ledger, thread);
 
         // The ledger's thread closed the store (and freed its lock) as it ended.
         let store = SqliteStore::open(path, SyncMode::Normal).unwrap();
         let (ledger, thread) = Ledger::start_with_limits(Box::new(store), hour, 1).unwrap();
         assert_eq!(active(&ledger), shown);
-        ledger.close();
-        drop(ledger);
-        thread.join();
+        stop(ledger, thread);
     }
 
     /// While the store fails, a retry of an event stored before is acknowledged as a duplicate
@@ -850,9 +841,7 @@ mod tests {
         );
         assert_eq!(live(&ledger), 2);
         assert_eq!(duplicates(), Value::Count(1));
-        ledger.close();
-        drop(ledger);
-        thread.join();
+        stop(ledger, thread);
     }
 
     /// While the store fails for a long time, the counts waiting to be stored stay one a
@@ -878,9 +867,7 @@ mod tests {
             record(&ledger, push("b", "1")).await.unwrap(),
             Outcome::Accepted
         );
-        ledger.close();
-        drop(ledger);
-        thread.join();
+        stop(ledger, thread);
         let (ledger, thread) = start(SqliteStore::open(path, SyncMode::Normal).unwrap());
         for (outcome, n) in [
             (Outcome::Error, 300),
@@ -892,9 +879,7 @@ mod tests {
             });
             assert_eq!(stored, Value::Count(n), "{outcome:?}");
         }
-        ledger.close();
-        drop(ledger);
-        thread.join();
+        stop(ledger, thread);
     }
 
     /// A request that gave up at its deadline (answered 503) counts as an error: its event is
@@ -913,18 +898,20 @@ mod tests {
                 c.value(&Series::Callbacks(EventKind::Push, outcome))
             })
         };
-        // Gave up while its batch was written (this test's body is no runtime worker, so its
-        // timer fires while the writer holds one).
-        let deadline = Duration::from_millis(100);
-        assert!(
-            tokio::time::timeout(deadline, ledger.record(push("a", "1")))
-                .await
-                .is_err()
-        );
+        // The slow write takes its turn (and disarms itself) once it begins.
+        let write_began = || async {
+            while slow.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        // Gave up while its batch was written.
+        tokio::select! {
+            answer = ledger.record(push("a", "1")) => panic!("answered: {answer:?}"),
+            () = write_began() => {}
+        }
         eventually(|| push_outcome(Outcome::Error) == Value::Count(1)).await;
         assert_eq!(push_outcome(Outcome::Accepted), Value::Count(0));
         assert_eq!(live(&ledger), 1, "recorded");
-        slow.store(false, Ordering::SeqCst);
         assert_eq!(
             record(&ledger, push("a", "1")).await.unwrap(),
             Outcome::Duplicate
@@ -935,11 +922,10 @@ mod tests {
             let ledger = ledger.clone();
             async move { ledger.record(push("c", "3")).await }
         });
-        tokio::time::sleep(deadline).await;
+        write_began().await;
         let queued = tokio::time::timeout(Duration::ZERO, ledger.record(push("b", "2")));
         assert!(queued.await.is_err());
         assert_eq!(before.await.unwrap().unwrap(), Outcome::Accepted);
-        slow.store(false, Ordering::SeqCst);
         eventually(|| push_outcome(Outcome::Error) == Value::Count(2)).await;
         assert_eq!(live(&ledger), 2, "not recorded");
         assert_eq!(
@@ -947,9 +933,7 @@ mod tests {
             Outcome::Accepted
         );
         assert_eq!(push_outcome(Outcome::Accepted), Value::Count(2));
-        ledger.close();
-        drop(ledger);
-        thread.join();
+        stop(ledger, thread);
     }
 
     /// Waits up to 10 s for `done`.
@@ -1016,8 +1000,6 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!((held(), rows()), (0, 0), "keys left in memory and stored");
-        ledger.close();
-        drop(ledger);
-        thread.join();
+        stop(ledger, thread);
     }
 }

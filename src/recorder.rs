@@ -27,18 +27,9 @@ impl Recorder {
             // fault if it fails, as the local ledger's batch does.
             Recorder::Redis(r) => {
                 let redis = r.clone();
-                let (answer, answered) = tokio::sync::oneshot::channel();
-                tokio::spawn(async move {
-                    let kind = event.kind();
-                    let result = redis.record(event).await;
-                    // Recorded after its request was answered 503: counted as Tencent was told.
-                    if let Err(Ok(outcome)) = answer.send(result) {
-                        redis.reanswer(kind, outcome).await;
-                    }
-                });
-                answered
+                tokio::spawn(async move { redis.record(event).await })
                     .await
-                    .unwrap_or_else(|_| Err(Unrecorded("recording failed".into())))
+                    .unwrap_or_else(|e| Err(Unrecorded(format!("recording failed: {e}"))))
             }
         }
     }

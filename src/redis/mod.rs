@@ -215,7 +215,7 @@ impl RedisLedger {
             Err(e) => {
                 let message = format!("redis: {e}");
                 self.failing(&message);
-                self.keep(field(&Series::Callbacks(kind, Outcome::Error), None), 1);
+                self.keep(field(&Series::Callbacks(kind, Outcome::Error), None));
                 Err(Unrecorded(message))
             }
         }
@@ -225,21 +225,7 @@ impl RedisLedger {
     pub async fn count(&self, kind: EventKind, outcome: Outcome) {
         let f = field(&Series::Callbacks(kind, outcome), None);
         if self.incr(vec![(f.clone(), 1)]).await.is_err() {
-            self.keep(f, 1);
-        }
-    }
-
-    /// Moves a recorded callback from `outcome` to `error`: its request was answered 503 at
-    /// its deadline while it was being recorded (Tencent's retry will be a duplicate).
-    pub async fn reanswer(&self, kind: EventKind, outcome: Outcome) {
-        let moved = vec![
-            (field(&Series::Callbacks(kind, outcome), None), -1),
-            (field(&Series::Callbacks(kind, Outcome::Error), None), 1),
-        ];
-        if self.incr(moved.clone()).await.is_err() {
-            for (f, n) in moved {
-                self.keep(f, n);
-            }
+            self.keep(f);
         }
     }
 
@@ -404,8 +390,8 @@ impl RedisLedger {
     }
 
     /// Keeps a count for when Redis is back.
-    fn keep(&self, field: String, n: i64) {
-        *lock(&self.pending).entry(field).or_default() += n;
+    fn keep(&self, field: String) {
+        *lock(&self.pending).entry(field).or_default() += 1;
     }
 
     /// Adds the counts kept while Redis was away, if it is back, before the process ends.
@@ -415,8 +401,7 @@ impl RedisLedger {
         if !lock(&self.pending).is_empty() {
             self.probe_held().await;
         }
-        // Callbacks counted; a callback moved to `error` is kept as -1 of another outcome.
-        let lost: i64 = lock(&self.pending).values().filter(|n| **n > 0).sum();
+        let lost: i64 = lock(&self.pending).values().sum();
         if lost > 0 {
             tracing::warn!(
                 callbacks = lost,

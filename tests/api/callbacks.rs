@@ -117,17 +117,8 @@ async fn not_json_is_400_malformed() {
 async fn an_array_of_the_fields_is_400_malformed() {
     let app = spawn_app().await;
     let body = signed(sample("push"));
-    let fields = [
-        "event_type",
-        "t",
-        "sign",
-        "app",
-        "appname",
-        "stream_id",
-        "channel_id",
-        "sequence",
-    ];
-    let array: Vec<Value> = fields.iter().map(|f| body[*f].clone()).collect();
+    let read = &crate::properties::FIELDS[..8];
+    let array: Vec<Value> = read.iter().map(|f| body[*f].clone()).collect();
     let answer = app.post(&Value::from(array)).await;
     assert_eq!(answer.status, 400, "{}", answer.body);
     assert_eq!(outcome(&app, "unknown", "malformed").await, 1.0);

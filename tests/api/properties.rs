@@ -1011,8 +1011,9 @@ impl J {
     }
 }
 
-/// Every field the exporter reads, and a few it does not.
-const FIELDS: [&str; 20] = [
+/// Every field the exporter reads (in the order its parser declares them), and a few it does
+/// not.
+pub const FIELDS: [&str; 20] = [
     "event_type",
     "t",
     "sign",

@@ -102,37 +102,6 @@ async fn replicas_share_sessions_retries_and_counters() {
     assert_eq!(s.callbacks("push", "bad_signature"), 1.0);
 }
 
-/// A callback answered 503 at `--web.request-timeout` while Redis hung counts as an error,
-/// though its event was recorded once Redis was back (Tencent's retry is a duplicate).
-#[tokio::test]
-async fn a_callback_answered_503_at_its_deadline_counts_as_an_error() {
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
-    let a = Exporter::start_on(
-        free_port(),
-        vec![
-            "--storage.redis-url".into(),
-            redis.url(),
-            "--web.request-timeout".into(),
-            "300ms".into(),
-        ],
-    )
-    .await;
-    let event = push("hang.example.com", "s1", "q1", 1);
-    assert_eq!(redis.command(&["CLIENT", "PAUSE", "1200", "ALL"]), "+OK");
-    assert_eq!(a.post(&signed(event.clone())).await.status, 503);
-    eventually(Duration::from_secs(10), "the error counted", || async {
-        agreed(&a, &a).await.callbacks("push", "error") == 1.0
-    })
-    .await;
-    ok(&a, event).await;
-    let s = agreed(&a, &a).await;
-    assert_eq!(s.callbacks("push", "accepted"), 0.0);
-    assert_eq!(s.callbacks("push", "duplicate"), 1.0);
-    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
-}
-
 /// A replica whose clock was a day ahead wrote the last callback's time; once clocks are right,
 /// the next callback brings it back, so the no-callbacks alert can fire again.
 #[tokio::test]
@@ -141,10 +110,12 @@ async fn the_last_callback_time_comes_back_from_a_clock_that_was_ahead() {
         return;
     };
     let a = replica(&redis).await;
+    // Whole milliseconds, as the exporter keeps them.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_secs_f64();
+        .as_millis() as f64
+        / 1000.0;
     let ahead = ((now + 86_400.0) * 1000.0) as i64;
     assert_eq!(
         redis.command(&["SET", "tencent_css:last_callback_ms", &ahead.to_string()]),

@@ -86,6 +86,34 @@ async fn a_callback_path_is_free_where_the_metrics_are_not_served() {
     child.wait().unwrap();
 }
 
+/// `NAME=` (as templates write for "no value") leaves a setting at its default.
+#[tokio::test]
+async fn an_empty_setting_in_the_environment_is_its_default() {
+    let port = free_port();
+    let mut child = binary()
+        .env("CSS_CALLBACK_KEY", KEY)
+        .env("CSS_EXPORTER_LISTEN_ADDRESS", format!("127.0.0.1:{port}"))
+        .args(["--storage.path", ":memory:"])
+        .envs(
+            [
+                "METRICS_ADDRESS",
+                "LOG_LEVEL",
+                "CLOCK_SKEW",
+                "INSECURE_SKIP_VERIFY",
+            ]
+            .map(|name| (format!("CSS_EXPORTER_{name}"), "")),
+        )
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let client = Client::new(addr, addr);
+    client.wait_healthy(|| child.try_wait().unwrap()).await;
+    assert_eq!(client.post(&signed(sample("push"))).await.status, 200);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 #[test]
 fn refuses_a_log_level_that_would_silence_every_line() {
     let stderr = refused(&WITH_KEY, &["--log.level", "warning"]);

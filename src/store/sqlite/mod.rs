@@ -56,7 +56,7 @@ use crate::callback::StreamKey;
 use crate::state::{Commit, DeliveryKey, FastSet, SessionFeed, Snapshot};
 use connection::{connect, Checkpointer, WriteTransaction};
 use restore::{read_delivered, read_series_table, read_sessions, read_unfolded, SESSION_CHUNKS};
-use schema::migrate;
+use schema::{migrate, refresh_views};
 use unfolded::Unfolded;
 
 /// Session changes left unfolded, about: enough that a short session's push and disconnect
@@ -155,7 +155,11 @@ impl SqliteStore {
             checkpointer,
             _lock: lock,
         };
-        store.with_conn(|_, _| Ok(()))?;
+        let path = store.path.clone();
+        store.with_conn(|conn, _| {
+            refresh_views(conn, &path);
+            Ok(())
+        })?;
         Ok(store)
     }
 
@@ -281,19 +285,18 @@ impl Store for SqliteStore {
         self.with_conn(|conn, _| {
             // The newest batch expires last, unless the window or the clock changed: nothing
             // is written in the usual case (a read-only database still starts), and only a
-            // changed one costs a pass over the table.
-            let newest: Option<i64> = conn
-                .query_row(
-                    "SELECT expires_ms FROM delivered ORDER BY id DESC LIMIT 1",
-                    [],
-                    |r| r.get(0),
-                )
-                .map(Some)
-                .or_else(|e| match e {
-                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                    e => Err(e),
-                })?;
-            if newest.is_some_and(|newest| newest > until_ms) {
+            // changed one costs a pass over the table. The oldest is read too: after a cap
+            // that failed (a locked database), newer rows within the window may follow the
+            // rows that are ahead, which reach the head as the rows before them expire.
+            let ahead: bool = conn.query_row(
+                "SELECT coalesce(max(expires_ms) > ?1, 0) FROM (
+                    SELECT expires_ms FROM (SELECT expires_ms FROM delivered ORDER BY id DESC LIMIT 1)
+                    UNION ALL
+                    SELECT expires_ms FROM (SELECT expires_ms FROM delivered ORDER BY id LIMIT 1))",
+                [until_ms],
+                |r| r.get(0),
+            )?;
+            if ahead {
                 conn.execute(
                     "UPDATE delivered SET expires_ms = ?1 WHERE expires_ms > ?1",
                     [until_ms],

@@ -7,7 +7,7 @@ use rusqlite::Connection;
 use crate::store::StoreError;
 
 /// The schema this release writes; stored in `PRAGMA user_version`.
-pub(super) const SCHEMA_VERSION: i64 = 5;
+pub(super) const SCHEMA_VERSION: i64 = 4;
 
 pub(super) const SESSIONS: &str = "
 CREATE TABLE sessions (
@@ -60,7 +60,8 @@ CREATE TABLE series_names (
     UNIQUE (metric, labels)
 );";
 
-/// What the tables add up to, for people inspecting the database with `sqlite3`: the newest
+/// What the tables add up to, for people inspecting the database with `sqlite3`; not read by the
+/// exporter, so they change without a new schema version ([`refresh_views`]). The newest
 /// of each stream or series among the folded rows (id 0) and the log entries. One sort of both,
 /// not an anti-join: `NOT IN` over the log's nullable JSON fields made SQLite scan the whole log
 /// for each folded row (minutes, holding back the WAL, with 50,000 sessions).
@@ -125,8 +126,8 @@ INSERT OR REPLACE INTO series (metric, labels, value, sum_ms, buckets)
         FROM series_log l, json_each(l.batch) e)
     WHERE age = 1;
 DROP TABLE series_log;";
-/// Every view, before they are created again as this release defines them (`series_log_newest`
-/// is schema 4's).
+/// Every view, before they are created again as this release defines them
+/// (`series_log_newest` is an earlier release's).
 pub(super) const DROP_VIEWS: &str = "
 DROP VIEW IF EXISTS current_series; DROP VIEW IF EXISTS series_log_newest;
 DROP VIEW IF EXISTS delivered_keys; DROP VIEW IF EXISTS live_sessions;
@@ -164,8 +165,6 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> 
              {MIGRATE_SERIES_LOG}{SERIES_LOG}{VIEWS}"
         ),
         3 => format!("{DROP_VIEWS}{MIGRATE_SERIES_LOG}{SERIES_LOG}{VIEWS}"),
-        // Schema 4 differs only in its views.
-        4 => format!("{DROP_VIEWS}{VIEWS}"),
         other => {
             let relation = if other > SCHEMA_VERSION {
                 "newer than"
@@ -191,4 +190,40 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> 
         let _ = conn.execute_batch("ROLLBACK");
         err(e)
     })
+}
+
+/// Creates the views again where they are not this release's (a database written by an earlier
+/// release of the same schema). Nothing is written when they are; where they cannot be written
+/// (a read-only file), the old ones stay, with a warning: they only serve people's queries.
+pub(super) fn refresh_views(conn: &Connection, path: &Path) {
+    let ours = || -> rusqlite::Result<Vec<(String, String)>> {
+        let fresh = Connection::open_in_memory()?;
+        fresh.execute_batch(&format!(
+            "{SESSIONS}{SESSION_LOG}{DELIVERED}{SERIES}{SERIES_LOG}{VIEWS}"
+        ))?;
+        views(&fresh)
+    };
+    let update = match (ours(), views(conn)) {
+        (Ok(ours), Ok(found)) if ours == found => return,
+        (Ok(_), Ok(_)) => conn
+            .execute_batch(&format!("BEGIN IMMEDIATE; {DROP_VIEWS}{VIEWS} COMMIT;"))
+            .inspect_err(|_| {
+                let _ = conn.execute_batch("ROLLBACK");
+            }),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    };
+    match update {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "database views created again as this release defines them")
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot create the database views again; the old ones stay (they may be slow)")
+        }
+    }
+}
+
+fn views(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
+    conn.prepare("SELECT name, sql FROM sqlite_schema WHERE type = 'view' ORDER BY name")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect()
 }
