@@ -185,6 +185,7 @@ impl Ledger {
                 limits,
                 clock,
                 suspect: false,
+                failed_at: None,
                 stats: stats.clone(),
             }),
             stats,
@@ -343,6 +344,12 @@ struct Worker {
     /// A step panicked midway: memory may hold changes the store does not, so it is rebuilt
     /// from the store before anything else is recorded.
     suspect: bool,
+    /// When a batch write last failed, while no write has succeeded since. Until a probe
+    /// interval has passed, batches fail without trying the store: a failed write reconnects and
+    /// reads the unfolded log again, under the state's lock, and with a large log (60,000 live
+    /// streams) each took hundreds of milliseconds, so a storage outage slowed every callback
+    /// and scrape down to a crawl.
+    failed_at: Option<Instant>,
     /// Every batch write is timed and counted here.
     stats: CommitStats,
 }
@@ -446,14 +453,24 @@ impl Worker {
                 }
             }
         }
-        let commit = truth.commit_of(&changes);
-        let started = Instant::now();
-        let result = self.store.write(&commit, now);
-        self.stats.written(
-            started.elapsed(),
-            replies.len() + counted.len(),
-            result.is_ok(),
-        );
+        let resting = self
+            .failed_at
+            .is_some_and(|failed| failed.elapsed() < PROBE_EVERY);
+        let result = match resting.then(|| self.shared.fault()).flatten() {
+            Some(fault) => Err(fault),
+            None => {
+                let commit = truth.commit_of(&changes);
+                let started = Instant::now();
+                let result = self.store.write(&commit, now).map_err(|e| e.to_string());
+                self.stats.written(
+                    started.elapsed(),
+                    replies.len() + counted.len(),
+                    result.is_ok(),
+                );
+                self.failed_at = result.is_err().then(Instant::now);
+                result
+            }
+        };
         for done in counted {
             let _ = done.send(());
         }
@@ -472,8 +489,7 @@ impl Worker {
                 drop(truth);
                 self.healthy();
             }
-            Err(e) => {
-                let message = e.to_string();
+            Err(message) => {
                 // Undo the events (last first); counts of rejected callbacks and of these
                 // errors stay in memory and are stored with the next batch that succeeds.
                 let mut is_event = vec![false; changes.len()];
@@ -538,6 +554,8 @@ impl Worker {
         match result {
             Ok(()) => {
                 tracing::debug!(purged, "expired delivered keys purged");
+                // The store answers again: the next batch tries it.
+                self.failed_at = None;
                 if !self.unsaved.is_empty() {
                     self.process(Vec::new());
                 } else {
@@ -785,6 +803,7 @@ mod tests {
         assert!(record(&ledger, push_to("a.com", "a1", "1")).await.is_err());
         assert_eq!(active(&ledger), []);
         failing.store(false, Ordering::SeqCst);
+        recovered(&ledger).await;
         assert_eq!(
             record(&ledger, push_to("b.com", "b1", "2")).await.unwrap(),
             Outcome::Accepted
@@ -835,6 +854,7 @@ mod tests {
         assert!(first.is_err() && retry.is_err(), "{first:?} {retry:?}");
         assert_eq!(duplicates(), Value::Count(1));
         failing.store(false, Ordering::SeqCst);
+        recovered(&ledger).await;
         assert_eq!(
             record(&ledger, push("c", "3")).await.unwrap(),
             Outcome::Accepted
@@ -863,6 +883,7 @@ mod tests {
         // Errors and bad signatures of pushes.
         assert_eq!(ledger.inner.lock_worker().unsaved.len(), 2);
         failing.store(false, Ordering::SeqCst);
+        recovered(&ledger).await;
         assert_eq!(
             record(&ledger, push("b", "1")).await.unwrap(),
             Outcome::Accepted
@@ -879,6 +900,38 @@ mod tests {
             });
             assert_eq!(stored, Value::Count(n), "{outcome:?}");
         }
+        stop(ledger, thread);
+    }
+
+    /// While the store fails, it is tried once a probe interval, not at every batch; callbacks
+    /// meanwhile get their error at once, and it recovers within the probe interval.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_store_is_tried_once_a_probe_interval() {
+        let failing = Arc::new(AtomicBool::new(true));
+        let (ledger, thread) = start(Faulty {
+            inner: MemoryStore,
+            armed: failing.clone(),
+            fault: Fault::Fail,
+        });
+        let started = Instant::now();
+        for n in 0..50 {
+            assert!(record(&ledger, push("a", &n.to_string())).await.is_err());
+        }
+        // Tried at the first callback, and once a second after: the calls took under 3 s.
+        let tries = 1 + started.elapsed().as_secs();
+        let failures = ledger.commit_stats().failures();
+        assert!((1..=tries).contains(&failures), "{failures} writes tried");
+        assert_eq!(
+            counted(&ledger, |c| c
+                .value(&Series::Callbacks(EventKind::Push, Outcome::Error))),
+            Value::Count(50)
+        );
+        failing.store(false, Ordering::SeqCst);
+        recovered(&ledger).await;
+        assert_eq!(
+            record(&ledger, push("b", "1")).await.unwrap(),
+            Outcome::Accepted
+        );
         stop(ledger, thread);
     }
 
@@ -934,6 +987,11 @@ mod tests {
         );
         assert_eq!(push_outcome(Outcome::Accepted), Value::Count(2));
         stop(ledger, thread);
+    }
+
+    /// Waits for the store's next probe (within a second) to find it healthy again.
+    async fn recovered(ledger: &Ledger) {
+        eventually(|| ledger.shared().fault().is_none()).await;
     }
 
     /// Waits up to 10 s for `done`.

@@ -69,6 +69,11 @@ impl CommitStats {
         ]
     }
 
+    /// Batch writes the store refused so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.get()
+    }
+
     /// One write to the store, of `callbacks` callbacks, took `took`; `ok`: it succeeded.
     pub fn written(&self, took: Duration, callbacks: usize, ok: bool) {
         self.duration.observe(took.as_secs_f64());
