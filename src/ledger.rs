@@ -477,9 +477,10 @@ impl Worker {
         match result {
             Ok(()) => {
                 // Answered under the lock: a request answered 503 at its deadline while this
-                // batch was written has its event stored, and its callback counts as an error
-                // (stored with the next batch), as Tencent was told. No scrape sees it counted
-                // otherwise in between, which would make the counter go down.
+                // batch was written has its event stored, and its callback counts as an error,
+                // as Tencent was told. No scrape sees it counted otherwise in between, which
+                // would make the counter go down; and the move is stored at once, not with the
+                // next batch, so that a crash before it does not take it back.
                 for (event, i, reply) in replies {
                     if reply.send(Ok(changes[i].outcome)).is_err() {
                         self.unsaved
@@ -488,6 +489,9 @@ impl Worker {
                 }
                 drop(truth);
                 self.healthy();
+                if !self.unsaved.is_empty() {
+                    self.process(Vec::new());
+                }
             }
             Err(message) => {
                 // Undo the events (last first); counts of rejected callbacks and of these
@@ -940,12 +944,25 @@ mod tests {
     /// Tencent's retry is then a duplicate).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_that_gave_up_counts_as_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exporter.db");
         let slow = Arc::new(AtomicBool::new(true));
         let (ledger, thread) = start(Faulty {
-            inner: MemoryStore,
+            inner: SqliteStore::open(path.clone(), SyncMode::Normal).unwrap(),
             armed: slow.clone(),
             fault: Fault::Slow,
         });
+        let stored_errors = || -> i64 {
+            rusqlite::Connection::open(&path)
+                .unwrap()
+                .query_row(
+                    "SELECT value FROM current_series WHERE metric = 'callbacks_total'
+                        AND labels = '[\"push\",\"error\"]'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap_or(0)
+        };
         let push_outcome = |outcome| {
             counted(&ledger, |c| {
                 c.value(&Series::Callbacks(EventKind::Push, outcome))
@@ -965,6 +982,12 @@ mod tests {
         eventually(|| push_outcome(Outcome::Error) == Value::Count(1)).await;
         assert_eq!(push_outcome(Outcome::Accepted), Value::Count(0));
         assert_eq!(live(&ledger), 1, "recorded");
+        // Stored at once, not with the next batch (none comes here) or purge (10 s away).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while stored_errors() != 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(stored_errors(), 1);
         assert_eq!(
             record(&ledger, push("a", "1")).await.unwrap(),
             Outcome::Duplicate
