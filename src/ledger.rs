@@ -411,9 +411,17 @@ impl Worker {
     }
 
     /// Stores the counts only memory holds.
+    /// Stores what only memory holds, at shutdown: tried whenever the store last failed.
     fn flush(&mut self) {
         if !self.unsaved.is_empty() {
+            self.failed_at = None;
             self.process(Vec::new());
+        }
+        if !self.unsaved.is_empty() {
+            tracing::warn!(
+                series = self.unsaved.len(),
+                "storage failing: the counts of callbacks refused while it failed are lost; their tencent_css_callbacks_total series restart lower"
+            );
         }
     }
 
@@ -936,6 +944,28 @@ mod tests {
             record(&ledger, push("b", "1")).await.unwrap(),
             Outcome::Accepted
         );
+        stop(ledger, thread);
+    }
+
+    /// At shutdown, what only memory holds is stored even if the store failed a moment ago.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_stores_the_counts_of_a_store_that_just_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exporter.db");
+        let failing = Arc::new(AtomicBool::new(true));
+        let (ledger, thread) = start(Faulty {
+            inner: SqliteStore::open(path.clone(), SyncMode::Normal).unwrap(),
+            armed: failing.clone(),
+            fault: Fault::Fail,
+        });
+        assert!(record(&ledger, push("a", "1")).await.is_err());
+        failing.store(false, Ordering::SeqCst);
+        stop(ledger, thread);
+        let (ledger, thread) = start(SqliteStore::open(path, SyncMode::Normal).unwrap());
+        let errors = counted(&ledger, |c| {
+            c.value(&Series::Callbacks(EventKind::Push, Outcome::Error))
+        });
+        assert_eq!(errors, Value::Count(1));
         stop(ledger, thread);
     }
 
