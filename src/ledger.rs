@@ -437,26 +437,28 @@ impl Worker {
         }
         let now = (self.clock)();
         let mut truth = self.shared.truth.write().unwrap_or_else(|e| e.into_inner());
-        let mut changes = std::mem::take(&mut self.unsaved);
-        let mut replies = Vec::with_capacity(batch.len());
+        // Changes that only count (stored with this batch, kept if it fails), and the events
+        // with their changes and their callers.
+        let mut counts = std::mem::take(&mut self.unsaved);
+        let mut events = Vec::with_capacity(batch.len());
         let mut counted = Vec::new();
         for cmd in batch {
             match cmd {
                 // Its request was answered 503 at its deadline while an earlier batch was
                 // written: not recorded, so that Tencent's retry is.
                 Command::Record { event, reply } if reply.is_closed() => {
-                    changes.push(truth.count(event.kind(), Outcome::Error));
+                    counts.push(truth.count(event.kind(), Outcome::Error));
                 }
                 Command::Record { event, reply } => {
-                    changes.push(truth.apply(&event, now));
-                    replies.push((event, changes.len() - 1, reply));
+                    let change = truth.apply(&event, now);
+                    events.push((event, change, reply));
                 }
                 Command::Count {
                     kind,
                     outcome,
                     done,
                 } => {
-                    changes.push(truth.count(kind, outcome));
+                    counts.push(truth.count(kind, outcome));
                     counted.push(done);
                 }
             }
@@ -467,12 +469,12 @@ impl Worker {
         let result = match resting.then(|| self.shared.fault()).flatten() {
             Some(fault) => Err(fault),
             None => {
-                let commit = truth.commit_of(&changes);
+                let commit = truth.commit_of(counts.iter().chain(events.iter().map(|e| &e.1)));
                 let started = Instant::now();
                 let result = self.store.write(&commit, now).map_err(|e| e.to_string());
                 self.stats.written(
                     started.elapsed(),
-                    replies.len() + counted.len(),
+                    events.len() + counted.len(),
                     result.is_ok(),
                 );
                 self.failed_at = result.is_err().then(Instant::now);
@@ -489,10 +491,10 @@ impl Worker {
                 // as Tencent was told. No scrape sees it counted otherwise in between, which
                 // would make the counter go down; and the move is stored at once, not with the
                 // next batch, so that a crash before it does not take it back.
-                for (event, i, reply) in replies {
-                    if reply.send(Ok(changes[i].outcome)).is_err() {
+                for (event, change, reply) in events {
+                    if reply.send(Ok(change.outcome)).is_err() {
                         self.unsaved
-                            .push(truth.reanswer(event.kind(), changes[i].outcome));
+                            .push(truth.reanswer(event.kind(), change.outcome));
                     }
                 }
                 drop(truth);
@@ -506,30 +508,18 @@ impl Worker {
                 self.failing(message.clone());
                 // Undo the events (last first); counts of rejected callbacks and of these
                 // errors stay in memory and are stored with the next batch that succeeds.
-                let mut is_event = vec![false; changes.len()];
-                for (_, i, _) in replies.iter().rev() {
-                    truth.undo(&changes[*i]);
-                    is_event[*i] = true;
+                for (_, change, _) in events.iter().rev() {
+                    truth.undo(change);
                 }
-                let counted_only: Vec<bool> = replies
-                    .iter()
-                    .map(|(_, i, _)| changes[*i].outcome != Outcome::Accepted)
-                    .collect();
-                let mut kept: Vec<Change> = changes
-                    .into_iter()
-                    .zip(is_event)
-                    .filter(|(_, event)| !event)
-                    .map(|(c, _)| c)
-                    .collect();
-                for ((event, _, reply), counted_only) in replies.into_iter().zip(counted_only) {
+                for (event, change, reply) in events {
                     // A retry of an event stored before this batch (or an event that is only
                     // acknowledged) changes nothing but its count: it is answered 200 like a
                     // rejection is answered, its count kept for the next batch. Decided again
                     // on what is stored, since its original may have been in this batch.
-                    if counted_only {
+                    if change.outcome != Outcome::Accepted {
                         let again = truth.apply(&event, now);
                         if again.outcome != Outcome::Accepted {
-                            kept.push(match reply.send(Ok(again.outcome)) {
+                            counts.push(match reply.send(Ok(again.outcome)) {
                                 Ok(()) => again,
                                 Err(_) => truth.reanswer(event.kind(), again.outcome),
                             });
@@ -537,10 +527,10 @@ impl Worker {
                         }
                         truth.undo(&again);
                     }
-                    kept.push(truth.count(event.kind(), Outcome::Error));
+                    counts.push(truth.count(event.kind(), Outcome::Error));
                     let _ = reply.send(Err(Unrecorded(message.clone())));
                 }
-                self.unsaved = Truth::counts_to_store(kept);
+                self.unsaved = Truth::counts_to_store(counts);
             }
         }
     }
@@ -683,8 +673,19 @@ mod tests {
         }
     }
 
-    /// A database in a temporary folder (removed when dropped), its path, and a store on it
-    /// that goes wrong as `fault` says while armed.
+    /// A store that goes wrong as `fault` says while armed, and its switch.
+    fn faulty<S: Store>(inner: S, fault: Fault, armed: bool) -> (Arc<AtomicBool>, Faulty<S>) {
+        let armed = Arc::new(AtomicBool::new(armed));
+        let store = Faulty {
+            inner,
+            armed: armed.clone(),
+            fault,
+        };
+        (armed, store)
+    }
+
+    /// A database in a temporary folder (removed when dropped), its path, and a faulty store on
+    /// it with its switch.
     fn faulty_database(
         fault: Fault,
         armed: bool,
@@ -696,12 +697,8 @@ mod tests {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("exporter.db");
-        let armed = Arc::new(AtomicBool::new(armed));
-        let store = Faulty {
-            inner: SqliteStore::open(path.clone(), SyncMode::Normal).unwrap(),
-            armed: armed.clone(),
-            fault,
-        };
+        let inner = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+        let (armed, store) = faulty(inner, fault, armed);
         (dir, path, armed, store)
     }
 
@@ -779,12 +776,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn with_memory_only_a_panicking_batch_does_not_stop_the_ledger() {
-        let armed = Arc::new(AtomicBool::new(true));
-        let (ledger, thread) = start(Faulty {
-            inner: MemoryStore,
-            armed,
-            fault: Fault::Panic,
-        });
+        let (_armed, store) = faulty(MemoryStore, Fault::Panic, true);
+        let (ledger, thread) = start(store);
         assert!(record(&ledger, push("a", "1")).await.is_err());
         assert!(record(&ledger, push("b", "2")).await.is_ok());
         stop(ledger, thread);
@@ -801,6 +794,13 @@ mod tests {
     /// What `read` takes from the ledger's counters.
     fn counted<T>(ledger: &Ledger, read: impl FnOnce(&crate::state::counters::Counters) -> T) -> T {
         read(ledger.shared().truth.read().unwrap().counters())
+    }
+
+    /// `tencent_css_callbacks_total` of pushes with `outcome`.
+    fn pushes(ledger: &Ledger, outcome: Outcome) -> Value {
+        counted(ledger, |c| {
+            c.value(&Series::Callbacks(EventKind::Push, outcome))
+        })
     }
 
     /// `tencent_css_active_streams` as `/metrics` shows it.
@@ -844,17 +844,9 @@ mod tests {
     /// (its count stored later); an event whose original was in the failing batch is not.
     #[tokio::test(flavor = "current_thread")]
     async fn a_retry_of_a_stored_event_is_acknowledged_while_the_store_fails() {
-        let failing = Arc::new(AtomicBool::new(false));
-        let (ledger, thread) = start(Faulty {
-            inner: MemoryStore,
-            armed: failing.clone(),
-            fault: Fault::Fail,
-        });
-        let duplicates = || {
-            counted(&ledger, |c| {
-                c.value(&Series::Callbacks(EventKind::Push, Outcome::Duplicate))
-            })
-        };
+        let (failing, store) = faulty(MemoryStore, Fault::Fail, false);
+        let (ledger, thread) = start(store);
+        let duplicates = || pushes(&ledger, Outcome::Duplicate);
         assert_eq!(
             record(&ledger, push("a", "1")).await.unwrap(),
             Outcome::Accepted
@@ -909,10 +901,7 @@ mod tests {
             (Outcome::BadSignature, 300),
             (Outcome::Accepted, 1),
         ] {
-            let stored = counted(&ledger, |c| {
-                c.value(&Series::Callbacks(EventKind::Push, outcome))
-            });
-            assert_eq!(stored, Value::Count(n), "{outcome:?}");
+            assert_eq!(pushes(&ledger, outcome), Value::Count(n), "{outcome:?}");
         }
         stop(ledger, thread);
     }
@@ -921,12 +910,8 @@ mod tests {
     /// meanwhile get their error at once, and it recovers within the probe interval.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_store_is_tried_once_a_probe_interval() {
-        let failing = Arc::new(AtomicBool::new(true));
-        let (ledger, thread) = start(Faulty {
-            inner: MemoryStore,
-            armed: failing.clone(),
-            fault: Fault::Fail,
-        });
+        let (failing, store) = faulty(MemoryStore, Fault::Fail, true);
+        let (ledger, thread) = start(store);
         let started = Instant::now();
         for n in 0..50 {
             assert!(record(&ledger, push("a", &n.to_string())).await.is_err());
@@ -936,11 +921,7 @@ mod tests {
         // The probe's try, once a second from the ledger's start, may come in between.
         let tries = 2 + started.elapsed().as_secs();
         assert!((1..=tries).contains(&failures), "{failures} writes tried");
-        assert_eq!(
-            counted(&ledger, |c| c
-                .value(&Series::Callbacks(EventKind::Push, Outcome::Error))),
-            Value::Count(50)
-        );
+        assert_eq!(pushes(&ledger, Outcome::Error), Value::Count(50));
         failing.store(false, Ordering::SeqCst);
         recovered(&ledger).await;
         assert_eq!(
@@ -959,10 +940,7 @@ mod tests {
         failing.store(false, Ordering::SeqCst);
         stop(ledger, thread);
         let (ledger, thread) = start(SqliteStore::open(path, SyncMode::Normal).unwrap());
-        let errors = counted(&ledger, |c| {
-            c.value(&Series::Callbacks(EventKind::Push, Outcome::Error))
-        });
-        assert_eq!(errors, Value::Count(1));
+        assert_eq!(pushes(&ledger, Outcome::Error), Value::Count(1));
         stop(ledger, thread);
     }
 
@@ -984,11 +962,7 @@ mod tests {
                 )
                 .unwrap_or(0)
         };
-        let push_outcome = |outcome| {
-            counted(&ledger, |c| {
-                c.value(&Series::Callbacks(EventKind::Push, outcome))
-            })
-        };
+        let push_outcome = |outcome| pushes(&ledger, outcome);
         // The slow write takes its turn (and disarms itself) once it begins.
         let write_began = || async {
             while slow.load(Ordering::SeqCst) {

@@ -337,15 +337,17 @@ impl Truth {
     }
 
     /// What a batch of changes (already applied) leaves to persist.
-    pub fn commit_of(&self, changes: &[Change]) -> Commit {
+    pub fn commit_of<'a>(&self, changes: impl IntoIterator<Item = &'a Change>) -> Commit {
+        let changes = changes.into_iter();
+        let n = changes.size_hint().0;
         // A batch's streams and series are few and keyed by signed callbacks: the fast hash.
         // Sized for the batch up front: growing them was a few allocations a callback.
-        let mut streams = FastSet::with_capacity_and_hasher(changes.len(), Default::default());
-        let mut series = FastSet::with_capacity_and_hasher(2 * changes.len(), Default::default());
+        let mut streams = FastSet::with_capacity_and_hasher(n, Default::default());
+        let mut series = FastSet::with_capacity_and_hasher(2 * n, Default::default());
         let mut commit = Commit {
-            sessions: Vec::with_capacity(changes.len()),
-            delivered: Vec::with_capacity(changes.len()),
-            series: Vec::with_capacity(2 * changes.len()),
+            sessions: Vec::with_capacity(n),
+            delivered: Vec::with_capacity(n),
+            series: Vec::with_capacity(2 * n),
         };
         for change in changes {
             if let Some((stream, _)) = &change.session {
