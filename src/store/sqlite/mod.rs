@@ -31,9 +31,10 @@
 //! connection and thread of its own and handed over in chunks while the state is rebuilt from
 //! them, so reading and indexing take the machine's two cores instead of one after the other.
 //!
-//! After any failed write the connection is dropped and reopened on the next attempt (and what
-//! this store holds in memory is read again), so a database that became read-only, full or
-//! locked recovers by itself once the cause is gone.
+//! After any failed write the connection is dropped and reopened on the next attempt, so a
+//! database that became read-only, full or locked recovers by itself once the cause is gone.
+//! What this store holds in memory is read again after the first failed write only: the writes
+//! after it work on a copy.
 //!
 //! Layout: [`schema`] (the tables and the upgrades), [`connection`] (connections, the batch's
 //! transaction, the checkpoint thread), [`unfolded`] (what the logs hold, in memory, and the
@@ -87,9 +88,17 @@ pub struct SqliteStore {
     sync: SyncMode,
     /// `None` after a failure: reopened before the next write.
     conn: Option<Connection>,
-    /// The session-log rows not folded yet, as committed; `None` whenever `conn` is, because a
-    /// failed write may have changed it before its transaction rolled back.
+    /// The session-log rows not folded yet, as committed; `None` after a write failed on it,
+    /// which may have changed it before its transaction rolled back.
     unfolded: Option<Unfolded>,
+    /// A write failed and none has succeeded since. Writes then work on a copy of `unfolded`
+    /// and keep it when they fail: a database that keeps failing (full, locked, read-only) is
+    /// tried once a second, and reading the log again each time took 100-250 ms with 60,000
+    /// live streams, with every callback and scrape waiting; the copy takes a few.
+    failing: bool,
+    /// Times the logs were read into `unfolded`, for tests.
+    #[cfg(test)]
+    log_reads: usize,
     /// Session-log rows left unfolded: [`FOLD_LAG`], smaller in tests.
     fold_lag: usize,
     /// Commits between trims of the logs: [`TRIM_EVERY`], other values in tests.
@@ -150,13 +159,16 @@ impl SqliteStore {
             sync,
             conn: None,
             unfolded: None,
+            failing: false,
+            #[cfg(test)]
+            log_reads: 0,
             fold_lag: FOLD_LAG,
             trim_every: TRIM_EVERY,
             checkpointer,
             _lock: lock,
         };
         let path = store.path.clone();
-        store.with_conn(|conn, _| {
+        store.with_conn(|conn| {
             refresh_views(conn, &path);
             Ok(())
         })?;
@@ -170,29 +182,85 @@ impl SqliteStore {
         }
     }
 
-    /// Runs `f` on the connection (reopening it after a failure) and the unfolded rows; on
-    /// failure both are dropped, to be read again.
+    /// Opens the connection again after a failure. What the logs hold in memory outlives it
+    /// only if the database still ends where it says: a commit reported failed can have been
+    /// made all the same (an fsync that failed after its last frame was written), and the
+    /// series log then holds a row more.
+    fn reconnect(&mut self) -> Result<(), StoreError> {
+        if self.conn.is_some() {
+            return Ok(());
+        }
+        let conn = connect(&self.path, self.sync).map_err(|e| self.err(e))?;
+        migrate(&conn, &self.path)?;
+        if let Some(unfolded) = &self.unfolded {
+            let last: i64 = conn
+                .query_row("SELECT coalesce(max(id), 0) FROM series_log", [], |r| {
+                    r.get(0)
+                })
+                .map_err(|e| self.err(e))?;
+            if last != unfolded.series.last_row {
+                tracing::warn!(
+                    last,
+                    expected = unfolded.series.last_row,
+                    "the database changed during a failure; its logs are read again"
+                );
+                self.unfolded = None;
+            }
+        }
+        self.conn = Some(conn);
+        Ok(())
+    }
+
+    /// Runs `f` on the connection (reopening it after a failure); on failure it is dropped, so
+    /// that a database that became read-only, full or locked is opened afresh at the next try.
     fn with_conn<T>(
         &mut self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        self.reconnect()?;
+        let conn = self.conn.as_mut().expect("just opened");
+        f(conn).map_err(|e| {
+            self.conn = None;
+            self.err(e)
+        })
+    }
+
+    /// Runs `f` on the connection and the unfolded rows (read from the logs if need be). On
+    /// failure the connection is dropped, and so are the rows, which `f` may have changed before
+    /// its transaction rolled back, unless `f` worked on a copy (`copy`): the rows as they were
+    /// are kept then.
+    fn with_unfolded<T>(
+        &mut self,
+        copy: bool,
         f: impl FnOnce(&mut Connection, &mut Unfolded) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
-        if self.conn.is_none() {
-            let conn = connect(&self.path, self.sync).map_err(|e| self.err(e))?;
-            migrate(&conn, &self.path)?;
-            self.conn = Some(conn);
-        }
+        self.reconnect()?;
         let conn = self.conn.as_mut().expect("just opened");
-        let result = match &mut self.unfolded {
-            Some(unfolded) => f(conn, unfolded),
-            None => read_unfolded(conn).and_then(|mut unfolded| {
-                let result = f(conn, &mut unfolded);
-                self.unfolded = Some(unfolded);
-                result
-            }),
+        let unfolded = match self.unfolded.take() {
+            Some(unfolded) => Ok(unfolded),
+            None => {
+                #[cfg(test)]
+                {
+                    self.log_reads += 1;
+                }
+                read_unfolded(conn)
+            }
         };
+        let result = unfolded.and_then(|mut unfolded| {
+            let kept = copy.then(|| unfolded.clone());
+            match f(conn, &mut unfolded) {
+                Ok(value) => {
+                    self.unfolded = Some(unfolded);
+                    Ok(value)
+                }
+                Err(e) => {
+                    self.unfolded = kept;
+                    Err(e)
+                }
+            }
+        });
         result.map_err(|e| {
             self.conn = None;
-            self.unfolded = None;
             self.err(e)
         })
     }
@@ -235,7 +303,7 @@ fn expire(conn: &Connection, now_ms: i64, step: i64) -> rusqlite::Result<usize> 
 
 impl Store for SqliteStore {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
-        let (mut snapshot, pending, expected) = self.with_conn(|conn, unfolded| {
+        let (mut snapshot, pending, expected) = self.with_unfolded(false, |conn, unfolded| {
             let mut snapshot = Snapshot::default();
             // Folded sessions of streams the log has not changed since are read below, on a
             // connection and thread of their own while the state is rebuilt; the log's word
@@ -282,7 +350,7 @@ impl Store for SqliteStore {
     }
 
     fn cap_expiry(&mut self, until_ms: i64) -> Result<(), StoreError> {
-        self.with_conn(|conn, _| {
+        self.with_conn(|conn| {
             // The newest batch expires last, unless the window or the clock changed: nothing
             // is written in the usual case (a read-only database still starts), and only a
             // changed one costs a pass over the table. The oldest is read too: after a cap
@@ -311,7 +379,7 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let (lag, trim_every) = (self.fold_lag, self.trim_every);
-        self.with_conn(|conn, unfolded| {
+        let result = self.with_unfolded(self.failing, |conn, unfolded| {
             let tx = WriteTransaction::begin(conn)?;
             // The heads of the logs are trimmed every few commits, not at each (TRIM_EVERY).
             let trim = unfolded.count_write(trim_every);
@@ -324,7 +392,9 @@ impl Store for SqliteStore {
             }
             unfolded.series.append(&tx, &commit.series, trim)?;
             tx.commit()
-        })?;
+        });
+        self.failing = result.is_err();
+        result?;
         self.checkpointer.committed();
         Ok(())
     }
@@ -338,7 +408,7 @@ impl Store for SqliteStore {
     }
 
     fn purge(&mut self, now_ms: i64) -> Result<(), StoreError> {
-        self.with_conn(|conn, _| {
+        self.with_conn(|conn| {
             // A few steps at most, so a purge after a long burst does not hold the ledger up;
             // the next purges and the writes take the rest.
             for _ in 0..4 {

@@ -288,7 +288,8 @@ fn a_session_log_change_that_lacks_its_area_is_refused() {
             r#"INSERT INTO session_log (changes) VALUES ('[["d","live","s","7",null,1]]')"#,
         )
         .unwrap();
-    let Err(err) = SqliteStore::open(path, SyncMode::Normal) else {
+    let mut store = SqliteStore::open(path, SyncMode::Normal).unwrap();
+    let Err(err) = store.load() else {
         panic!("a torn change was read");
     };
     assert!(err.to_string().contains("lacks its area"), "{err}");
@@ -470,6 +471,85 @@ fn a_failed_write_leaves_nothing_behind() {
     let expected: HashMap<_, _> = [(1, "a"), (2, "b"), (4, "d")]
         .map(|(n, s)| (stream(n), s.to_string()))
         .into();
+    assert_eq!(sessions_of(&mut store), expected);
+}
+
+/// Stream `n` pushed, and its push counted: every write appends to the session and series logs.
+fn pushed(n: u32) -> Commit {
+    Commit {
+        sessions: vec![(stream(n), live(&format!("q{n}")))],
+        series: vec![(
+            Series::Pushes("push.example.com".into(), Area::Mainland),
+            Value::Count(u64::from(n) + 1),
+        )],
+        ..Commit::default()
+    }
+}
+
+/// Makes every write fail at its last statement, after its sessions were logged and folded.
+const FAIL_SERIES: &str = "CREATE TRIGGER boom BEFORE INSERT ON series_log
+    BEGIN SELECT RAISE(ABORT, 'injected failure'); END;";
+
+/// While the database keeps failing (it is tried once a second then), the logs are read again
+/// once, after the first failure, not at every try: the tries after it work on a copy of what
+/// the logs hold. Once the database answers, the writes go on from what it holds.
+#[test]
+fn a_database_that_keeps_failing_is_read_once() {
+    let (_dir, path, mut store) = new_store("failing.db");
+    store.fold_lag = 4;
+    store.trim_every = 3;
+    for n in 0..20 {
+        store.write(&pushed(n), NOW).unwrap();
+    }
+    let reads = store.log_reads;
+    let admin = Connection::open(&path).unwrap();
+    admin.execute_batch(FAIL_SERIES).unwrap();
+    for n in 20..30 {
+        store.write(&pushed(n), NOW).unwrap_err();
+    }
+    assert_eq!(store.log_reads, reads + 1);
+    admin.execute_batch("DROP TRIGGER boom").unwrap();
+    for n in 30..40 {
+        store.write(&pushed(n), NOW).unwrap();
+    }
+    assert_eq!(store.log_reads, reads + 1);
+
+    let expected: HashMap<_, _> = (0..20)
+        .chain(30..40)
+        .map(|n| (stream(n), format!("q{n}")))
+        .collect();
+    assert_eq!(sessions_of(&mut store), expected);
+    drop(store);
+    let mut reopened = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
+    assert_eq!(sessions_of(&mut reopened), expected);
+    assert_live_sessions_view(&path, &expected);
+}
+
+/// A write reported failed may have been made all the same (an fsync that failed after its
+/// last frame was written): the logs are then read again, not written over from the copy.
+#[test]
+fn a_write_made_despite_its_failure_has_the_logs_read_again() {
+    let (_dir, path, mut store) = new_store("made.db");
+    for n in 0..5 {
+        store.write(&pushed(n), NOW).unwrap();
+    }
+    let admin = Connection::open(&path).unwrap();
+    admin.execute_batch(FAIL_SERIES).unwrap();
+    store.write(&pushed(5), NOW).unwrap_err();
+    store.write(&pushed(5), NOW).unwrap_err();
+    let reads = store.log_reads;
+    // What that write would have made, made behind the store's back.
+    admin
+        .execute_batch(
+            "DROP TRIGGER boom;
+             INSERT INTO session_log (changes) VALUES
+                 ('[[\"push2.example.com\",\"live\",\"s5\",\"q5\",\"mainland\",1700000000]]');
+             INSERT INTO series_log (id, batch) SELECT max(id) + 1, '[]' FROM series_log;",
+        )
+        .unwrap();
+    store.write(&pushed(6), NOW).unwrap();
+    assert_eq!(store.log_reads, reads + 1);
+    let expected: HashMap<_, _> = (0..7).map(|n| (stream(n), format!("q{n}"))).collect();
     assert_eq!(sessions_of(&mut store), expected);
 }
 

@@ -25,7 +25,7 @@ pub(super) const SERIES_ROWS: i64 = 256;
 pub(super) const REWRITE_MIN: usize = 8;
 
 /// The session changes not folded into `sessions`, in memory so that folding needs no reads.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct Unfolded {
     /// The newest unfolded change of each stream, in the order of `sessions`' primary key, so
     /// that a fold sweeps the table's pages in order (see [`Unfolded::sweep`]).
@@ -50,7 +50,7 @@ pub(super) struct Unfolded {
 }
 
 /// A stream's newest unfolded change.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct Pending {
     /// The log row holding it.
     row: i64,
@@ -61,7 +61,7 @@ pub(super) struct Pending {
 }
 
 /// What `series_log` holds, in memory so that a batch knows which counters to write again.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct SeriesLog {
     /// Newest value of every counter in the log, with the row that holds it.
     pub(super) latest: FastMap<Series, (Value, i64)>,
