@@ -127,27 +127,67 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
+/// Resolves on SIGINT or SIGTERM. A second one ends the process at once, without waiting for
+/// the requests in flight (up to `--web.request-timeout`): none of them has been answered, so
+/// Tencent retries them, and every callback answered 200 is stored already.
 async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let mut signals = Signals::listen();
+    signals.next().await;
+    tracing::info!("shutdown signal received; a second one stops at once");
+    tokio::spawn(async move {
+        signals.next().await;
+        tracing::warn!(
+            "second shutdown signal: exiting now; requests in flight are not answered (Tencent retries them)"
+        );
+        std::process::exit(1);
+    });
+}
+
+/// SIGINT and SIGTERM, listened to from the start so that none is missed between two waits.
+struct Signals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+    interrupt: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn listen() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            interrupt: signal(SignalKind::interrupt()).ok(),
+            terminate: signal(SignalKind::terminate()).ok(),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
     }
-    tracing::info!("shutdown signal received");
+
+    #[cfg(not(unix))]
+    fn listen() -> Signals {
+        Signals {}
+    }
+
+    /// Waits for the next signal.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+                if let Some(s) = signal {
+                    if s.recv().await.is_some() {
+                        return;
+                    }
+                }
+                std::future::pending().await
+            }
+            tokio::select! {
+                () = recv(&mut self.interrupt) => {}
+                () = recv(&mut self.terminate) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 /// A write beyond the file-size limit (`ulimit -f`, systemd's `LimitFSIZE=`) raises SIGXFSZ,

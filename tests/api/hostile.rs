@@ -282,7 +282,7 @@ async fn at_the_cap_busy_connections_take_turns_with_waiting_ones() {
 
 /// A callback request whose body is half sent: a connection busy with a request in progress.
 /// Returns the connection and the rest of the body.
-async fn half_sent(addr: std::net::SocketAddr, body: &[u8]) -> (TcpStream, Vec<u8>) {
+pub(crate) async fn half_sent(addr: std::net::SocketAddr, body: &[u8]) -> (TcpStream, Vec<u8>) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let head = callback_head(body.len());
     let (first, rest) = body.split_at(body.len() / 2);

@@ -1,6 +1,7 @@
 //! The binary's configuration: keys, refusal to start, help, signals.
 
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use crate::helpers::*;
 
@@ -291,6 +292,40 @@ async fn sigterm_finishes_and_exits_0() {
     assert_eq!(exporter.post(&signed(sample("push"))).await.status, 200);
     let status = exporter.terminate();
     assert_eq!(status.code(), Some(0));
+}
+
+/// A second SIGTERM while a request in flight holds the shutdown up ends the process at once,
+/// with status 1, and what was answered 200 before is there at the next start.
+#[tokio::test]
+async fn a_second_sigterm_stops_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("exporter.db").display().to_string();
+    let args = ["--storage.path", &db, "--web.request-timeout", "60s"];
+    let mut exporter = Exporter::start(&args).await;
+    assert_eq!(exporter.post(&signed(sample("push"))).await.status, 200);
+    let body = serde_json::to_vec(&signed(push("d.example.com", "s2", "q2", 1))).unwrap();
+    let addr = format!("127.0.0.1:{}", exporter.port).parse().unwrap();
+    let _in_flight = crate::hostile::half_sent(addr, &body).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    exporter.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        exporter.child.try_wait().unwrap().is_none(),
+        "stopped with a request in flight"
+    );
+    let started = Instant::now();
+    // Waits for the exit at most half of the request timeout, which the first one waits for.
+    assert_eq!(exporter.terminate().code(), Some(1));
+    eprintln!("stopped {:?} after the second SIGTERM", started.elapsed());
+
+    let again = Exporter::start(&args).await;
+    let s = again.scrape().await;
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
+    assert_eq!(
+        s.sum("tencent_css_callbacks_total", &[("outcome", "accepted")]),
+        1.0
+    );
 }
 
 #[test]
