@@ -22,6 +22,7 @@ const KEY_HELP: &str = "Callback keys:
 #[command(
     name = "tencent-css-exporter",
     version,
+    args_conflicts_with_subcommands = true,
     about = "Prometheus exporter for Tencent Cloud CSS: receives verified push/disconnect \
              callbacks and serves exact live-stream metrics.",
     after_help = KEY_HELP

@@ -1,14 +1,14 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use tencent_css_exporter::config::{Cli, Command, Config, LogFormat, KEY_ENV};
 use tencent_css_exporter::{load, simulate, Listeners};
 use tokio::net::TcpListener;
 
 fn main() -> ExitCode {
     ignore_file_size_signal();
-    unset_empty_settings();
+    unset_unused_settings();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("start the tokio runtime");
     match cli.command {
@@ -32,13 +32,19 @@ fn main() -> ExitCode {
 
 /// An empty `CSS_EXPORTER_*` variable counts as unset, as in other exporters: templates (a Helm
 /// chart, a systemd unit) often write `NAME=` for "no value", which would otherwise be refused
-/// as a value. Done before any thread starts.
-fn unset_empty_settings() {
+/// as a value. With a subcommand (`load`, `simulate`) none of them applies, and none is read:
+/// one meant for the exporter running beside it, and refused by the parser, would stop the
+/// subcommand. Done before any thread starts.
+fn unset_unused_settings() {
+    let subcommand = std::env::args_os()
+        .nth(1)
+        .and_then(|arg| arg.into_string().ok())
+        .is_some_and(|arg| Cli::command().find_subcommand(&arg).is_some());
     for (name, value) in std::env::vars_os() {
         let ours = name
             .to_str()
             .is_some_and(|n| n.starts_with("CSS_EXPORTER_"));
-        if ours && value.is_empty() {
+        if ours && (subcommand || value.is_empty()) {
             std::env::remove_var(name);
         }
     }

@@ -97,3 +97,38 @@ async fn an_open_loop_run_the_target_cannot_keep_up_with_ends_on_time_and_counts
         sent as f64
     );
 }
+
+/// The exporter's settings do not apply to the subcommands: a bad one in the environment, meant
+/// for the exporter running beside, does not stop `load`; one on the command line is refused.
+#[tokio::test]
+async fn load_ignores_the_exporters_settings_in_the_environment() {
+    let app = spawn_app().await;
+    let url = app.callback_url.clone();
+    let run = |args: Vec<&'static str>| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            binary()
+                .env("CSS_CALLBACK_KEY", KEY)
+                .env("CSS_EXPORTER_LISTEN_ADDRESS", "not an address")
+                .env("CSS_EXPORTER_LOG_LEVEL", "warning")
+                .args(&args)
+                .args(["load", "--target", &url, "--requests", "10", "--json"])
+                .output()
+                .unwrap()
+        })
+    };
+    let output = run(vec![]).await.unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let s = app.scrape().await;
+    assert_eq!(
+        s.sum("tencent_css_callbacks_total", &[("outcome", "accepted")]),
+        10.0
+    );
+
+    let output = run(vec!["--log.level", "debug"]).await.unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}
