@@ -230,28 +230,42 @@ impl ParseError {
 /// The fields we read; everything else in the body is ignored.
 #[derive(Deserialize)]
 struct Wire {
+    /// Which event: 1 push started, 0 push disconnected, anything else one we only acknowledge.
     #[serde(default, deserialize_with = "int")]
     event_type: Option<i64>,
+    /// Expiry of `sign`, in unix seconds (by default the event time plus 600 s); a string in the
+    /// legacy docs.
     #[serde(default, deserialize_with = "int")]
     t: Option<i64>,
+    /// MD5 of the template's callback key followed by `t` in decimal, as 32 hex characters; absent
+    /// when no key is set.
     #[serde(default, deserialize_with = "text")]
     sign: Option<String>,
+    /// Push domain, e.g. `test.domain.com`.
     #[serde(default, deserialize_with = "text")]
     app: Option<String>,
+    /// Push path, e.g. `live`; may be absent or empty.
     #[serde(default, deserialize_with = "text")]
     appname: Option<String>,
+    /// Stream name.
     #[serde(default, deserialize_with = "text")]
     stream_id: Option<String>,
+    /// The same value as `stream_id`, under its older name; used when `stream_id` is missing.
     #[serde(default, deserialize_with = "text")]
     channel_id: Option<String>,
+    /// Push session id, shared by the push and its disconnect: retries are recognised by it.
     #[serde(default, deserialize_with = "text")]
     sequence: Option<String>,
+    /// When the event happened, in unix seconds.
     #[serde(default, deserialize_with = "int")]
     event_time: Option<i64>,
+    /// Cause of a disconnect (0 on a push), classified by [`crate::errcode::ErrCode`].
     #[serde(default, deserialize_with = "code")]
     errcode: Option<i64>,
+    /// Where the stream was pushed: 1-6 the Chinese mainland, 7-200 outside it.
     #[serde(default, deserialize_with = "int")]
     set_id: Option<i64>,
+    /// How long the push lasted, in milliseconds; disconnects only, sent as a string (`"128581"`).
     #[serde(default, deserialize_with = "int")]
     push_duration: Option<i64>,
 }

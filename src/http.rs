@@ -81,12 +81,16 @@ enum CallbackError {
     Malformed(#[from] ParseError),
     #[error("{rejection}")]
     Rejected {
+        /// Which check failed: tells the `bad_signature` outcome from `expired`.
         rejection: Rejection,
+        /// The refused callback, for the `event` label and the log line.
         callback: Box<Callback>,
     },
     #[error("{error}")]
     Unrecorded {
+        /// Why storage did not record the event; logged and sent in the 503's body.
         error: Unrecorded,
+        /// The callback Tencent will retry, for the `event` label and the log line.
         callback: Box<Callback>,
     },
 }

@@ -79,14 +79,20 @@ pub struct Unrecorded(pub String);
 enum Command {
     /// A verified event; answered once its batch is durable.
     Record {
+        /// The event to apply to the state and store.
         event: Event,
+        /// Where the handler waits for the outcome; closed if its request timed out before the
+        /// batch, and the event is then not recorded.
         reply: oneshot::Sender<Result<Outcome, Unrecorded>>,
     },
     /// A callback that changes nothing but its count (rejected ones). Answered once counted in
     /// memory, so a scrape after the answer sees it; stored with the next batch that commits.
     Count {
+        /// The `event` label to count under.
         kind: EventKind,
+        /// The `outcome` label to count under.
         outcome: Outcome,
+        /// Signalled once the count is in memory.
         done: oneshot::Sender<()>,
     },
 }
@@ -94,6 +100,7 @@ enum Command {
 /// The handle the HTTP side holds.
 #[derive(Clone)]
 pub struct Ledger {
+    /// The queue, the store and the state, shared with the writer task and the ledger's thread.
     inner: Arc<Inner>,
     /// Tells the ledger's thread to store what only memory holds and stop.
     stop: mpsc::Sender<()>,
@@ -101,6 +108,7 @@ pub struct Ledger {
 
 /// What the handles, the writer task and the ledger's thread share.
 struct Inner {
+    /// The state and the store's fault, also read by scrapes and readiness.
     shared: Arc<Shared>,
     /// Commands waiting for the next batch.
     queue: Mutex<Queue>,
@@ -111,8 +119,10 @@ struct Inner {
     stats: CommitStats,
 }
 
+/// What waits for the writer, behind one lock so that queueing and starting a writer agree.
 #[derive(Default)]
 struct Queue {
+    /// Waiting commands in arrival order; a writer takes at most [`MAX_BATCH`] of them at a time.
     commands: Vec<Command>,
     /// A writer task is running (or about to): it takes what is queued, so no other is started.
     writing: bool,
@@ -331,8 +341,11 @@ impl Inner {
     }
 }
 
+/// The store and what writing to it takes; behind a lock, so one batch or purge writes at a time.
 struct Worker {
+    /// Where batches go; replaced by a closed store at shutdown, releasing the database's lock.
     store: Box<dyn Store>,
+    /// The state batches are applied to, and where the store's fault is reported.
     shared: Arc<Shared>,
     /// Changes applied in memory whose counts are not stored yet (rejections and errors counted
     /// while the store was failing); written with the next batch.

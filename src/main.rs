@@ -151,8 +151,10 @@ async fn shutdown_signal() {
 
 /// SIGINT and SIGTERM, listened to from the start so that none is missed between two waits.
 struct Signals {
+    /// SIGINT; `None` if it could not be listened to.
     #[cfg(unix)]
     interrupt: Option<tokio::signal::unix::Signal>,
+    /// SIGTERM, as sent by systemd and Kubernetes; `None` if it could not be listened to.
     #[cfg(unix)]
     terminate: Option<tokio::signal::unix::Signal>,
 }

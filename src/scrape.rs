@@ -82,7 +82,9 @@ pub struct Page {
 
 /// A scrape waiting for its page.
 struct Scrape {
+    /// Whether the scrape accepts gzip: such scrapes share one compressed copy of the page.
     encoding: Encoding,
+    /// Where the page goes; dropped unanswered if writing it panicked.
     page: oneshot::Sender<Page>,
 }
 
@@ -90,6 +92,7 @@ struct Scrape {
 /// last clone is dropped.
 #[derive(Clone)]
 pub struct Scrapes {
+    /// Hands scrapes to the writing thread, which ends once every clone is dropped.
     queue: mpsc::Sender<Scrape>,
 }
 

@@ -21,19 +21,28 @@ const DOMAINS: [&str; 3] = [
     "push.games.example.net",
 ];
 
+/// One simulated stream and its current push session.
 struct Stream {
+    /// Push domain (`app`), one of [`DOMAINS`].
     domain: &'static str,
+    /// Stream name, with the run's id in it so that runs do not share streams.
     stream_id: String,
+    /// Sent as `set_id`: every third stream is pushed outside the mainland.
     set_id: i64,
+    /// Id of the current push session; a new one at each reconnect.
     sequence: u64,
+    /// When the current push started (unix seconds), for its disconnect's `push_duration`.
     since: i64,
 }
 
 /// What was sent and how the exporter answered.
 #[derive(Default)]
 struct Tally {
+    /// Callbacks sent, by what they were (push, disconnect and its errcode, retry).
     sent: BTreeMap<String, u64>,
+    /// Answers received, by HTTP status.
     statuses: BTreeMap<u16, u64>,
+    /// Callbacks that got no answer (connection error or timeout).
     failures: u64,
 }
 

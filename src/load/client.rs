@@ -8,6 +8,7 @@ use tokio::net::TcpStream;
 
 /// Where the callbacks go: an `http://` URL, resolved once.
 pub(super) struct Target {
+    /// The host and port of the URL (80 by default), resolved once for every connection.
     pub(super) address: SocketAddr,
     /// Request line and fixed headers, up to the `Content-Length` value.
     pub(super) head: String,
@@ -52,9 +53,13 @@ impl Target {
 /// Deliberately minimal, so the load generator costs far less CPU than the server it measures:
 /// one write and usually one read per request, no pooling, no extra tasks.
 pub(super) struct Connection<'a> {
+    /// Where to connect, and the head every request starts with.
     target: &'a Target,
+    /// The open connection; `None` before the first request, and after an error or a close.
     stream: Option<TcpStream>,
+    /// The request being sent, reused so that a request allocates nothing.
     request: Vec<u8>,
+    /// The answer being read, reused like `request`.
     response: Vec<u8>,
 }
 

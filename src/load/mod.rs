@@ -49,8 +49,11 @@ const PUSH_DURATIONS_MS: [i64; 12] = [
 
 /// What every connection shares.
 struct Plan {
+    /// Where the callbacks are posted.
     target: Target,
+    /// Key the callbacks are signed with; `None` sends them without `sign`.
     key: Option<String>,
+    /// Push domains the streams are spread over (`--domains`).
     domains: u64,
     /// Requests per stream: 2 (push, disconnect) or 1 (push only).
     per_stream: u64,
@@ -60,10 +63,12 @@ struct Plan {
     end: Instant,
     /// Seconds between two scheduled requests (open loop).
     interval: Option<f64>,
+    /// When the run began: the open loop's schedule and the progress lines count from it.
     start: Instant,
     /// Added to the stream number, then scattered by [`mix`] (a bijection, so still unique), to
     /// make the session `sequence`; random per run.
     sequence_base: u64,
+    /// Random per run, in every stream id: runs against one exporter do not share streams.
     run_id: u32,
     /// Next stream to claim.
     next_stream: AtomicU64,
@@ -128,7 +133,9 @@ fn errcode_of(k: u64) -> i64 {
 
 /// Builds the bodies of one connection; the sign is computed once a second, not per request.
 struct Bodies {
+    /// The run's settings: domains, key, sequence base and run id.
     plan: Arc<Plan>,
+    /// The last `t` signed and its `sign`, reused while `t` (whole seconds) stays the same.
     signed: Option<(i64, String)>,
 }
 

@@ -13,10 +13,15 @@ use crate::config::LoadArgs;
 pub(super) struct Tally {
     /// Latency of each answered request, in microseconds.
     pub(super) latencies_us: Vec<u32>,
+    /// Answered requests by HTTP status.
     pub(super) statuses: BTreeMap<u16, u64>,
+    /// Pushes sent, answered or not.
     pub(super) pushes: u64,
+    /// Disconnects sent, answered or not.
     pub(super) disconnects: u64,
+    /// Requests that got no answer: connection failures and timeouts.
     pub(super) errors: u64,
+    /// The first of those failures, to show what went wrong.
     pub(super) first_error: Option<String>,
     /// Requests sent over a millisecond after their scheduled time because every connection
     /// was busy.
@@ -42,8 +47,11 @@ impl Tally {
 /// The exporter's resident memory over the run.
 #[derive(Default, Clone, Copy)]
 pub(super) struct Rss {
+    /// RSS at the first sample, before the load, in KiB.
     pub(super) start_kib: u64,
+    /// Largest RSS sampled, in KiB.
     pub(super) max_kib: u64,
+    /// RSS at the last sample, in KiB.
     pub(super) end_kib: u64,
 }
 
@@ -65,27 +73,43 @@ pub(super) fn open_fds(pid: u32) -> Option<usize> {
 
 /// The figures of a run.
 pub(super) struct Summary {
+    /// The URL the callbacks went to.
     pub(super) target: String,
+    /// Connections used (`--concurrency`).
     pub(super) concurrency: usize,
+    /// Scheduled requests per second (`--rate`); `None` for a closed loop.
     pub(super) rate: Option<f64>,
+    /// How long the run took; the throughput is over it.
     pub(super) elapsed: Duration,
+    /// Requests sent, answered or not.
     pub(super) requests: u64,
+    /// Pushes sent.
     pub(super) pushes: u64,
+    /// Disconnects sent.
     pub(super) disconnects: u64,
+    /// Requests answered 200.
     pub(super) ok: u64,
+    /// Other answers, by HTTP status; any fails the run.
     pub(super) non_200: BTreeMap<u16, u64>,
+    /// Requests with no answer; any fails the run.
     pub(super) errors: u64,
+    /// The first of those failures.
     pub(super) first_error: Option<String>,
+    /// Requests sent over a millisecond late because every connection was busy.
     pub(super) late: u64,
     /// Requests due within an open-loop run that were not sent by its end.
     pub(super) unsent: u64,
     /// p50, p99, p99.9 and max, in microseconds.
     pub(super) latency_us: Option<[u32; 4]>,
+    /// Mean latency, in microseconds; 0 when nothing was answered.
     pub(super) mean_us: f64,
     /// Slowest and fastest progress interval, requests/s.
     pub(super) interval_rates: Option<(f64, f64)>,
+    /// The exporter's resident memory over the run; `None` without `--pid`.
     pub(super) rss: Option<Rss>,
+    /// The exporter's open file descriptors at the end; `None` without `--pid` or if unreadable.
     pub(super) fds: Option<usize>,
+    /// The exporter's process id (`--pid`), shown with its figures.
     pub(super) pid: Option<u32>,
 }
 

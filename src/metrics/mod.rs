@@ -108,7 +108,9 @@ fn possible_callbacks() -> impl Iterator<Item = (EventKind, Outcome)> {
 /// one above every bound, as in [`Histogram`] but without a heap allocation of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Buckets {
+    /// Count of each bucket of [`PUSH_DURATION_BOUNDS_MS`], then of the one above every bound.
     counts: [u64; PUSH_DURATION_BOUNDS_MS.len() + 1],
+    /// Sum of the observed durations, in milliseconds; written in seconds.
     sum_ms: u64,
 }
 
@@ -136,13 +138,19 @@ pub struct Frame {
     live: Vec<((Domain, Area), u64)>,
     /// The rest in the order of [`Counters`]' maps.
     pushes: Vec<((Domain, Area), u64)>,
+    /// Disconnects per (domain, area, errcode); sorted by errcode as text only when written.
     disconnects: Vec<((Domain, Area, ErrCode), u64)>,
+    /// Push-duration buckets per (domain, area).
     push_duration: Vec<((Domain, Area), Buckets)>,
+    /// Callbacks per (event, outcome); pairs not seen yet are written at 0 all the same.
     callbacks: Vec<((EventKind, Outcome), u64)>,
     /// Non-cumulative, as in [`Histogram`]; empty before the first observation.
     callback_delay: Vec<u64>,
+    /// Sum of the callback delays, in milliseconds.
     callback_delay_sum_ms: u64,
+    /// Receive time of the last accepted callback, unix milliseconds; 0 before the first.
     last_callback_ms: i64,
+    /// Events counted under the overflow domain because of the domain cap.
     domains_overflow: u64,
 }
 
@@ -242,6 +250,7 @@ impl Frame {
 
 /// Everything `/metrics` serves.
 pub struct Metrics {
+    /// Where each scrape copies its numbers from: the local ledger's state, or Redis.
     source: Arc<dyn ViewSource>,
     /// Build info and process metrics.
     registry: Registry,

@@ -10,6 +10,7 @@ use prometheus::proto::{Counter, MetricFamily};
 
 const CPU_SECONDS: &str = "process_cpu_seconds_total";
 
+/// The crate's process metrics, with `process_cpu_seconds_total` to the microsecond.
 pub(super) struct ProcessMetrics(ProcessCollector);
 
 impl ProcessMetrics {

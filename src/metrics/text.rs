@@ -28,8 +28,11 @@ pub(super) fn counter_line(out: &mut String, name: &str, labels: &str, n: u64) {
 
 /// The fixed text of a histogram family's samples, made once a page.
 pub(super) struct HistogramText {
+    /// `<name>_bucket`, the metric name of the bucket lines.
     bucket: String,
+    /// `<name>_sum`.
     sum: String,
+    /// `<name>_count`.
     count: String,
     /// `,le="…"} ` per bound and last `+Inf` (`{le="…"} ` when the series have no labels),
     /// with the bounds written as the `prometheus` crate writes `ms as f64 / 1000.0`.

@@ -96,15 +96,20 @@ type StoredFacts = ((Option<String>, Option<String>, Option<i64>), bool, bool);
 
 /// Records events in Redis.
 pub struct RedisLedger {
+    /// The callbacks' connection: transitions, domain admission, kept counts and probes.
     conn: ConnectionManager,
     /// The scrapes' own connection: with many domains the counters' hash is a reply of
     /// megabytes, which on `conn` would hold up the callbacks' commands queued behind it.
     reads: ConnectionManager,
+    /// Names of the keys, under the configured prefix.
     keys: Keys,
+    /// [`APPLY`], run by its hash; loaded into Redis when Redis lacks it.
     apply: Script,
+    /// [`ADMIT`], run by its hash like `apply`.
     admit: Script,
     /// How long a delivered event is remembered (the TTL of its key), in milliseconds.
     dedup_window_ms: i64,
+    /// Most domains with series of their own (`--metrics.max-domains`); others count as `_other`.
     max_domains: usize,
     /// Domains known to be admitted; admission never ends, so remembering it is safe.
     admitted: Mutex<HashSet<Domain>>,

@@ -61,7 +61,9 @@ const GENERATIONS: i64 = 8;
 /// A set of sequences: numbers (Tencent's, 8 bytes each) apart from the rare texts.
 #[derive(Debug, Default)]
 struct Sequences {
+    /// Sequences that are decimal 64-bit numbers, as Tencent's are.
     numbers: FastSet<u64>,
+    /// Any other sequence, kept as its text.
     texts: FastSet<Box<str>>,
 }
 
@@ -116,7 +118,9 @@ struct Generation {
     id: i64,
     /// When the whole generation is forgotten: the end of its span plus the window.
     expires_ms: i64,
+    /// Sequences whose push was remembered during this generation's span.
     pushes: Sequences,
+    /// Sequences whose disconnect was remembered during this generation's span.
     disconnects: Sequences,
 }
 
@@ -147,7 +151,10 @@ impl Generation {
 /// push of a long session): `more` counts those extra holders.
 #[derive(Debug, Default)]
 struct Held {
+    /// The push sequence of every live session, once each.
     sequences: Sequences,
+    /// How many more live sessions hold a sequence than the one in `sequences`; absent when only
+    /// one does.
     more: FastMap<Sequence, usize>,
 }
 
@@ -202,6 +209,7 @@ pub struct Delivered {
     /// Oldest first, ids increasing (several may share the current id after the clock was set
     /// back; keys go to the first of them).
     generations: VecDeque<Generation>,
+    /// Pushes of live sessions: delivered for as long as the session is live, with no expiry.
     held: Held,
 }
 

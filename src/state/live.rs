@@ -22,7 +22,12 @@ const SHORT: usize = 22;
 /// A stream id: inline when short, else on the heap.
 #[derive(Debug)]
 enum StreamId {
-    Short { len: u8, bytes: [u8; SHORT] },
+    Short {
+        /// How many of `bytes` are the id.
+        len: u8,
+        /// The id, then zeros.
+        bytes: [u8; SHORT],
+    },
     Long(Box<str>),
 }
 
@@ -49,10 +54,16 @@ impl StreamId {
 /// One live stream and its session.
 #[derive(Debug)]
 struct Entry {
+    /// Number of the stream's (`app`, `appname`) in [`Live::slots`]; part of what the entry is
+    /// found by.
     place: u32,
+    /// The stream id, the rest of what the entry is found by.
     id: StreamId,
+    /// The live session's id: only a disconnect with it ends the session.
     sequence: Sequence,
+    /// When the session started, in unix seconds.
     since: i64,
+    /// Where the session was pushed: its `area` label while live.
     area: Area,
 }
 
@@ -83,7 +94,9 @@ impl Key for Entry {
 
 /// A stream looked up by its place and stream id.
 struct Probe<'a> {
+    /// Number of the stream's (`app`, `appname`), looked up in `places`.
     place: u32,
+    /// The stream id, borrowed from the caller's key.
     id: &'a str,
 }
 
@@ -134,6 +147,7 @@ impl<'a> Borrow<dyn Key + 'a> for Entry {
 /// The live session of every live stream.
 #[derive(Debug, Default)]
 pub(super) struct Live {
+    /// One entry a live stream, found by place and stream id.
     entries: FastSet<Entry>,
     /// The place of each `app` and `appname` with a live stream.
     places: FastMap<Arc<str>, FastMap<Arc<str>, u32>>,
@@ -146,10 +160,14 @@ pub(super) struct Live {
     last: Option<(Arc<str>, Arc<str>, u32)>,
 }
 
+/// A place: an (`app`, `appname`) pair with live streams.
 #[derive(Debug)]
 struct Slot {
+    /// Push domain, the key of the place's map in `places`; dropped when the place is forgotten.
     app: Arc<str>,
+    /// Push path, the place's key under `app` in `places`.
     appname: Arc<str>,
+    /// Live streams pushed to this place; at 0 the place is forgotten and its number freed.
     live: u32,
 }
 

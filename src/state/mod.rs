@@ -39,6 +39,8 @@ pub struct Change {
     session: Option<(StreamKey, Option<Session>)>,
     /// The domain this event admitted under the cap, which an undo forgets again.
     admitted: Option<Domain>,
+    /// Counter changes in the order made: an undo reverts them last first, a commit stores the
+    /// series they touched.
     deltas: Vec<Delta>,
 }
 
@@ -106,11 +108,14 @@ pub struct View {
 /// The live picture and the counters: the single source of every metric.
 #[derive(Debug)]
 pub struct Truth {
+    /// The live session of every live stream.
     sessions: Live,
+    /// Delivered-event keys, so that Tencent's retries count as duplicates.
     delivered: Delivered,
     /// Live sessions per (domain, area): derived from `sessions`, kept so a scrape does not have
     /// to walk every live stream.
     live: FastMap<(Domain, Area), u64>,
+    /// Every event metric, persisted with the rest of the state.
     counters: Counters,
     /// Domains that have series of their own, up to `max_domains` (more if restored with a
     /// smaller cap). Only grows, but for an undone event forgetting the domain it admitted.

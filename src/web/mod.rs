@@ -176,6 +176,7 @@ impl Activity {
 /// A request body that tells its connection's [`Activity`] when it has all been received (or
 /// failed, or was dropped unread): until then the request waits on its client.
 struct Watched {
+    /// The body as hyper delivers it; every frame is passed through unchanged.
     body: Incoming,
     /// Taken once the body is done.
     activity: Option<Arc<Activity>>,
@@ -265,6 +266,7 @@ impl Evicted {
 #[derive(Clone)]
 pub struct Connections(Arc<ConnectionsInner>);
 
+/// What the clones of a listener's [`Connections`] share.
 struct ConnectionsInner {
     /// The `listener` label: `callback` or `metrics`.
     listener: &'static str,

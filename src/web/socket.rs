@@ -19,7 +19,10 @@ use tokio::time::Sleep;
 
 use super::Activity;
 
+/// A served connection's stream: a blocked write marks the connection busy, and fails once the
+/// client has taken nothing for the write timeout.
 pub(super) struct Socket<S> {
+    /// The accepted connection; reads pass straight through.
     stream: S,
     /// Told when a write blocks and when it goes on again.
     activity: Arc<Activity>,

@@ -66,6 +66,7 @@ pub(super) struct Checkpointer {
     /// Nudged after each commit; a full channel means a nudge is already pending. Dropped to
     /// stop the thread.
     nudge: Option<std::sync::mpsc::SyncSender<()>>,
+    /// The checkpointing thread, joined on drop once `nudge` is dropped.
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -147,6 +148,7 @@ fn align_sidecar_permissions(path: &Path) {
 /// of the exporter's CPU in a profile at 12,000 callbacks/s). Rolled back when dropped
 /// uncommitted (a failed statement or commit, or a panic).
 pub(super) struct WriteTransaction<'c> {
+    /// The connection the transaction was begun on, and is rolled back on if dropped uncommitted.
     conn: &'c Connection,
 }
 

@@ -84,7 +84,9 @@ pub enum SyncMode {
 
 /// A SQLite database file.
 pub struct SqliteStore {
+    /// The database file: reopened after a failure, and named in errors.
     path: PathBuf,
+    /// `--storage.sync`, set on every connection opened on the file.
     sync: SyncMode,
     /// `None` after a failure: reopened before the next write.
     conn: Option<Connection>,
