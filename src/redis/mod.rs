@@ -7,7 +7,7 @@
 //! then apply with a Lua script that first checks the facts are still true (otherwise read
 //! again). A 200 is only sent once Redis acknowledged the script.
 //!
-//! [`fields`] lays out the keys and fields; this module reads and writes them.
+//! `fields` (a module of its own) lays out the keys and fields; this module reads and writes them.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -24,9 +24,9 @@
 //!   `--web.request-timeout`.
 //!
 //! Below the cap, connections stay open; but a client that takes no part of an answer for
-//! `--web.request-timeout` loses its connection ([`socket`]), whatever the cap.
+//! `--web.request-timeout` loses its connection (`socket`), whatever the cap.
 //!
-//! Layout: the slots, the notices and the connection tasks are here; [`socket`] watches what a
+//! Layout: the slots, the notices and the connection tasks are here; `socket` watches what a
 //! connection writes.
 
 mod socket;
