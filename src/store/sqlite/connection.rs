@@ -124,6 +124,14 @@ fn checkpoint(conn: &mut Option<Connection>, path: &Path, sync: SyncMode) -> rus
         .query_row([], |_| Ok(()))
 }
 
+/// How long a statement waits for a lock another connection holds (a `sqlite3` session writing,
+/// say). Tencent waits about 20 s for an answer; a lock held longer than this is a fault to
+/// report.
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+/// The same while the database is failing: each once-a-second try waits this long at most, with
+/// the state's lock held (callbacks and scrapes wait for it), instead of [`BUSY_TIMEOUT`].
+pub(super) const BUSY_TIMEOUT_FAILING: Duration = Duration::from_millis(50);
+
 /// SQLite creates the `-wal` and `-shm` files with the database file's permissions. If they were
 /// created while the database was read-only, they stay read-only after the database is made
 /// writable again and every reopen would fail; give them the database's permissions back.
@@ -188,8 +196,7 @@ pub(super) fn connect(path: &Path, sync: SyncMode) -> rusqlite::Result<Connectio
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    // Tencent waits about 20 s for an answer; a lock held longer than this is a fault to report.
-    conn.busy_timeout(Duration::from_secs(2))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     let sync = match sync {
         SyncMode::Normal => "NORMAL",

@@ -55,7 +55,7 @@ use rusqlite::{params, Connection};
 use super::{Store, StoreError};
 use crate::callback::StreamKey;
 use crate::state::{Commit, DeliveryKey, FastSet, SessionFeed, Snapshot};
-use connection::{connect, Checkpointer, WriteTransaction};
+use connection::{connect, Checkpointer, WriteTransaction, BUSY_TIMEOUT, BUSY_TIMEOUT_FAILING};
 use restore::{read_delivered, read_series_table, read_sessions, read_unfolded, SESSION_CHUNKS};
 use schema::{migrate, refresh_views};
 use unfolded::Unfolded;
@@ -93,10 +93,12 @@ pub struct SqliteStore {
     /// The session-log rows not folded yet, as committed; `None` after a write failed on it,
     /// which may have changed it before its transaction rolled back.
     unfolded: Option<Unfolded>,
-    /// A write failed and none has succeeded since. Writes then work on a copy of `unfolded`
-    /// and keep it when they fail: a database that keeps failing (full, locked, read-only) is
-    /// tried once a second, and reading the log again each time took 100-250 ms with 60,000
-    /// live streams, with every callback and scrape waiting; the copy takes a few.
+    /// Something failed on the database and no write has succeeded since. A database that
+    /// keeps failing (full, locked, read-only) is tried once a second, with every callback and
+    /// scrape waiting, so a try should cost little: writes then work on a copy of `unfolded`
+    /// and keep it when they fail (reading the log again took 100-250 ms with 60,000 live
+    /// streams, the copy takes a few), and a lock is waited for [`BUSY_TIMEOUT_FAILING`], not
+    /// [`BUSY_TIMEOUT`] (a database locked by another process stalled them 2 s a second).
     failing: bool,
     /// Times the logs were read into `unfolded`, for tests.
     #[cfg(test)]
@@ -193,6 +195,10 @@ impl SqliteStore {
             return Ok(());
         }
         let conn = connect(&self.path, self.sync).map_err(|e| self.err(e))?;
+        if self.failing {
+            conn.busy_timeout(BUSY_TIMEOUT_FAILING)
+                .map_err(|e| self.err(e))?;
+        }
         migrate(&conn, &self.path)?;
         if let Some(unfolded) = &self.unfolded {
             let last: i64 = conn
@@ -219,10 +225,14 @@ impl SqliteStore {
         &mut self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
-        self.reconnect()?;
+        if let Err(e) = self.reconnect() {
+            self.failing = true;
+            return Err(e);
+        }
         let conn = self.conn.as_mut().expect("just opened");
         f(conn).map_err(|e| {
             self.conn = None;
+            self.failing = true;
             self.err(e)
         })
     }
@@ -236,7 +246,10 @@ impl SqliteStore {
         copy: bool,
         f: impl FnOnce(&mut Connection, &mut Unfolded) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
-        self.reconnect()?;
+        if let Err(e) = self.reconnect() {
+            self.failing = true;
+            return Err(e);
+        }
         let conn = self.conn.as_mut().expect("just opened");
         let unfolded = match self.unfolded.take() {
             Some(unfolded) => Ok(unfolded),
@@ -263,6 +276,7 @@ impl SqliteStore {
         });
         result.map_err(|e| {
             self.conn = None;
+            self.failing = true;
             self.err(e)
         })
     }
@@ -381,7 +395,8 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let (lag, trim_every) = (self.fold_lag, self.trim_every);
-        let result = self.with_unfolded(self.failing, |conn, unfolded| {
+        let was_failing = self.failing;
+        let result = self.with_unfolded(was_failing, |conn, unfolded| {
             let tx = WriteTransaction::begin(conn)?;
             // The heads of the logs are trimmed every few commits, not at each (TRIM_EVERY).
             let trim = unfolded.count_write(trim_every);
@@ -395,8 +410,12 @@ impl Store for SqliteStore {
             unfolded.series.append(&tx, &commit.series, trim)?;
             tx.commit()
         });
-        self.failing = result.is_err();
         result?;
+        if was_failing {
+            self.failing = false;
+            let conn = self.conn.as_ref().expect("just written on");
+            conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| self.err(e))?;
+        }
         self.checkpointer.committed();
         Ok(())
     }

@@ -3,7 +3,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::connection::{checkpoint_turn, WAL_KEEP_BYTES, WAL_LIMIT_PAGES};
+use super::connection::{
+    checkpoint_turn, BUSY_TIMEOUT, BUSY_TIMEOUT_FAILING, WAL_KEEP_BYTES, WAL_LIMIT_PAGES,
+};
 use super::restore::SESSION_CHUNK;
 use super::schema::{DELIVERED, SCHEMA_VERSION, SERIES, SESSIONS};
 use super::unfolded::{REWRITE_MIN, SERIES_ROWS};
@@ -523,6 +525,39 @@ fn a_database_that_keeps_failing_is_read_once() {
     let mut reopened = SqliteStore::open(path.clone(), SyncMode::Normal).unwrap();
     assert_eq!(sessions_of(&mut reopened), expected);
     assert_live_sessions_view(&path, &expected);
+}
+
+/// A database locked by another process: the write that meets the lock waits for it as long as
+/// ever, the tries after it briefly (each holds callbacks and scrapes up), and once a write goes
+/// through, a lock is waited for as long as before.
+#[test]
+fn a_locked_database_is_waited_for_briefly_while_it_fails() {
+    let (_dir, path, mut store) = new_store("locked.db");
+    store.write(&pushed(0), NOW).unwrap();
+    let patience = |store: &SqliteStore| -> u128 {
+        let ms: i64 = store
+            .conn
+            .as_ref()
+            .expect("connected")
+            .query_row("PRAGMA busy_timeout", [], |r| r.get(0))
+            .unwrap();
+        ms as u128
+    };
+    assert_eq!(patience(&store), BUSY_TIMEOUT.as_millis());
+
+    let admin = Connection::open(&path).unwrap();
+    admin.execute_batch("BEGIN IMMEDIATE").unwrap();
+    store.write(&pushed(1), NOW).unwrap_err();
+    // A purge with nothing expired only reads: it reconnects, as a try would, and keeps it.
+    store.purge(NOW).unwrap();
+    assert_eq!(patience(&store), BUSY_TIMEOUT_FAILING.as_millis());
+    store.write(&pushed(1), NOW).unwrap_err();
+
+    admin.execute_batch("ROLLBACK").unwrap();
+    store.write(&pushed(1), NOW).unwrap();
+    assert_eq!(patience(&store), BUSY_TIMEOUT.as_millis());
+    let expected: HashMap<_, _> = (0..2).map(|n| (stream(n), format!("q{n}"))).collect();
+    assert_eq!(sessions_of(&mut store), expected);
 }
 
 /// A write reported failed may have been made all the same (an fsync that failed after its
