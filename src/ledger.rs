@@ -220,6 +220,11 @@ impl Ledger {
         &self.inner.stats
     }
 
+    /// The store's own metrics (see [`Store::collectors`]).
+    pub fn store_collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        self.inner.lock_worker().store.collectors()
+    }
+
     /// Records a verified event; resolves once it is durable (or could not be made so).
     pub async fn record(&self, event: Event) -> Result<Outcome, Unrecorded> {
         let (reply, answer) = oneshot::channel();

@@ -66,13 +66,14 @@ impl Recorder {
         }
     }
 
-    /// The exporter's own storage metrics: readiness and the commits of this process.
+    /// The exporter's own storage metrics: readiness, the commits of this process, and what
+    /// the store reports of itself.
     pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
-        let stats = match self {
-            Recorder::Local(l) => l.commit_stats(),
-            Recorder::Redis(r) => r.commit_stats(),
+        let (stats, mut all) = match self {
+            Recorder::Local(l) => (l.commit_stats(), l.store_collectors()),
+            Recorder::Redis(r) => (r.commit_stats(), Vec::new()),
         };
-        let mut all = stats.collectors();
+        all.extend(stats.collectors());
         let recorder = self.clone();
         all.push(storage_ready(move || recorder.fault().is_none()));
         all

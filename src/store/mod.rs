@@ -46,6 +46,10 @@ pub trait Store: Send {
     fn write(&mut self, commit: &Commit, now_ms: i64) -> Result<(), StoreError>;
     /// Deletes delivered-event keys expired at `now_ms`.
     fn purge(&mut self, now_ms: i64) -> Result<(), StoreError>;
+    /// The store's own metrics for `/metrics` (SQLite: the WAL's size and failed checkpoints).
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        Vec::new()
+    }
     /// Everything stored, read anew, with nothing taken from what the store kept in memory: for
     /// after a batch panicked midway, when memory may hold changes the database does not.
     /// `None` for a store that keeps nothing beyond the ledger's memory.

@@ -540,11 +540,14 @@ struct Exporter {
 async fn start_exporter(client: &reqwest::Client) -> Exporter {
     let dir = tempfile::tempdir().expect("temp dir");
     let addr = format!("127.0.0.1:{}", free_port());
+    // A file, as by default: the SQLite store serves metrics of its own.
+    let db = dir.path().join("exporter.db");
     let mut process = Process::spawn(
         "tencent-css-exporter",
         Command::new(env!("CARGO_BIN_EXE_tencent-css-exporter"))
             .env("CSS_CALLBACK_KEY", KEY)
-            .args(["--web.listen-address", &addr, "--storage.path", ":memory:"]),
+            .args(["--web.listen-address", &addr, "--storage.path"])
+            .arg(&db),
         dir.path().join("exporter.log"),
     );
     wait_ready(client, &mut process, &format!("http://{addr}/readyz")).await;

@@ -311,7 +311,7 @@ async fn storage_metrics_count_the_commits_and_the_callbacks_they_wrote() {
         .to_string_lossy()
         .into_owned();
     let app = spawn_app_with(AppOptions {
-        args: vec!["--storage.path".into(), db],
+        args: vec!["--storage.path".into(), db.clone()],
         ..Default::default()
     })
     .await;
@@ -385,6 +385,16 @@ async fn storage_metrics_count_the_commits_and_the_callbacks_they_wrote() {
             &[]
         ) > 0.0
     );
+    // The WAL as it is on disk (it keeps its size when it starts over), and no checkpoint failed.
+    let wal = std::fs::metadata(format!("{db}-wal")).unwrap().len() as f64;
+    assert!(wal > 0.0);
+    assert_eq!(s.value("tencent_css_exporter_storage_wal_bytes", &[]), wal);
+    assert!(s
+        .get(
+            "tencent_css_exporter_storage_checkpoint_failures_total",
+            &[]
+        )
+        .is_some());
     app.stop().await.unwrap();
 }
 

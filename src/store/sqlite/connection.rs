@@ -1,128 +1,19 @@
-//! Connections set up for the exporter's write pattern, the batch's transaction, and the thread
-//! that checkpoints the WAL off the commit path.
+//! Connections set up for the exporter's write pattern, and the batch's transaction.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::hooks::{CheckpointMode, Wal};
 use rusqlite::{Connection, OpenFlags};
 
+use super::checkpoint::checkpoint_at_limit;
 use super::SyncMode;
-
-/// WAL pages after which a commit checkpoints by itself, a safety net: the [`Checkpointer`]
-/// copies the WAL into the database long before, on a connection and thread of its own. A
-/// checkpoint inside a commit makes every callback of that batch wait for it (and for its
-/// fsyncs): at 256 pages, 20,000 callbacks/s had a p99.9 of 10.9 ms, with the checkpoints moved
-/// out 4.6 ms. Once every frame has been copied, the next commit starts the WAL over from its
-/// beginning, so the file stays under this many pages (16 MiB) and one batch's.
-pub(super) const WAL_LIMIT_PAGES: i32 = 4096;
-/// Whose turn it is to checkpoint: the [`Checkpointer`] thread's, or a commit's at
-/// [`WAL_LIMIT_PAGES`]. SQLite does not wait for its checkpoint lock: a commit's checkpoint
-/// while the thread held it did nothing, and on a slow disk, where the thread's checkpoints
-/// take long and commits keep adding frames, the WAL went past its limit by over a thousand
-/// pages (21 MB). Taking turns here, a commit at the limit waits for the thread's checkpoint to
-/// end, then copies the rest itself. One lock for the process: the WAL hook that takes it is a
-/// plain function, and the exporter has one database.
-static CHECKPOINT_TURN: Mutex<()> = Mutex::new(());
-
-/// Waits for, and takes, the turn to checkpoint.
-pub(super) fn checkpoint_turn() -> MutexGuard<'static, ()> {
-    // Nothing is guarded but the turn itself.
-    CHECKPOINT_TURN
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// SQLite's WAL hook, called after every commit with the WAL's size: at the limit, checkpoints
-/// in the commit's turn. What SQLite's own automatic checkpoint does, except for the wait.
-fn checkpoint_at_limit(wal: &Wal, pages: i32) -> rusqlite::Result<()> {
-    if pages >= WAL_LIMIT_PAGES {
-        let _turn = checkpoint_turn();
-        // An error here would fail a commit that took place; the next commit tries again.
-        if let Err(e) = wal.checkpoint_v2(CheckpointMode::PASSIVE) {
-            tracing::debug!(error = %e, pages, "checkpoint at the WAL limit failed");
-        }
-    }
-    Ok(())
-}
 
 /// Size the WAL file is cut back to when it starts over, once it grew past it: without a limit
 /// the file keeps its largest size for good. Only a WAL that could not be checkpointed gets that
 /// large (behind a reader holding an old snapshot, such as a long `sqlite3` session): steady
-/// traffic stays under [`WAL_LIMIT_PAGES`] (16.1 MiB with 4 KiB pages). A limit below that
+/// traffic stays under [`WAL_LIMIT_PAGES`](super::checkpoint::WAL_LIMIT_PAGES) (16.1 MiB with 4 KiB pages). A limit below that
 /// truncated and regrew the file over and over at 19,000 callbacks/s: p99 2.3 -> 6.5 ms.
 pub(super) const WAL_KEEP_BYTES: i64 = 20 << 20;
-/// How long the checkpointer lets commits gather after one is reported before it checkpoints:
-/// a checkpoint costs an fsync or two whatever it copies. Short enough that a checkpoint has
-/// little to copy and often ends between two commits, which is when the next commit can start
-/// the WAL over: after 20 ms it never did under a steady burst, the WAL reached the limit above,
-/// and a commit checkpointed (p99.9 at the maximum rate 8.0-8.2 ms; 4.0-4.3 ms after 5 ms).
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(5);
-
-/// A thread with a connection of its own that checkpoints the WAL (passively: it never blocks
-/// the writer) shortly after commits, so that commits do not have to.
-pub(super) struct Checkpointer {
-    /// Nudged after each commit; a full channel means a nudge is already pending. Dropped to
-    /// stop the thread.
-    nudge: Option<std::sync::mpsc::SyncSender<()>>,
-    /// The checkpointing thread, joined on drop once `nudge` is dropped.
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Checkpointer {
-    pub(super) fn start(path: PathBuf, sync: SyncMode) -> Checkpointer {
-        let (nudge, nudged) = std::sync::mpsc::sync_channel(1);
-        let thread = std::thread::Builder::new()
-            .name("checkpoint".into())
-            .spawn(move || {
-                let mut conn = None;
-                while nudged.recv().is_ok() {
-                    std::thread::sleep(CHECKPOINT_EVERY);
-                    while nudged.try_recv().is_ok() {}
-                    if let Err(e) = checkpoint(&mut conn, &path, sync) {
-                        // The writer's own checkpoints still bound the WAL; try again after the
-                        // next commit, on a new connection.
-                        tracing::debug!(error = %e, "background checkpoint failed");
-                        conn = None;
-                    }
-                }
-            })
-            .expect("spawn the checkpoint thread");
-        Checkpointer {
-            nudge: Some(nudge),
-            thread: Some(thread),
-        }
-    }
-
-    /// A commit happened: checkpoint soon.
-    pub(super) fn committed(&self) {
-        if let Some(nudge) = &self.nudge {
-            let _ = nudge.try_send(());
-        }
-    }
-}
-
-impl Drop for Checkpointer {
-    fn drop(&mut self) {
-        drop(self.nudge.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Copies what the WAL holds into the database file, as far as no reader needs the WAL. The
-/// connection is set up as the writer's, so the checkpoint's fsyncs follow the same `sync`.
-fn checkpoint(conn: &mut Option<Connection>, path: &Path, sync: SyncMode) -> rusqlite::Result<()> {
-    if conn.is_none() {
-        *conn = Some(connect(path, sync)?);
-    }
-    let conn = conn.as_ref().expect("just opened");
-    let _turn = checkpoint_turn();
-    conn.prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")?
-        .query_row([], |_| Ok(()))
-}
 
 /// How long a statement waits for a lock another connection holds (a `sqlite3` session writing,
 /// say). Tencent waits about 20 s for an answer; a lock held longer than this is a fault to

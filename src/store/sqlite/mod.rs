@@ -37,10 +37,12 @@
 //! after it work on a copy.
 //!
 //! Layout: [`schema`] (the tables and the upgrades), [`connection`] (connections, the batch's
-//! transaction, the checkpoint thread), [`unfolded`] (what the logs hold, in memory, and the
+//! transaction), [`checkpoint`] (the WAL's checkpoints, on a thread and at its limit, and
+//! their metrics), [`unfolded`] (what the logs hold, in memory, and the
 //! fold), [`rows`] (values to and from columns), [`restore`] (what start reads back); the store
 //! itself, below, writes a batch and answers for it.
 
+mod checkpoint;
 mod connection;
 mod restore;
 mod rows;
@@ -55,7 +57,8 @@ use rusqlite::{params, Connection};
 use super::{Store, StoreError};
 use crate::callback::StreamKey;
 use crate::state::{Commit, DeliveryKey, FastSet, SessionFeed, Snapshot};
-use connection::{connect, Checkpointer, WriteTransaction, BUSY_TIMEOUT, BUSY_TIMEOUT_FAILING};
+use checkpoint::{wal_metrics, Checkpointer};
+use connection::{connect, WriteTransaction, BUSY_TIMEOUT, BUSY_TIMEOUT_FAILING};
 use restore::{read_delivered, read_series_table, read_sessions, read_unfolded, SESSION_CHUNKS};
 use schema::{migrate, refresh_views};
 use unfolded::Unfolded;
@@ -426,6 +429,10 @@ impl Store for SqliteStore {
         self.conn = None;
         self.unfolded = None;
         Some(self.load())
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![wal_metrics(&self.path)]
     }
 
     fn purge(&mut self, now_ms: i64) -> Result<(), StoreError> {

@@ -3,9 +3,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::connection::{
-    checkpoint_turn, BUSY_TIMEOUT, BUSY_TIMEOUT_FAILING, WAL_KEEP_BYTES, WAL_LIMIT_PAGES,
-};
+use super::checkpoint::{checkpoint_turn, WAL_LIMIT_PAGES};
+use super::connection::{BUSY_TIMEOUT, BUSY_TIMEOUT_FAILING, WAL_KEEP_BYTES};
 use super::restore::SESSION_CHUNK;
 use super::schema::{DELIVERED, SCHEMA_VERSION, SERIES, SESSIONS};
 use super::unfolded::{REWRITE_MIN, SERIES_ROWS};
