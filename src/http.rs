@@ -146,6 +146,12 @@ impl CallbackError {
         };
         let (stream, sequence) = stream.unzip();
         match outcome {
+            // A storage outage was logged with its cause when it began, and its refused
+            // callbacks are counted when it ends: a line each would be thousands a second at a
+            // mass reconnect. A 503 without an outage (the request's deadline) is an error.
+            Outcome::Error if recorder.fault().is_some() => tracing::debug!(
+                event = kind.as_str(), stream, sequence, error = %self, "callback not recorded, answered 503 so Tencent retries"
+            ),
             Outcome::Error => tracing::error!(
                 event = kind.as_str(), stream, sequence, error = %self, "callback not recorded, answered 503 so Tencent retries"
             ),

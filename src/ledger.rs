@@ -196,6 +196,7 @@ impl Ledger {
                 clock,
                 suspect: false,
                 failed_at: None,
+                outage: None,
                 stats: stats.clone(),
             }),
             stats,
@@ -368,8 +369,30 @@ struct Worker {
     /// streams) each took hundreds of milliseconds, so a storage outage slowed every callback
     /// and scrape down to a crawl.
     failed_at: Option<Instant>,
+    /// The storage outage under way: when it began and how many callbacks it refused, logged
+    /// when it ends. Each refused callback is logged at debug only while the outage is known
+    /// (its cause was logged once): at a mass reconnect, a line each would be thousands a second.
+    outage: Option<Outage>,
     /// Every batch write is timed and counted here.
     stats: CommitStats,
+}
+
+/// A storage outage, from the first failure to the next success.
+struct Outage {
+    /// When the store first failed.
+    since: Instant,
+    /// Callbacks answered 503 since, for the line that says it recovered.
+    refused: u64,
+}
+
+impl Outage {
+    /// A callback answered 503, during the outage if one is under way (one that is not, is
+    /// answered 503 at its deadline, and logged as an error on its own).
+    fn refused(outage: &mut Option<Outage>) {
+        if let Some(outage) = outage {
+            outage.refused += 1;
+        }
+    }
 }
 
 impl Worker {
@@ -448,13 +471,17 @@ impl Worker {
             let message = self.shared.fault().unwrap_or_default();
             for cmd in batch {
                 if let Command::Record { reply, .. } = cmd {
+                    Outage::refused(&mut self.outage);
                     let _ = reply.send(Err(Unrecorded(message.clone())));
                 }
             }
             return;
         }
         let now = (self.clock)();
-        let mut truth = self.shared.truth.write().unwrap_or_else(|e| e.into_inner());
+        // The state's lock is held through the write, so a scrape never sees an event that may
+        // yet be undone; taken through a handle of its own, as the worker changes meanwhile.
+        let shared = Arc::clone(&self.shared);
+        let mut truth = shared.truth.write().unwrap_or_else(|e| e.into_inner());
         // Changes that only count (stored with this batch, kept if it fails), and the events
         // with their changes and their callers.
         let mut counts = std::mem::take(&mut self.unsaved);
@@ -546,6 +573,7 @@ impl Worker {
                         truth.undo(&again);
                     }
                     counts.push(truth.count(event.kind(), Outcome::Error));
+                    Outage::refused(&mut self.outage);
                     let _ = reply.send(Err(Unrecorded(message.clone())));
                 }
                 self.unsaved = Truth::counts_to_store(counts);
@@ -586,18 +614,28 @@ impl Worker {
         }
     }
 
-    fn healthy(&self) {
+    fn healthy(&mut self) {
         if let Some(fault) = self.shared.fault() {
-            tracing::info!(was = %fault, "storage recovered");
+            let (seconds, refused) = self.outage.take().map_or((0.0, 0), |o| {
+                (
+                    (o.since.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                    o.refused,
+                )
+            });
+            tracing::info!(was = %fault, seconds, refused, "storage recovered");
             self.shared.set_fault(None);
             release_freed_memory();
         }
     }
 
-    fn failing(&self, message: String) {
+    fn failing(&mut self, message: String) {
         if self.shared.fault().as_deref() != Some(&message) {
             tracing::error!(error = %message, "storage failing: callbacks are refused with 503 until it recovers");
         }
+        self.outage.get_or_insert_with(|| Outage {
+            since: Instant::now(),
+            refused: 0,
+        });
         self.shared.set_fault(Some(message));
     }
 }

@@ -601,6 +601,7 @@ async fn failing_writes_answer_503_then_recover_and_lose_nothing() {
     }
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("storage recovered"), "{log}");
+    assert!(log.contains("refused=2"), "{log}");
     let before = exporter.scrape().await;
     assert_eq!(before.sum("tencent_css_active_streams", &[]), 1.0);
     assert_eq!(before.sum("tencent_css_pushes_total", &[]), 2.0);
@@ -610,6 +611,51 @@ async fn failing_writes_answer_503_then_recover_and_lose_nothing() {
     let exporter = Exporter::start_on(exporter.port, exporter.args.clone()).await;
     let after = exporter.scrape().await;
     assert_eq!(before.exporter_samples(), after.exporter_samples());
+}
+
+/// An outage is logged when it begins, with its cause, and when it ends, with how long it
+/// lasted and the callbacks it refused; not once for each of them (thousands a second at a mass
+/// reconnect).
+#[tokio::test]
+async fn an_outage_is_logged_once_not_for_each_refused_callback() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("exporter.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let args = db_args(&dir);
+    let db = args[1].clone();
+    let exporter = Exporter::start_logging_to(free_port(), args, log.into()).await;
+    let d = "outage.example.com";
+    assert_eq!(
+        exporter.post(&signed(push(d, "s0", "q0", 1))).await.status,
+        200
+    );
+
+    let blocker = rusqlite::Connection::open(&db).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE;").unwrap();
+    for i in 1..=3 {
+        let body = signed(push(d, &format!("s{i}"), &format!("q{i}"), 1));
+        assert_eq!(exporter.post(&body).await.status, 503);
+    }
+    blocker.execute_batch("ROLLBACK;").unwrap();
+    let client = exporter.client.clone();
+    eventually(
+        Duration::from_secs(10),
+        "readiness after the lock is gone",
+        || async { client.ready().await.status == 200 },
+    )
+    .await;
+
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let lines = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(lines("storage failing"), 1, "{log}");
+    assert_eq!(lines("callback not recorded"), 0, "{log}");
+    let recovered: Vec<_> = log
+        .lines()
+        .filter(|l| l.contains("storage recovered"))
+        .collect();
+    assert_eq!(recovered.len(), 1, "{log}");
+    assert!(recovered[0].contains("refused=3"), "{log}");
+    assert!(recovered[0].contains("seconds="), "{log}");
 }
 
 #[tokio::test]
