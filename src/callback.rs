@@ -214,6 +214,10 @@ pub enum ParseError {
     Missing {
         kind: EventKind,
         field: &'static str,
+        /// What the body names of its stream (`app/appname/stream_id`, a missing part empty)
+        /// and its `sequence`, for the log line: the callback can be found in Tencent's records.
+        stream: Option<String>,
+        sequence: Option<String>,
     },
 }
 
@@ -294,23 +298,55 @@ impl<'de> Deserialize<'de> for Object {
 pub fn parse(body: &[u8]) -> Result<Callback, ParseError> {
     let Object(wire) = serde_json::from_slice(body)?;
     let kind = EventKind::from_event_type(wire.event_type);
-    let missing = |field| ParseError::Missing { kind, field };
-    let event_type = wire.event_type.ok_or(missing("event_type"))?;
-    let t = wire.t.ok_or(missing("t"))?;
+    // Built only for a body that lacks a field: naming its stream allocates.
+    let missing = |wire: &Wire, field| {
+        let stream_id = wire.stream_id.as_ref().or(wire.channel_id.as_ref());
+        let part = |p: Option<&String>| p.cloned().unwrap_or_default();
+        ParseError::Missing {
+            kind,
+            field,
+            stream: (wire.app.is_some() || stream_id.is_some()).then(|| {
+                format!(
+                    "{}/{}/{}",
+                    part(wire.app.as_ref()),
+                    part(wire.appname.as_ref()),
+                    part(stream_id)
+                )
+            }),
+            sequence: wire.sequence.clone(),
+        }
+    };
+    let Some(event_type) = wire.event_type else {
+        return Err(missing(&wire, "event_type"));
+    };
+    let Some(t) = wire.t else {
+        return Err(missing(&wire, "t"));
+    };
     let event = match kind {
         EventKind::Push | EventKind::Disconnect => {
+            let named = wire.stream_id.is_some() || wire.channel_id.is_some();
+            for (field, given) in [
+                ("app", wire.app.is_some()),
+                ("stream_id", named),
+                ("sequence", wire.sequence.is_some()),
+            ] {
+                if !given {
+                    return Err(missing(&wire, field));
+                }
+            }
+            // Each is there, as checked above.
             let session = StreamEvent {
                 stream: StreamKey {
-                    app: wire.app.ok_or(missing("app"))?.into(),
+                    app: wire.app.unwrap_or_default().into(),
                     appname: wire.appname.unwrap_or_default().into(),
                     // `channel_id` carries the same value; older payloads may have only one.
                     stream_id: wire
                         .stream_id
                         .or(wire.channel_id)
-                        .ok_or(missing("stream_id"))?
+                        .unwrap_or_default()
                         .into(),
                 },
-                sequence: wire.sequence.ok_or(missing("sequence"))?,
+                sequence: wire.sequence.unwrap_or_default(),
                 event_time: wire.event_time,
                 area: Area::from_set_id(wire.set_id),
             };
@@ -620,8 +656,10 @@ mod tests {
             err,
             ParseError::Missing {
                 kind: EventKind::Push,
-                field: "sequence"
-            }
+                field: "sequence",
+                stream: Some(ref stream),
+                sequence: None,
+            } if stream == "d//s"
         ));
         let err = parse_json(json!({"t": 5})).unwrap_err();
         assert_eq!(err.kind(), EventKind::Unknown);
@@ -631,7 +669,16 @@ mod tests {
             json!({"event_type": 1, "t": 1, "app": "", "stream_id": "s", "sequence": "q"}),
         )
         .unwrap_err();
-        assert!(matches!(err, ParseError::Missing { field: "app", .. }));
+        // What the body tells of its stream and sequence, for the log line.
+        assert!(matches!(
+            err,
+            ParseError::Missing {
+                kind: EventKind::Push,
+                field: "app",
+                stream: Some(ref stream),
+                sequence: Some(ref sequence),
+            } if stream == "//s" && sequence == "q"
+        ));
     }
 
     #[test]

@@ -141,10 +141,13 @@ impl CallbackError {
             | CallbackError::Unrecorded { callback, .. } => callback
                 .event
                 .stream_event()
-                .map(|s| (s.stream.to_string(), s.sequence.clone())),
+                .map(|s| (Some(s.stream.to_string()), Some(s.sequence.clone()))),
+            CallbackError::Malformed(ParseError::Missing {
+                stream, sequence, ..
+            }) => Some((stream.clone(), sequence.clone())),
             _ => None,
         };
-        let (stream, sequence) = stream.unzip();
+        let (stream, sequence) = stream.unwrap_or_default();
         match outcome {
             // A storage outage was logged with its cause when it began, and its refused
             // callbacks are counted when it ends: a line each would be thousands a second at a

@@ -286,6 +286,39 @@ async fn a_dedup_window_shorter_than_tencent_retries_is_warned_about_at_start() 
     assert!(warned("--callback.max-validity"), "{log}");
 }
 
+/// A refused callback's log line names what the body tells of its stream and sequence, also
+/// when a field is missing: the operator can find it in Tencent's records.
+#[tokio::test]
+async fn a_refused_callback_is_logged_with_its_stream_and_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let log_file = Stdio::from(std::fs::File::create(&log).unwrap());
+    let args = vec!["--storage.path".into(), ":memory:".into()];
+    let mut exporter = Exporter::start_logging_to(free_port(), args, log_file).await;
+    let mut no_app = push("d.example.com", "s-no-app", "q-no-app", 1);
+    no_app.as_object_mut().unwrap().remove("app");
+    assert_eq!(exporter.post(&signed(no_app)).await.status, 400);
+    let forged = signed_with(push("d.example.com", "s-forged", "q-forged", 1), "bogus");
+    assert_eq!(exporter.post(&forged).await.status, 401);
+    assert!(exporter.terminate().success());
+
+    let log = std::fs::read_to_string(&log).unwrap();
+    let line = |sequence: &str| {
+        log.lines()
+            .find(|l| l.contains("callback refused") && l.contains(sequence))
+            .unwrap_or_else(|| panic!("no line for {sequence}:\n{log}"))
+            .to_string()
+    };
+    let no_app = line("sequence=\"q-no-app\"");
+    assert!(no_app.contains("lacks `app`"), "{no_app}");
+    assert!(no_app.contains("stream=\"/live/s-no-app\""), "{no_app}");
+    let forged = line("sequence=\"q-forged\"");
+    assert!(
+        forged.contains("stream=\"d.example.com/live/s-forged\""),
+        "{forged}"
+    );
+}
+
 #[tokio::test]
 async fn sigterm_finishes_and_exits_0() {
     let mut exporter = Exporter::start(&["--storage.path", ":memory:"]).await;
