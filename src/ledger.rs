@@ -369,29 +369,46 @@ struct Worker {
     /// streams) each took hundreds of milliseconds, so a storage outage slowed every callback
     /// and scrape down to a crawl.
     failed_at: Option<Instant>,
-    /// The storage outage under way: when it began and how many callbacks it refused, logged
-    /// when it ends. Each refused callback is logged at debug only while the outage is known
-    /// (its cause was logged once): at a mass reconnect, a line each would be thousands a second.
+    /// The storage outage under way, logged when it ends.
     outage: Option<Outage>,
     /// Every batch write is timed and counted here.
     stats: CommitStats,
 }
 
-/// A storage outage, from the first failure to the next success.
-struct Outage {
+/// A storage outage, from the first failure to the next success, for the line that says it
+/// ended. Each refused callback is logged at debug only while an outage is known (its cause
+/// was logged once): at a mass reconnect, a line each would be thousands a second.
+pub(crate) struct Outage {
     /// When the store first failed.
     since: Instant,
-    /// Callbacks answered 503 since, for the line that says it recovered.
+    /// Callbacks answered 503 since.
     refused: u64,
 }
 
 impl Outage {
+    /// Notes that the store fails; an outage under way goes on.
+    pub(crate) fn begin(outage: &mut Option<Outage>) {
+        outage.get_or_insert_with(|| Outage {
+            since: Instant::now(),
+            refused: 0,
+        });
+    }
+
     /// A callback answered 503, during the outage if one is under way (one that is not, is
     /// answered 503 at its deadline, and logged as an error on its own).
-    fn refused(outage: &mut Option<Outage>) {
+    pub(crate) fn refused(outage: &mut Option<Outage>) {
         if let Some(outage) = outage {
             outage.refused += 1;
         }
+    }
+
+    /// Ends the outage: how long it lasted (seconds, to a tenth) and the callbacks it refused,
+    /// for the store's line that says it recovered.
+    pub(crate) fn end(outage: &mut Option<Outage>) -> (f64, u64) {
+        outage.take().map_or((0.0, 0), |o| {
+            let tenths = (o.since.elapsed().as_secs_f64() * 10.0).round();
+            (tenths / 10.0, o.refused)
+        })
     }
 }
 
@@ -616,12 +633,7 @@ impl Worker {
 
     fn healthy(&mut self) {
         if let Some(fault) = self.shared.fault() {
-            let (seconds, refused) = self.outage.take().map_or((0.0, 0), |o| {
-                (
-                    (o.since.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-                    o.refused,
-                )
-            });
+            let (seconds, refused) = Outage::end(&mut self.outage);
             tracing::info!(was = %fault, seconds, refused, "storage recovered");
             self.shared.set_fault(None);
             release_freed_memory();
@@ -632,10 +644,7 @@ impl Worker {
         if self.shared.fault().as_deref() != Some(&message) {
             tracing::error!(error = %message, "storage failing: callbacks are refused with 503 until it recovers");
         }
-        self.outage.get_or_insert_with(|| Outage {
-            since: Instant::now(),
-            refused: 0,
-        });
+        Outage::begin(&mut self.outage);
         self.shared.set_fault(Some(message));
     }
 }

@@ -18,7 +18,7 @@ use redis::{RedisResult, Script};
 
 use crate::area::Area;
 use crate::callback::{Event, EventKind, Outcome};
-use crate::ledger::{now_ms, Unrecorded};
+use crate::ledger::{now_ms, Outage, Unrecorded};
 use crate::metrics::{CommitStats, Frame, ViewSource};
 use crate::state::counters::{tally, Domain, Series};
 use crate::state::rules::{self, Decision, Effect, Facts, Sequence, Session};
@@ -115,6 +115,8 @@ pub struct RedisLedger {
     admitted: Mutex<HashSet<Domain>>,
     /// Why Redis is failing, while it is.
     fault: Mutex<Option<String>>,
+    /// The outage under way, logged when it ends.
+    outage: Mutex<Option<Outage>>,
     /// Counts made while Redis was unreachable (errors, rejections), added once it is back.
     pending: Mutex<HashMap<String, i64>>,
     /// Held by a probe, which takes the kept counts out while it adds them: so that the one at
@@ -169,6 +171,7 @@ impl RedisLedger {
             max_domains,
             admitted: Mutex::new(HashSet::new()),
             fault: Mutex::new(None),
+            outage: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             probing: tokio::sync::Mutex::new(()),
             view: Mutex::new((None, View::default())),
@@ -220,6 +223,7 @@ impl RedisLedger {
             Err(e) => {
                 let message = format!("redis: {e}");
                 self.failing(&message);
+                Outage::refused(&mut lock(&self.outage));
                 self.keep(field(&Series::Callbacks(kind, Outcome::Error), None));
                 Err(Unrecorded(message))
             }
@@ -496,7 +500,8 @@ impl RedisLedger {
     fn healthy(&self) {
         let was = lock(&self.fault).take();
         if let Some(was) = was {
-            tracing::info!(was = %was, "redis recovered");
+            let (seconds, refused) = Outage::end(&mut lock(&self.outage));
+            tracing::info!(was = %was, seconds, refused, "redis recovered");
         }
     }
 
@@ -506,6 +511,7 @@ impl RedisLedger {
             tracing::error!(error = %message, "redis failing: callbacks are refused with 503 until it recovers");
         }
         *fault = Some(message.to_owned());
+        Outage::begin(&mut lock(&self.outage));
     }
 }
 

@@ -374,6 +374,47 @@ async fn an_idle_replica_finds_redis_gone_and_back_by_itself() {
     ok(&a, events[1].2.clone()).await;
 }
 
+/// An outage of Redis is logged when it begins and when it ends, with the callbacks it
+/// refused; not once for each of them.
+#[tokio::test]
+async fn an_outage_of_redis_is_logged_once_not_for_each_refused_callback() {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("exporter.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let args = vec!["--storage.redis-url".into(), redis.url()];
+    let a = Exporter::start_logging_to(free_port(), args, log.into()).await;
+    let events = events(3);
+    ok(&a, events[0].2.clone()).await;
+
+    redis.stop();
+    // A push and its disconnect.
+    for (_, _, body) in &events[1..3] {
+        let answer = a.post(&signed(body.clone())).await;
+        assert_eq!(answer.status, 503, "{}", answer.body);
+    }
+    redis.restart().await;
+    eventually(
+        Duration::from_secs(20),
+        "ready once redis is back",
+        || async { a.ready().await.status == 200 },
+    )
+    .await;
+
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let lines = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+    assert!(lines("redis failing") >= 1, "{log}");
+    assert_eq!(lines("callback not recorded"), 0, "{log}");
+    let recovered: Vec<_> = log
+        .lines()
+        .filter(|l| l.contains("redis recovered"))
+        .collect();
+    assert_eq!(recovered.len(), 1, "{log}");
+    assert!(recovered[0].contains("refused=2"), "{log}");
+}
+
 /// A callback whose transition outlives its request (Redis hung past `--web.request-timeout`)
 /// is answered 503 and still ends: its failure is counted and the replica is not ready, as
 /// when Redis answers with an error.
