@@ -361,6 +361,50 @@ async fn a_second_sigterm_stops_at_once() {
     );
 }
 
+/// A SIGTERM while a large database is being loaded ends the process without reading the rest:
+/// it is stopped, and reading on made it exit seconds later, deaf to a second signal.
+#[tokio::test]
+async fn sigterm_while_loading_exits_without_finishing_the_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("exporter.db").display().to_string();
+    let args = ["--storage.path", db.as_str()];
+    let mut exporter = Exporter::start(&args).await;
+    assert!(exporter.terminate().success());
+    // 300,000 live streams: loading them takes seconds in a debug build.
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300000)
+             INSERT INTO sessions SELECT 'big.example.com', 'live', 's' || i, i, 'mainland', 1
+             FROM n;",
+        )
+        .unwrap();
+
+    let log = dir.path().join("log");
+    let mut child = binary()
+        .env("CSS_CALLBACK_KEY", KEY)
+        .args(["--web.listen-address", "127.0.0.1:0", "--storage.path", &db])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("stopped while starting"), "{log}");
+    assert!(!log.contains("state loaded"), "{log}");
+
+    // The database is whole: the next start loads it.
+    let mut again = Exporter::start(&args).await;
+    let s = again.scrape().await;
+    assert_eq!(s.sum("tencent_css_active_streams", &[]), 300_000.0);
+    assert!(again.terminate().success());
+}
+
 #[test]
 fn sigterm_while_starting_exits_0() {
     // Nothing listens there: the exporter waits for Redis (up to 30 s) before serving.
