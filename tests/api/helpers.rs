@@ -661,3 +661,19 @@ impl Drop for RedisServer {
         }
     }
 }
+
+/// Checks the log of a storage outage that refused `refused` callbacks: no line for each of
+/// them, one line when `store` ("storage", "redis") recovered that says how long the outage
+/// lasted and what it refused. Returns how many times it was logged failing.
+pub fn assert_outage_logged(log: &str, store: &str, refused: u64) -> usize {
+    let lines = |what: &str| log.lines().filter(|l| l.contains(what)).collect::<Vec<_>>();
+    assert!(lines("callback not recorded").is_empty(), "{log}");
+    let recovered = lines(&format!("{store} recovered"));
+    assert_eq!(recovered.len(), 1, "{log}");
+    assert!(
+        recovered[0].contains(&format!("refused={refused}")),
+        "{log}"
+    );
+    assert!(recovered[0].contains("seconds="), "{log}");
+    lines(&format!("{store} failing")).len()
+}
