@@ -44,7 +44,8 @@ use crate::state::counters::{
 
 /// Where the rendered numbers come from: the local state, or a shared store's copy.
 pub trait ViewSource: Send + Sync + 'static {
-    /// Copies the numbers to render now into `frame` with [`Frame::fill`]. Called at every
+    /// Copies the numbers to render now into `frame` with [`Frame::fill`], or leaves it empty
+    /// when it has none (the event families are then left out of the page). Called at every
     /// scrape, usually under the lock that the state's writer waits on: must be quick and must
     /// not block on the network. Sorting and writing the text happen after it returns.
     fn fill(&self, frame: &mut Frame);
@@ -152,6 +153,9 @@ pub struct Frame {
     last_callback_ms: i64,
     /// Events counted under the overflow domain because of the domain cap.
     domains_overflow: u64,
+    /// Whether the frame holds the numbers: a replica that has not read Redis yet has none, and
+    /// writes none rather than zeros, which Prometheus would take for counter resets.
+    filled: bool,
 }
 
 impl Frame {
@@ -204,6 +208,7 @@ impl Frame {
         }
         self.last_callback_ms = *last_callback_ms;
         self.domains_overflow = *domains_overflow;
+        self.filled = true;
     }
 
     /// Empties the frame, keeping its memory; drops its references to domain names.
@@ -217,6 +222,7 @@ impl Frame {
         self.callback_delay_sum_ms = 0;
         self.last_callback_ms = 0;
         self.domains_overflow = 0;
+        self.filled = false;
     }
 
     /// `tencent_css_active_streams`: every (domain, area) that ever had a push, at 0 when nothing
@@ -312,9 +318,15 @@ impl Metrics {
     }
 }
 
-/// Writes the event families of `frame` and the `others` (sorted by name, as
-/// `Registry::gather` returns them) into `out`, every family in name order.
+/// Writes the event families of `frame` (none if it was not filled) and the `others` (sorted by
+/// name, as `Registry::gather` returns them) into `out`, every family in name order.
 fn write_page(out: &mut String, frame: &mut Frame, others: &[MetricFamily]) {
+    if !frame.filled {
+        for mf in others {
+            encode(out, mf);
+        }
+        return;
+    }
     let mut order: Vec<usize> = (0..FAMILIES.len()).collect();
     order.sort_unstable_by_key(|i| FAMILIES[*i].0);
     let mut others = others.iter().peekable();

@@ -385,6 +385,26 @@ fn text_writer_matches_the_prometheus_encoder() {
     assert_same_page(&strip(&metrics.render()), &strip(&reference));
 }
 
+/// A frame its source left empty (a replica that has not read Redis yet) writes no event
+/// family, not zeros, which Prometheus would take for counter resets; the others are written.
+#[test]
+fn a_frame_left_unfilled_writes_only_the_other_families() {
+    let others = Metrics::new(shared(populated_truth())).registry.gather();
+    assert!(!others.is_empty());
+    let page = written(Frame::default(), &others);
+    for (name, ..) in FAMILIES {
+        assert!(!page.contains(&format!("# TYPE {name} ")), "{page}");
+    }
+    for family in &others {
+        assert!(
+            page.contains(&format!("# TYPE {} ", family.name())),
+            "{page}"
+        );
+    }
+    let filled = Frame::copy(populated_truth().live(), populated_truth().counters());
+    assert!(written(filled, &others).contains(CALLBACKS));
+}
+
 #[test]
 fn text_writer_matches_on_an_empty_state() {
     let limits = Limits {
@@ -408,6 +428,7 @@ fn a_negative_or_huge_last_callback_time_is_written_as_the_encoder_does() {
     for ms in [-1_500, -1, 1, 1_000, i64::MAX, i64::MIN, 1 << 53] {
         let frame = Frame {
             last_callback_ms: ms,
+            filled: true,
             ..Default::default()
         };
         let mut view = View::default();

@@ -178,6 +178,9 @@ impl RedisLedger {
             reading: tokio::sync::Mutex::new(None),
             stats: CommitStats::default(),
         });
+        // Read before serving, so that the first scrape has the numbers. If Redis goes away
+        // before it can be read, scrapes have none until it is back.
+        ledger.refresh_now().await;
         tracing::info!(prefix, "recording in redis");
         // Probed every second, not only while failing: a connection that broke while idle (Redis
         // restarted, a network cut) is otherwise found only by the next callback, which gets
@@ -516,9 +519,12 @@ impl RedisLedger {
 }
 
 impl ViewSource for RedisLedger {
+    /// Nothing until Redis has been read once: zeros would read as counter resets.
     fn fill(&self, frame: &mut Frame) {
         let cached = lock(&self.view);
-        frame.fill(&cached.1.live, &cached.1.counters);
+        if cached.0.is_some() {
+            frame.fill(&cached.1.live, &cached.1.counters);
+        }
     }
 }
 

@@ -374,6 +374,28 @@ async fn an_idle_replica_finds_redis_gone_and_back_by_itself() {
     ok(&a, events[1].2.clone()).await;
 }
 
+/// A replica started shortly before Redis goes away serves the numbers it read at its start,
+/// not zeros, which Prometheus would take for counter resets.
+#[tokio::test]
+async fn a_new_replica_serves_what_redis_held_when_it_started() {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let a = replica(&redis).await;
+    let events = events(3);
+    for (_, _, body) in &events {
+        ok(&a, body.clone()).await;
+    }
+    let b = replica(&redis).await;
+    redis.stop();
+    let s = b.scrape().await;
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 3.0);
+    assert_eq!(
+        s.sum("tencent_css_callbacks_total", &[("outcome", "accepted")]),
+        events.len() as f64
+    );
+}
+
 /// An outage of Redis is logged when it begins and when it ends, with the callbacks it
 /// refused; not once for each of them.
 #[tokio::test]
