@@ -7,13 +7,15 @@
 #   scripts/outages.sh lock          # 60,000 live, 1,000/s for 30 s, a sqlite3 session locks it for 15 s
 #   scripts/outages.sh memory        # 60,000 live, 200/s, writes failing 1 s in 3, twenty times: RSS
 #   scripts/outages.sh immutable     # 1,000/s for 40 s, the database file immutable for 20 s: CPU, WAL
+#   scripts/outages.sh crash         # 1,000,000 live, then killed (SIGKILL) and started again three
+#                                    # times while 2,000 callbacks/s keep coming: time to ready
 #
 # Writes fail through the file size limit (`prlimit --fsize`), which makes every write past the
 # file's end fail with EFBIG, as a full disk does, without filling one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${EXPORTER_BIN:-target/release/tencent-css-exporter}
-SCENARIO=${1:?"which outage: writes-fail, lock, memory or immutable"}
+SCENARIO=${1:?"which outage: writes-fail, lock, memory, immutable or crash"}
 export CSS_CALLBACK_KEY=outage-bench-key
 work=$(mktemp -d)
 port=48200
@@ -27,9 +29,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$BIN" --web.listen-address 127.0.0.1:$port --storage.path "$db" >"$work/exporter.log" 2>&1 &
-exporter=$!
-until curl -sf http://127.0.0.1:$port/readyz >/dev/null; do sleep 0.1; done
+start() {
+    "$BIN" --web.listen-address 127.0.0.1:$port --storage.path "$db" >>"$work/exporter.log" 2>&1 &
+    exporter=$!
+    until curl -sf http://127.0.0.1:$port/readyz >/dev/null; do sleep 0.01; done
+}
+start
 
 # Non-200 answers are what an outage brings: the load's exit status does not stop the script.
 load() { "$BIN" load --target "$target" --progress 0s "$@" || true; }
@@ -95,8 +100,23 @@ immutable)
     curl -s http://127.0.0.1:$port/metrics | grep -E '^tencent_css_exporter_storage_(wal|checkpoint)'
     grep -i checkpoint "$work/exporter.log" | cut -c1-200
     ;;
+crash)
+    load --push-only --requests 1000000 --concurrency 32 | grep -E '^answers'
+    load --rate 2000 --duration 40s --concurrency 32 >"$work/load.txt" 2>&1 &
+    driver=$!
+    for _ in 1 2 3; do
+        sleep 3
+        kill -KILL "$exporter"
+        wait "$exporter" 2>/dev/null || true
+        began=$(date +%s.%N)
+        start
+        awk -v a="$began" -v b="$(date +%s.%N)" 'BEGIN {printf "ready %.2f s after the start, callbacks arriving\n", b - a}'
+    done
+    wait "$driver"
+    grep -E 'latency|answers' "$work/load.txt"
+    ;;
 *)
-    echo "unknown outage $SCENARIO: writes-fail, lock, memory or immutable" >&2
+    echo "unknown outage $SCENARIO: writes-fail, lock, memory, immutable or crash" >&2
     exit 2
     ;;
 esac
