@@ -197,7 +197,8 @@ mod tests {
     }
 
     impl ViewSource for Gate {
-        fn fill(&self, _frame: &mut Frame) {
+        /// An empty state's numbers, once let go.
+        fn fill(&self, frame: &mut Frame) {
             let n = self.fills.fetch_add(1, Ordering::SeqCst) + 1;
             let _ = self.started.lock().unwrap().send(());
             self.go.lock().unwrap().recv().unwrap();
@@ -205,6 +206,10 @@ mod tests {
                 n,
                 self.panic_on_fill.load(Ordering::SeqCst),
                 "copy {n} fails"
+            );
+            frame.fill(
+                std::iter::empty(),
+                &crate::state::counters::Counters::default(),
             );
         }
     }
