@@ -510,7 +510,7 @@ impl RedisLedger {
 
     fn failing(&self, message: &str) {
         let mut fault = lock(&self.fault);
-        if fault.as_deref() != Some(message) {
+        if !fault.as_deref().is_some_and(|f| same_cause(f, message)) {
             tracing::error!(error = %message, "redis failing: callbacks are refused with 503 until it recovers");
         }
         *fault = Some(message.to_owned());
@@ -530,4 +530,34 @@ impl ViewSource for RedisLedger {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether two failures have one cause, for logging a cause once: the redis crate words one
+/// broken connection "broken pipe" or "Broken pipe (os error 32)" depending on where it found
+/// it, and an outage's start logged the two in turn, three lines in a millisecond.
+fn same_cause(a: &str, b: &str) -> bool {
+    let plain = |m: &str| {
+        m.split(" (os error")
+            .next()
+            .unwrap_or(m)
+            .to_ascii_lowercase()
+    };
+    plain(a) == plain(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_cause;
+
+    #[test]
+    fn a_cause_worded_two_ways_is_one_cause() {
+        assert!(same_cause(
+            "redis: broken pipe",
+            "redis: Broken pipe (os error 32)"
+        ));
+        assert!(!same_cause(
+            "redis: broken pipe",
+            "redis: Reconnecting failed: Connection refused (os error 111)"
+        ));
+    }
 }
