@@ -2,8 +2,8 @@
 //! a commit's own checkpoint at the WAL's limit, the turn they take, and their metrics.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use prometheus::core::{Collector, Desc};
@@ -36,8 +36,14 @@ static CHECKPOINT_TURN: Mutex<Turn> = Mutex::new(Turn { failed_at: None });
 /// index makes long (a p99.9 of 225 ms at 1,000 callbacks/s with a 234-MB WAL).
 static CHECKPOINTS_FAILING: AtomicBool = AtomicBool::new(false);
 /// Checkpoints that failed since the process started, for
-/// `tencent_css_exporter_storage_checkpoint_failures_total`.
-static CHECKPOINT_FAILURES: AtomicU64 = AtomicU64::new(0);
+/// `tencent_css_exporter_storage_checkpoint_failures_total` itself, served by [`wal_metrics`].
+static CHECKPOINT_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new(
+        "tencent_css_exporter_storage_checkpoint_failures_total",
+        "Checkpoints of the SQLite write-ahead log that failed since the exporter started.",
+    )
+    .expect("valid counter")
+});
 /// After a checkpoint failed, how long the next ones are skipped. Each try sorts the index of
 /// the whole WAL before it copies a page: with a database file that could not be written
 /// (`chattr +i`), a try at every commit past the limit took the exporter from a third of a core
@@ -80,7 +86,7 @@ impl Turn {
                 tracing::debug!(error = %e, "checkpoint found the database busy")
             }
             Err(e) => {
-                CHECKPOINT_FAILURES.fetch_add(1, Ordering::Relaxed);
+                CHECKPOINT_FAILURES.inc();
                 if self.failed_at.is_none() {
                     tracing::warn!(error = %e, "checkpoint failed: the WAL cannot be copied into the database file and grows with every commit until it can (is the file writable?)");
                 }
@@ -194,7 +200,7 @@ pub(super) fn wal_metrics(path: &Path) -> Box<dyn Collector> {
         wal: PathBuf,
         /// Its size, set at each scrape.
         bytes: IntGauge,
-        /// Brought up to [`CHECKPOINT_FAILURES`] at each scrape.
+        /// [`CHECKPOINT_FAILURES`].
         failures: IntCounter,
         /// Both metrics' descriptions.
         descs: Vec<Desc>,
@@ -207,9 +213,6 @@ pub(super) fn wal_metrics(path: &Path) -> Box<dyn Collector> {
             // No WAL file (between a clean stop and the next write) is an empty WAL.
             let size = std::fs::metadata(&self.wal).map_or(0, |m| m.len());
             self.bytes.set(i64::try_from(size).unwrap_or(i64::MAX));
-            let failures = CHECKPOINT_FAILURES.load(Ordering::Relaxed);
-            self.failures
-                .inc_by(failures.saturating_sub(self.failures.get()));
             let mut families = self.bytes.collect();
             families.extend(self.failures.collect());
             families
@@ -222,11 +225,7 @@ pub(super) fn wal_metrics(path: &Path) -> Box<dyn Collector> {
         "Size of the SQLite write-ahead log; it stays under about 20 MiB while checkpoints keep up.",
     )
     .expect("valid gauge");
-    let failures = IntCounter::new(
-        "tencent_css_exporter_storage_checkpoint_failures_total",
-        "Checkpoints of the SQLite write-ahead log that failed since the exporter started.",
-    )
-    .expect("valid counter");
+    let failures = CHECKPOINT_FAILURES.clone();
     let descs = bytes
         .desc()
         .into_iter()
@@ -265,9 +264,9 @@ mod tests {
         turn.run(busy);
         assert!(turn.failed_at.is_none());
 
-        let before = CHECKPOINT_FAILURES.load(Ordering::Relaxed);
+        let before = CHECKPOINT_FAILURES.get();
         turn.run(failed);
-        assert!(CHECKPOINT_FAILURES.load(Ordering::Relaxed) > before);
+        assert!(CHECKPOINT_FAILURES.get() > before);
         assert!(turn.failed_at.is_some());
         let mut tried = false;
         turn.run(|| {
