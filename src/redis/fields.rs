@@ -4,6 +4,9 @@
 //! Keys, under `--storage.redis-prefix` (default `tencent_css:`):
 //! - `session:<json [app, appname, stream_id]>`: hash `seq`, `area`, `since`, `live` (its field
 //!   in the `live` hash);
+//! - `places:<json app>`: hash `<appname>` → live sessions, the paths a disconnect without
+//!   `appname` looks under for its session (sessions started before it was kept are not
+//!   counted there);
 //! - `delivered:<sequence>:<event_type>`: a delivered event, expiring one dedup window after it
 //!   was delivered (a push: one window after its session ended);
 //! - `live`: hash `<domain>\x1f<area>` → live streams;
@@ -31,6 +34,11 @@ impl Keys {
         let id = serde_json::to_string(&[&*stream.app, &*stream.appname, &*stream.stream_id])
             .expect("strings serialize");
         format!("{}session:{id}", self.prefix)
+    }
+
+    pub fn places(&self, app: &str) -> String {
+        let app = serde_json::to_string(app).expect("strings serialize");
+        format!("{}places:{app}", self.prefix)
     }
 
     pub fn delivered(&self, sequence: &str, kind: EventKind) -> String {

@@ -17,7 +17,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
 
 use crate::area::Area;
-use crate::callback::{Event, EventKind, Outcome};
+use crate::callback::{Event, EventKind, Outcome, StreamKey};
 use crate::ledger::{now_ms, Outage, Unrecorded};
 use crate::metrics::{CommitStats, Frame, ViewSource};
 use crate::state::counters::{tally, Domain, Series};
@@ -49,14 +49,19 @@ const MAX_ATTEMPTS: usize = 16;
 /// local ledger remembers it from the session's end: while the session was live its push was
 /// known from the session itself, and the key set at the push may have expired since, after
 /// which a retried push would be counted again.
+///
+/// The stream's `appname` has its live sessions counted in its app's `places` hash, so that a
+/// disconnect without `appname` can find its session under the others (see [`fields`]).
 const APPLY: &str = r#"
 local session, delivered, disconnect, live, counters, last = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local ended_push = KEYS[7]
+local ended_push, places = KEYS[7], KEYS[8]
 local current = redis.call('HGET', session, 'seq') or ''
 if current ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', delivered) == 1 then return 0 end
 if tostring(redis.call('EXISTS', disconnect)) ~= ARGV[2] then return 0 end
 redis.call('SET', delivered, '1', 'PX', ARGV[3])
+local n = tonumber(ARGV[9])
+local appname = ARGV[11 + 2 * n]
 local effect = ARGV[4]
 if effect ~= 'keep' then
   if current ~= '' then
@@ -66,11 +71,12 @@ if effect ~= 'keep' then
   if effect == 'start' then
     redis.call('HSET', session, 'seq', ARGV[5], 'area', ARGV[6], 'since', ARGV[7], 'live', ARGV[8])
     redis.call('HINCRBY', live, ARGV[8], 1)
+    if current == '' then redis.call('HINCRBY', places, appname, 1) end
   else
     redis.call('DEL', session)
+    if redis.call('HINCRBY', places, appname, -1) <= 0 then redis.call('HDEL', places, appname) end
   end
 end
-local n = tonumber(ARGV[9])
 for i = 1, n do
   redis.call('HINCRBY', counters, ARGV[8 + 2 * i], ARGV[9 + 2 * i])
 end
@@ -290,9 +296,12 @@ impl RedisLedger {
             Event::Other { .. } => unreachable!("other events are not transitions"),
         };
         let mut conn = self.conn.clone();
-        let session_key = self.keys.session(&s.stream);
+        // The stream the event is about: a disconnect's may be under another `appname`.
+        let mut stream = std::borrow::Cow::Borrowed(&s.stream);
+        let mut session_key = self.keys.session(&stream);
         let delivered_key = self.keys.delivered(&s.sequence, kind);
         let disconnect_key = self.keys.delivered(&s.sequence, EventKind::Disconnect);
+        let mut other_path_looked_up = false;
         for _ in 0..MAX_ATTEMPTS {
             let now = now_ms();
             let ((seq, area, since), delivered, disconnected): StoredFacts = redis::pipe()
@@ -301,6 +310,17 @@ impl RedisLedger {
                 .exists(&disconnect_key)
                 .query_async(&mut conn)
                 .await?;
+            if kind == EventKind::Disconnect
+                && !other_path_looked_up
+                && seq.as_deref() != Some(&s.sequence)
+            {
+                other_path_looked_up = true;
+                if let Some(other) = self.other_path(&s.stream, &s.sequence).await? {
+                    session_key = self.keys.session(&other);
+                    stream = std::borrow::Cow::Owned(other);
+                    continue;
+                }
+            }
             let current = seq.as_deref().map(|seq| Session {
                 sequence: Sequence::from(seq),
                 area: area
@@ -337,6 +357,7 @@ impl RedisLedger {
                     self.keys
                         .delivered(seq.as_deref().unwrap_or(""), EventKind::Push),
                 )
+                .key(self.keys.places(&stream.app))
                 .arg(seq.as_deref().unwrap_or(""))
                 .arg(if disconnected { "1" } else { "0" })
                 .arg(self.dedup_window_ms.max(1));
@@ -359,7 +380,7 @@ impl RedisLedger {
             for (f, n) in &fields {
                 invocation.arg(f).arg(*n);
             }
-            invocation.arg(touched);
+            invocation.arg(touched).arg(&*stream.appname);
             let applied: i64 = invocation.invoke_async(&mut conn).await?;
             if applied == 1 {
                 return Ok(Outcome::Accepted);
@@ -369,6 +390,41 @@ impl RedisLedger {
             redis::ErrorKind::TryAgain,
             "stream changed concurrently too many times",
         )))
+    }
+
+    /// The stream with `stream`'s `app` and stream id, under another `appname` of the app's
+    /// `places`, whose live session is `sequence` (as [`crate::state::Truth`] finds it).
+    async fn other_path(
+        &self,
+        stream: &StreamKey,
+        sequence: &str,
+    ) -> RedisResult<Option<StreamKey>> {
+        let mut conn = self.conn.clone();
+        let appnames: Vec<String> = redis::cmd("HKEYS")
+            .arg(self.keys.places(&stream.app))
+            .query_async(&mut conn)
+            .await?;
+        let others: Vec<StreamKey> = appnames
+            .into_iter()
+            .filter(|appname| **appname != *stream.appname)
+            .map(|appname| StreamKey {
+                app: stream.app.clone(),
+                appname: appname.into(),
+                stream_id: stream.stream_id.clone(),
+            })
+            .collect();
+        if others.is_empty() {
+            return Ok(None);
+        }
+        let mut pipe = redis::pipe();
+        for other in &others {
+            pipe.hget(self.keys.session(other), "seq");
+        }
+        let sequences: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        Ok(others
+            .into_iter()
+            .zip(sequences)
+            .find_map(|(other, seq)| (seq.as_deref() == Some(sequence)).then_some(other)))
     }
 
     /// The `domain` label of `app` under the shared cap, and whether it overflowed.

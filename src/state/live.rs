@@ -199,6 +199,32 @@ impl Live {
             .map(Entry::session)
     }
 
+    /// The stream with `stream`'s `app` and stream id, under another `appname`, whose live
+    /// session is `sequence`: where a disconnect that names no `appname` (or another one than
+    /// its push did) finds its session. `appname` is not needed to account for an event, and a
+    /// sequence is one push session's alone; an app has a few paths, so this is a few lookups.
+    pub fn other_path(&self, stream: &StreamKey, sequence: &str) -> Option<(StreamKey, Session)> {
+        let names = self.places.get(&*stream.app)?;
+        names.iter().find_map(|(appname, place)| {
+            if *appname == stream.appname {
+                return None;
+            }
+            let entry = self.entries.get(&Probe {
+                place: *place,
+                id: &stream.stream_id,
+            } as &dyn Key)?;
+            (entry.sequence == *sequence).then(|| {
+                let slot = &self.slots[*place as usize];
+                let key = StreamKey {
+                    app: slot.app.clone(),
+                    appname: appname.clone(),
+                    stream_id: stream.stream_id.clone(),
+                };
+                (key, entry.session())
+            })
+        })
+    }
+
     /// Sets a stream's session (`None`: not live); returns the session before.
     pub fn set(&mut self, stream: &StreamKey, session: Option<Session>) -> Option<Session> {
         let before = match session {
@@ -368,6 +394,37 @@ mod tests {
         assert_eq!(live.set(&streams[6], None), None);
         assert_eq!(live.set(&key("zz", "live", "cam"), None), None);
         assert_eq!(live.len(), streams.len() - 1);
+    }
+
+    #[test]
+    fn a_session_is_found_under_another_path_by_its_sequence() {
+        let mut live = Live::default();
+        live.set(&key("a", "live", "cam"), Some(session("1", 0)));
+        live.set(&key("a", "other", "cam"), Some(session("2", 0)));
+        live.set(&key("b", "live", "cam"), Some(session("3", 0)));
+        live.set(&key("a", "live", "cam2"), Some(session("4", 0)));
+        for (path, sequence, found) in [
+            ("", "1", Some("live")),
+            ("", "2", Some("other")),
+            ("live", "2", Some("other")),
+            // The stream's own path is not another one; other apps and ids are not looked at.
+            ("live", "1", None),
+            ("", "3", None),
+            ("", "4", None),
+            ("", "9", None),
+        ] {
+            let got = live.other_path(&key("a", path, "cam"), sequence);
+            assert_eq!(
+                got.as_ref().map(|(k, _)| &*k.appname),
+                found,
+                "{path:?} {sequence}"
+            );
+            if let Some((k, s)) = got {
+                assert_eq!((&*k.app, &*k.stream_id), ("a", "cam"));
+                assert_eq!(live.get(&k), Some(s));
+            }
+        }
+        assert_eq!(live.other_path(&key("z", "", "cam"), "1"), None);
     }
 
     #[test]

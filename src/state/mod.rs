@@ -256,7 +256,8 @@ impl Truth {
             Event::Disconnect { session, .. } => (EventKind::Disconnect, session),
         };
         let key = DeliveryKey::new(&stream_event.sequence, kind);
-        let current = self.sessions.get(&stream_event.stream);
+        let (stream, current) = self.stream_of(kind, stream_event);
+        let stream = stream.as_ref();
         let facts = Facts {
             current: current.as_ref(),
             already_delivered: self.delivered.contains(&key, now_ms),
@@ -272,16 +273,13 @@ impl Truth {
             _ => return self.count(kind, Outcome::Duplicate),
         };
 
-        let (domain, overflow, admitted) = self.admit(&stream_event.stream.app);
+        let (domain, overflow, admitted) = self.admit(&stream.app);
         // A session that starts holds its push; every other event is remembered for the window,
         // and so is the push of a session that stops being live.
         let (own, session) = match effect {
             Effect::Keep => (Some(key), None),
-            Effect::Start(s) => (None, Some(self.set_session(&stream_event.stream, Some(s)))),
-            Effect::End => (
-                Some(key),
-                Some(self.set_session(&stream_event.stream, None)),
-            ),
+            Effect::Start(s) => (None, Some(self.set_session(stream, Some(s)))),
+            Effect::End => (Some(key), Some(self.set_session(stream, None))),
         };
         let ended = session
             .as_ref()
@@ -296,10 +294,32 @@ impl Truth {
         Change {
             outcome: Outcome::Accepted,
             delivered,
-            session: session.map(|before| (stream_event.stream.clone(), before)),
+            session: session.map(|before| (stream.clone(), before)),
             admitted,
             deltas,
         }
+    }
+
+    /// The stream an event is about, and its live session. A disconnect whose stream is not
+    /// live with its sequence ends that sequence's session under another `appname` of the same
+    /// `app` and stream id, if there is one ([`rules::disconnect`]).
+    fn stream_of<'e>(
+        &self,
+        kind: EventKind,
+        event: &'e crate::callback::StreamEvent,
+    ) -> (std::borrow::Cow<'e, StreamKey>, Option<Session>) {
+        let current = self.sessions.get(&event.stream);
+        let own = current
+            .as_ref()
+            .is_some_and(|c| c.sequence == event.sequence);
+        if kind == EventKind::Disconnect && !own {
+            if let Some((stream, session)) =
+                self.sessions.other_path(&event.stream, &event.sequence)
+            {
+                return (std::borrow::Cow::Owned(stream), Some(session));
+            }
+        }
+        (std::borrow::Cow::Borrowed(&event.stream), current)
     }
 
     /// Counts a callback that changes nothing else (duplicates, ignored and rejected ones).

@@ -146,7 +146,9 @@ pub fn push(sequence: &str, since: i64, area: crate::area::Area, facts: Facts) -
     Decision::Accept(effect)
 }
 
-/// A disconnect of session `sequence`.
+/// A disconnect of session `sequence`. Its stream's `current` session is the one with its
+/// `app` and stream id whose sequence it is, under any `appname`, if there is one: `appname`
+/// is not needed to account for an event, and a sequence is one push session's alone.
 pub fn disconnect(sequence: &str, facts: Facts) -> Decision {
     if facts.already_delivered {
         return Decision::Duplicate;

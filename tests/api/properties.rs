@@ -39,12 +39,17 @@ use crate::helpers::*;
 // ---------------------------------------------------------------------------------------------
 
 /// The streams of every history: (app, appname, stream_id). Two domains, and one stream id that
-/// exists in both, so only the whole triple tells streams apart.
-const STREAMS: [(&str, &str, &str); 3] = [
+/// exists in both, so only the whole triple tells streams apart; and the first stream again
+/// without `appname` ([`NO_PATH`]).
+const STREAMS: [(&str, &str, &str); 4] = [
     ("a.example.com", "live", "cam1"),
     ("a.example.com", "live", "cam2"),
     ("b.example.com", "", "cam1"),
+    ("a.example.com", "", "cam1"),
 ];
+/// The stream that is the first one without `appname`: it has the first one's sequences, so
+/// that a disconnect of either finds the other's session.
+const NO_PATH: usize = 3;
 /// Sessions per stream; one more sequence id, [`SHARED`], is used by every stream (Tencent's
 /// sequence ids are meant to be unique, and the dedup key does not include the stream).
 const SEQUENCES: usize = 4;
@@ -124,11 +129,16 @@ impl Ev {
     /// Tencent's ids are decimal numbers; one session of each stream has the digits of another
     /// with a leading zero (a different id), and the shared one is not a number at all.
     fn sequence(&self) -> String {
+        let stream = if self.stream == NO_PATH {
+            0
+        } else {
+            self.stream
+        };
         match self.seq {
             SHARED => "shared".into(),
-            2 => format!("0{}", 10 + self.stream),
-            3 => format!("{}", 10 + self.stream),
-            n => format!("{}{n}", 66744681188066 + self.stream as u64 * 100),
+            2 => format!("0{}", 10 + stream),
+            3 => format!("{}", 10 + stream),
+            n => format!("{}{n}", 66744681188066 + stream as u64 * 100),
         }
     }
 
@@ -316,7 +326,7 @@ struct Model {
 }
 
 /// Every way an event can go, as [`Model::apply`] tells them apart.
-const RULES: [&str; 11] = [
+const RULES: [&str; 12] = [
     "ignored",
     "duplicate push",
     "duplicate disconnect",
@@ -327,6 +337,7 @@ const RULES: [&str; 11] = [
     "push after its disconnect ends the live session",
     "push after its disconnect, nothing live",
     "disconnect ends its session",
+    "disconnect ends its session under another appname",
     "disconnect of a session not live",
 ];
 
@@ -440,13 +451,29 @@ impl Model {
             if ev.push_duration_ms.is_some() {
                 *self.durations.entry((domain, area)).or_default() += 1;
             }
-            if self
+            let (app, _, id) = STREAMS[ev.stream];
+            let is_its_session = |i: &usize, l: &LiveSession| {
+                (STREAMS[*i].0, STREAMS[*i].2) == (app, id) && l.sequence == sequence
+            };
+            let own = self
                 .live
                 .get(&ev.stream)
-                .is_some_and(|l| l.sequence == sequence)
-            {
+                .is_some_and(|l| is_its_session(&ev.stream, l));
+            let other = (!own)
+                .then(|| {
+                    self.live
+                        .iter()
+                        .find(|(i, l)| is_its_session(i, l))
+                        .map(|(i, _)| *i)
+                })
+                .flatten();
+            if own {
                 seen("disconnect ends its session");
                 self.live.remove(&ev.stream);
+            } else if let Some(other) = other {
+                // appname is not needed to account for an event: its sequence finds its push.
+                seen("disconnect ends its session under another appname");
+                self.live.remove(&other);
             } else {
                 seen("disconnect of a session not live");
             }

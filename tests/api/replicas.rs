@@ -34,6 +34,39 @@ async fn ok(e: &Exporter, body: Value) {
 }
 
 #[tokio::test]
+async fn a_disconnect_without_appname_finds_its_session_on_another_replica() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let (a, b) = (replica(&redis).await, replica(&redis).await);
+    let d = "paths.example.com";
+    let mut hello = push(d, "s1", "q1", 1);
+    hello["appname"] = json!("live");
+    ok(&a, hello).await;
+    let mut other = push(d, "s2", "q2", 1);
+    other["appname"] = json!("live");
+    ok(&a, other).await;
+    // Quoted for Redis's inline commands, which would take the key's own quotes away.
+    let places = format!("'tencent_css:places:\"{d}\"'");
+    assert_eq!(redis.command(&["HLEN", &places]), ":1");
+    let mut bye = disconnect(d, "s1", "q1", 1, 1);
+    bye.as_object_mut().unwrap().remove("appname");
+    ok(&b, bye.clone()).await;
+    ok(&a, bye).await;
+    let s = agreed(&a, &b).await;
+    let mainland = [("domain", d), ("area", "mainland")];
+    assert_eq!(s.value("tencent_css_active_streams", &mainland), 1.0);
+    assert_eq!(s.callbacks("disconnect", "duplicate"), 1.0);
+    // The path's count follows its sessions, and goes with the last one.
+    let mut bye = disconnect(d, "s2", "q2", 1, 1);
+    bye["appname"] = json!("live");
+    ok(&b, bye).await;
+    assert_eq!(redis.command(&["EXISTS", &places]), ":0");
+    let s = agreed(&a, &b).await;
+    assert_eq!(s.value("tencent_css_active_streams", &mainland), 0.0);
+}
+
+#[tokio::test]
 async fn replicas_share_sessions_retries_and_counters() {
     let Some(redis) = RedisServer::start().await else {
         return;
