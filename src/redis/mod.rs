@@ -310,8 +310,10 @@ impl RedisLedger {
                 .exists(&disconnect_key)
                 .query_async(&mut conn)
                 .await?;
+            // A retry is a duplicate whatever the path: not worth a round trip.
             if kind == EventKind::Disconnect
                 && !other_path_looked_up
+                && !delivered
                 && seq.as_deref() != Some(&s.sequence)
             {
                 other_path_looked_up = true;
