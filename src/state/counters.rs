@@ -175,7 +175,7 @@ pub fn tally(event: &Event, domain: Domain, overflow: bool, now_ms: i64) -> Vec<
         }
         Event::Other { .. } => {}
     }
-    if let Some(event_time) = s.event_time {
+    if let Some(event_time) = super::rules::believable(s.event_time, now_ms.div_euclid(1000)) {
         let delay_ms = now_ms.saturating_sub(event_time.saturating_mul(1000));
         let delay_ms = delay_ms.clamp(0, MAX_OBSERVATION_MS as i64) as u64;
         counts.push(Count::Observe(Series::CallbackDelay, delay_ms));

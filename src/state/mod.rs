@@ -559,11 +559,12 @@ mod tests {
         }
     }
 
+    /// An event of stream `id` that happened `event_time` seconds after `T`.
     fn stream_event(id: &str, sequence: &str, event_time: i64) -> StreamEvent {
         StreamEvent {
             stream: stream(id),
             sequence: sequence.into(),
-            event_time: Some(event_time),
+            event_time: Some(T / 1000 + event_time),
             area: Area::Mainland,
         }
     }

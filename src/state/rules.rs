@@ -106,14 +106,51 @@ pub enum Decision {
     Accept(Effect),
 }
 
-/// The decision for a push or disconnect (`None` for other events). A push without
-/// `event_time` started `now_secs`.
+/// How long before the time a callback is received its `event_time` may be and still be
+/// believed: Tencent gives up a delivery after about 13 minutes of retries, so a day is far
+/// more than any real delay, and an `event_time` of 0 or in milliseconds is not believed.
+pub const EVENT_TIME_PAST_SECS: i64 = 24 * 3600;
+/// How long after the time a callback is received its `event_time` may be: clocks that differ
+/// by more fail the `t` check first.
+pub const EVENT_TIME_AHEAD_SECS: i64 = 3600;
+
+/// An event's `event_time`, if it is believable when received at `now_secs` (see
+/// [`EVENT_TIME_PAST_SECS`]). One that is not would make a session look older (or newer) than
+/// every other of its stream, for good, and put a year into the delay histogram.
+pub fn believable(event_time: Option<i64>, now_secs: i64) -> Option<i64> {
+    event_time.filter(|t| {
+        (now_secs.saturating_sub(EVENT_TIME_PAST_SECS)
+            ..=now_secs.saturating_add(EVENT_TIME_AHEAD_SECS))
+            .contains(t)
+    })
+}
+
+/// When a push's session started, as far as it says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Its `event_time`.
+    At(i64),
+    /// It has no believable `event_time`: when it was received, which says nothing about how it
+    /// stands to a session whose disconnect was already seen.
+    Received(i64),
+}
+
+impl Start {
+    fn secs(self) -> i64 {
+        match self {
+            Start::At(t) | Start::Received(t) => t,
+        }
+    }
+}
+
+/// The decision for a push or disconnect (`None` for other events). A push without a
+/// believable `event_time` started `now_secs`.
 pub fn decide(event: &crate::callback::Event, facts: Facts, now_secs: i64) -> Option<Decision> {
     use crate::callback::Event;
     match event {
         Event::Push(s) => Some(push(
             &s.sequence,
-            s.event_time.unwrap_or(now_secs),
+            believable(s.event_time, now_secs).map_or(Start::Received(now_secs), Start::At),
             s.area,
             facts,
         )),
@@ -122,17 +159,21 @@ pub fn decide(event: &crate::callback::Event, facts: Facts, now_secs: i64) -> Op
     }
 }
 
-/// A push of session `sequence` that started at `since`.
-pub fn push(sequence: &str, since: i64, area: crate::area::Area, facts: Facts) -> Decision {
+/// A push of session `sequence` that started at `start`.
+pub fn push(sequence: &str, start: Start, area: crate::area::Area, facts: Facts) -> Decision {
     if facts.already_delivered {
         return Decision::Duplicate;
     }
+    let since = start.secs();
     let effect = match facts.current {
         // The live session's own push again: a retry, whatever the dedup window remembers. The
         // session was counted when it started.
         Some(current) if current.sequence == *sequence => return Decision::Duplicate,
         // A late push of a session older than the live one must not replace it.
         Some(current) if since < current.since => Effect::Keep,
+        // An ended session of unknown start may be older than the live one (a late delivery):
+        // the live one's own disconnect will end it if it was replaced.
+        Some(_) if facts.disconnect_seen && matches!(start, Start::Received(_)) => Effect::Keep,
         // The session already ended before its push arrived: it replaced whatever was live
         // before it (Tencent allows one publisher a stream) and is itself gone.
         Some(_) if facts.disconnect_seen => Effect::End,
@@ -207,7 +248,7 @@ mod tests {
     #[test]
     fn push_starts_a_session() {
         assert_eq!(
-            push("a", 10, Area::Mainland, facts(None)),
+            push("a", Start::At(10), Area::Mainland, facts(None)),
             Decision::Accept(Effect::Start(session("a", 10)))
         );
     }
@@ -216,7 +257,7 @@ mod tests {
     fn newer_push_replaces_an_unfinished_session() {
         let old = session("a", 10);
         assert_eq!(
-            push("b", 20, Area::Mainland, facts(Some(&old))),
+            push("b", Start::At(20), Area::Mainland, facts(Some(&old))),
             Decision::Accept(Effect::Start(session("b", 20)))
         );
     }
@@ -225,7 +266,7 @@ mod tests {
     fn late_push_of_an_older_session_keeps_the_newer_one() {
         let live = session("b", 20);
         assert_eq!(
-            push("a", 10, Area::Mainland, facts(Some(&live))),
+            push("a", Start::At(10), Area::Mainland, facts(Some(&live))),
             Decision::Accept(Effect::Keep)
         );
     }
@@ -237,7 +278,7 @@ mod tests {
             ..facts(None)
         };
         assert_eq!(
-            push("a", 10, Area::Mainland, f),
+            push("a", Start::At(10), Area::Mainland, f),
             Decision::Accept(Effect::Keep)
         );
         let old = session("z", 5);
@@ -246,9 +287,49 @@ mod tests {
             ..facts(Some(&old))
         };
         assert_eq!(
-            push("a", 10, Area::Mainland, f),
+            push("a", Start::At(10), Area::Mainland, f),
             Decision::Accept(Effect::End)
         );
+    }
+
+    #[test]
+    fn an_ended_session_of_unknown_start_leaves_the_live_one() {
+        let live = session("b", 20);
+        let f = Facts {
+            disconnect_seen: true,
+            ..facts(Some(&live))
+        };
+        assert_eq!(
+            push("a", Start::Received(30), Area::Mainland, f),
+            Decision::Accept(Effect::Keep)
+        );
+        // Of unknown start but not over: taken as the newer one.
+        assert_eq!(
+            push("a", Start::Received(30), Area::Mainland, facts(Some(&live))),
+            Decision::Accept(Effect::Start(session("a", 30)))
+        );
+    }
+
+    #[test]
+    fn an_event_time_far_from_now_is_not_believed() {
+        let now = 1_700_000_000;
+        for t in [now, now - EVENT_TIME_PAST_SECS, now + EVENT_TIME_AHEAD_SECS] {
+            assert_eq!(believable(Some(t), now), Some(t));
+        }
+        for t in [
+            0,
+            -1,
+            now * 1000,
+            now - EVENT_TIME_PAST_SECS - 1,
+            now + EVENT_TIME_AHEAD_SECS + 1,
+            i64::MIN,
+            i64::MAX,
+        ] {
+            assert_eq!(believable(Some(t), now), None, "{t}");
+        }
+        assert_eq!(believable(None, now), None);
+        assert_eq!(believable(Some(i64::MAX), i64::MAX), Some(i64::MAX));
+        assert_eq!(believable(Some(i64::MIN), i64::MIN), Some(i64::MIN));
     }
 
     #[test]
@@ -271,7 +352,7 @@ mod tests {
         let live = session("a", 10);
         for since in [5, 10, 20] {
             assert_eq!(
-                push("a", since, Area::Overseas, facts(Some(&live))),
+                push("a", Start::At(since), Area::Overseas, facts(Some(&live))),
                 Decision::Duplicate
             );
         }
@@ -279,10 +360,18 @@ mod tests {
             disconnect_seen: true,
             ..facts(Some(&live))
         };
-        assert_eq!(push("a", 10, Area::Mainland, f), Decision::Duplicate);
+        assert_eq!(
+            push("a", Start::At(10), Area::Mainland, f),
+            Decision::Duplicate
+        );
         // The same digits with a leading zero are another session.
         assert_eq!(
-            push("07", 20, Area::Mainland, facts(Some(&session("7", 10)))),
+            push(
+                "07",
+                Start::At(20),
+                Area::Mainland,
+                facts(Some(&session("7", 10)))
+            ),
             Decision::Accept(Effect::Start(session("07", 20)))
         );
     }
@@ -294,7 +383,10 @@ mod tests {
             already_delivered: true,
             ..facts(Some(&live))
         };
-        assert_eq!(push("a", 1, Area::Mainland, f), Decision::Duplicate);
+        assert_eq!(
+            push("a", Start::At(1), Area::Mainland, f),
+            Decision::Duplicate
+        );
         assert_eq!(disconnect("a", f), Decision::Duplicate);
     }
 }

@@ -54,9 +54,10 @@ const NO_PATH: usize = 3;
 /// sequence ids are meant to be unique, and the dedup key does not include the stream).
 const SEQUENCES: usize = 4;
 const SHARED: usize = SEQUENCES;
-/// Event times are mostly `T0` plus a few seconds: in the past, so a push without `event_time`
-/// (which starts "now") is newer than every one of them.
-const T0: i64 = 1_700_000_000;
+/// Event times are mostly `T0` plus a few seconds: an hour ago, believable (see
+/// [`believable`]) and in the past, so a push without `event_time` (which starts "now") is
+/// newer than every one of them.
+static T0: std::sync::LazyLock<i64> = std::sync::LazyLock::new(|| now() - 3600);
 /// Event times a hostile or broken sender may claim.
 const ODD_TIMES: [i64; 5] = [
     i64::MIN,
@@ -100,6 +101,12 @@ const ERRCODES: [i64; 22] = [
     i64::MAX,
     i64::MIN,
 ];
+/// Whether the exporter believes an event time: the odd ones are decades away from the clock,
+/// `T0`'s within an hour of it; one not believed counts as absent.
+fn believable(time: Option<i64>) -> Option<i64> {
+    time.filter(|t| !ODD_TIMES.contains(t))
+}
+
 /// `event_type`s of events that are acknowledged and ignored.
 const OTHER_TYPES: [i64; 5] = [2, 3, 100, 200, -1];
 
@@ -187,7 +194,7 @@ fn ev() -> impl Strategy<Value = Ev> {
         0..STREAMS.len(),
         prop_oneof![8 => 0..SEQUENCES, 1 => Just(SHARED)],
         prop_oneof![
-            16 => (0i64..6).prop_map(|k| Some(T0 + k * 10)),
+            16 => (0i64..6).prop_map(|k| Some(*T0 + k * 10)),
             2 => Just(None),
             1 => prop::sample::select(ODD_TIMES.to_vec()).prop_map(Some),
         ],
@@ -326,7 +333,7 @@ struct Model {
 }
 
 /// Every way an event can go, as [`Model::apply`] tells them apart.
-const RULES: [&str; 12] = [
+const RULES: [&str; 13] = [
     "ignored",
     "duplicate push",
     "duplicate disconnect",
@@ -335,6 +342,7 @@ const RULES: [&str; 12] = [
     "push of the live session again",
     "late push of an older session",
     "push after its disconnect ends the live session",
+    "push after its disconnect, of unknown start, leaves the live session",
     "push after its disconnect, nothing live",
     "disconnect ends its session",
     "disconnect ends its session under another appname",
@@ -407,14 +415,14 @@ impl Model {
         }
         *self.callbacks.entry((event, "accepted")).or_default() += 1;
         self.recorded += 1;
-        if ev.time.is_some() {
+        if believable(ev.time).is_some() {
             self.delays += 1;
         }
         let domain = STREAMS[ev.stream].0.to_string();
         let area = area_label(ev.set_id);
         if ev.kind == Kind::Push {
             *self.pushes.entry((domain, area)).or_default() += 1;
-            let since = ev.time.map_or(now, Since::At);
+            let since = believable(ev.time).map_or(now, Since::At);
             let its_disconnect_came_first = self
                 .delivered
                 .contains(&(sequence.clone(), Kind::Disconnect));
@@ -422,6 +430,9 @@ impl Model {
             let older_than_live = live.is_some_and(|l| since.before(l.since));
             if older_than_live {
                 seen("late push of an older session");
+            } else if its_disconnect_came_first && live.is_some() && believable(ev.time).is_none() {
+                // It may be older than the live one: that one's own disconnect ends it.
+                seen("push after its disconnect, of unknown start, leaves the live session");
             } else if its_disconnect_came_first {
                 // It replaced whatever was live, and is over already.
                 seen(match self.live.remove(&ev.stream) {
@@ -946,6 +957,7 @@ fn truth_rules_hold_for_random_histories_in_redis_with_expired_keys() {
             "duplicate push",
             "duplicate disconnect",
             "push after its disconnect ends the live session",
+            "push after its disconnect, of unknown start, leaves the live session",
             "push after its disconnect, nothing live",
         ],
     );

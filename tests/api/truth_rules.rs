@@ -184,6 +184,43 @@ async fn a_disconnect_without_appname_ends_its_session_under_the_push_path() {
 }
 
 #[tokio::test]
+async fn an_event_time_not_believed_counts_as_the_time_received() {
+    let app = spawn_app().await;
+    // In milliseconds by mistake: the session would look newer than every later one for good.
+    let mut first = push(D, "s1", "seq-1", 1);
+    first["event_time"] = json!(now() * 1000);
+    accept(&app, first).await;
+    accept(&app, push(D, "s1", "seq-2", 1)).await;
+    accept(&app, disconnect(D, "s1", "seq-2", 1, 1)).await;
+    let s = app.scrape().await;
+    assert_eq!(s.sum(ACTIVE, &[]), 0.0, "seq-2 replaced seq-1 and ended");
+    // 0: it would look older than every other session, and put decades into the histogram.
+    let mut zero = push(D, "s2", "seq-3", 1);
+    zero["event_time"] = json!(0);
+    accept(&app, zero).await;
+    let s = app.scrape().await;
+    assert_eq!(s.sum(ACTIVE, &[]), 1.0);
+    assert_eq!(s.value("tencent_css_callback_delay_seconds_count", &[]), 2.0);
+    assert!(s.value("tencent_css_callback_delay_seconds_sum", &[]) < 60.0);
+}
+
+#[tokio::test]
+async fn an_ended_push_of_unknown_start_does_not_end_the_live_session() {
+    let app = spawn_app().await;
+    accept(&app, disconnect(D, "s1", "seq-1", 1, 1)).await;
+    let mut live_one = push(D, "s1", "seq-2", 1);
+    live_one["event_time"] = json!(now() - 120);
+    accept(&app, live_one).await;
+    // seq-1's push, delivered late and without a time: it may be older than seq-2.
+    let mut late = push(D, "s1", "seq-1", 1);
+    late.as_object_mut().unwrap().remove("event_time");
+    accept(&app, late).await;
+    assert_eq!(live(&app).await, 1.0);
+    accept(&app, disconnect(D, "s1", "seq-2", 1, 1)).await;
+    assert_eq!(live(&app).await, 0.0);
+}
+
+#[tokio::test]
 async fn set_id_decides_the_area() {
     let app = spawn_app().await;
     for (i, set_id) in [1, 6, 7, 200, 0, 201].into_iter().enumerate() {
