@@ -145,6 +145,9 @@ impl CallbackError {
             CallbackError::Malformed(ParseError::Missing {
                 stream, sequence, ..
             }) => Some((stream.clone(), sequence.clone())),
+            CallbackError::Malformed(ParseError::AppTooLong { sequence, .. }) => {
+                Some((None, sequence.clone()))
+            }
             _ => None,
         };
         let (stream, sequence) = stream.unwrap_or_default();

@@ -152,6 +152,38 @@ async fn missing_required_fields_is_400_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn an_app_longer_than_a_domain_name_is_400_and_changes_nothing() {
+    let app = spawn_app().await;
+    let longest = format!("{}.example.com", "a".repeat(253 - ".example.com".len()));
+    for (domain, status) in [(longest.clone() + "x", 400), (longest.clone(), 200)] {
+        let answer = app.post(&signed(push(&domain, "s1", "q1", 1))).await;
+        assert_eq!(answer.status, status, "{}", answer.body);
+    }
+    let answer = app
+        .post(&signed(disconnect(&"é".repeat(127), "s1", "q1", 1, 1)))
+        .await;
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    assert!(answer.body.contains("254 bytes"), "{}", answer.body);
+    let s = app.scrape().await;
+    assert_eq!(
+        s.value(CALLBACKS, &[("event", "push"), ("outcome", "malformed")]),
+        1.0
+    );
+    assert_eq!(
+        s.value(
+            CALLBACKS,
+            &[("event", "disconnect"), ("outcome", "malformed")]
+        ),
+        1.0
+    );
+    assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
+    assert_eq!(
+        s.value("tencent_css_active_streams", &[("domain", &longest)]),
+        1.0
+    );
+}
+
+#[tokio::test]
 async fn bad_or_missing_sign_is_401() {
     let app = spawn_app().await;
     let wrong_key = signed_with(sample("push"), "not-the-key");

@@ -200,7 +200,10 @@ async fn an_event_time_not_believed_counts_as_the_time_received() {
     accept(&app, zero).await;
     let s = app.scrape().await;
     assert_eq!(s.sum(ACTIVE, &[]), 1.0);
-    assert_eq!(s.value("tencent_css_callback_delay_seconds_count", &[]), 2.0);
+    assert_eq!(
+        s.value("tencent_css_callback_delay_seconds_count", &[]),
+        2.0
+    );
     assert!(s.value("tencent_css_callback_delay_seconds_sum", &[]) < 60.0);
 }
 
