@@ -34,6 +34,10 @@ fuzz_target!(|body: &[u8]| {
                 assert_eq!(field.trim(), field, "text fields are trimmed");
             }
             assert_eq!(s.stream.appname.trim(), &*s.stream.appname);
+            assert!(
+                s.stream.app.len() <= callback::MAX_APP_BYTES,
+                "an app is at most a domain name long"
+            );
             if let Event::Disconnect {
                 push_duration_ms: Some(ms),
                 ..
