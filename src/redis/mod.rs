@@ -345,7 +345,8 @@ impl RedisLedger {
                 }
             };
             let (domain, overflow) = self.admit(&s.stream.app).await?;
-            let (fields, touched) = increments(tally(event, domain.clone(), overflow, now));
+            let area = rules::counted_area(event, &effect, current.as_ref());
+            let (fields, touched) = increments(tally(event, domain.clone(), area, overflow, now));
             let mut invocation = self.apply.prepare_invoke();
             invocation
                 .key(&session_key)

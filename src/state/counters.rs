@@ -150,13 +150,14 @@ pub enum Count {
 
 /// Everything an accepted push or disconnect counts: its own counter, its histograms, the
 /// accepted callback, the last-callback time and, when its domain is over the cap, the overflow.
-pub fn tally(event: &Event, domain: Domain, overflow: bool, now_ms: i64) -> Vec<Count> {
+/// Its series have the labels `domain` and `area` ([`crate::state::rules::counted_area`]).
+pub fn tally(event: &Event, domain: Domain, area: Area, overflow: bool, now_ms: i64) -> Vec<Count> {
     let mut counts = Vec::with_capacity(6);
     let Some(s) = event.stream_event() else {
         return counts;
     };
     match event {
-        Event::Push(_) => counts.push(Count::Inc(Series::Pushes(domain, s.area))),
+        Event::Push(_) => counts.push(Count::Inc(Series::Pushes(domain, area))),
         Event::Disconnect {
             errcode,
             push_duration_ms,
@@ -165,12 +166,12 @@ pub fn tally(event: &Event, domain: Domain, overflow: bool, now_ms: i64) -> Vec<
             let errcode = ErrCode::new(*errcode);
             counts.push(Count::Inc(Series::Disconnects(
                 domain.clone(),
-                s.area,
+                area,
                 errcode,
             )));
             if let Some(ms) = push_duration_ms {
                 let ms = (*ms).clamp(0, MAX_OBSERVATION_MS as i64) as u64;
-                counts.push(Count::Observe(Series::PushDuration(domain, s.area), ms));
+                counts.push(Count::Observe(Series::PushDuration(domain, area), ms));
             }
         }
         Event::Other { .. } => {}

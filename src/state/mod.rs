@@ -273,6 +273,7 @@ impl Truth {
             _ => return self.count(kind, Outcome::Duplicate),
         };
 
+        let area = rules::counted_area(event, &effect, current.as_ref());
         let (domain, overflow, admitted) = self.admit(&stream.app);
         // A session that starts holds its push; every other event is remembered for the window,
         // and so is the push of a session that stops being live.
@@ -287,7 +288,7 @@ impl Truth {
             .map(|before| DeliveryKey::push_of(before.sequence.clone()));
         let delivered =
             [own, ended].map(|key| key.filter(|key| self.delivered.remember(key.clone(), now_ms)));
-        let deltas = counters::tally(event, domain, overflow, now_ms)
+        let deltas = counters::tally(event, domain, area, overflow, now_ms)
             .into_iter()
             .map(|count| self.counters.apply(count))
             .collect();

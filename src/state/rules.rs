@@ -187,6 +187,27 @@ pub fn push(sequence: &str, start: Start, area: crate::area::Area, facts: Facts)
     Decision::Accept(effect)
 }
 
+/// The `area` an accepted event is counted under: its own, but for a disconnect that names
+/// none (no `set_id`, or one out of range) the area of the session it ends, so that a session's
+/// push and disconnect count under one area.
+pub fn counted_area(
+    event: &crate::callback::Event,
+    effect: &Effect,
+    current: Option<&Session>,
+) -> crate::area::Area {
+    use crate::area::Area;
+    use crate::callback::Event;
+    match (event, effect, current) {
+        (Event::Disconnect { session, .. }, Effect::End, Some(ended))
+            if session.area == Area::Unknown =>
+        {
+            ended.area
+        }
+        (Event::Push(s) | Event::Disconnect { session: s, .. }, _, _) => s.area,
+        (Event::Other { .. }, _, _) => Area::Unknown,
+    }
+}
+
 /// A disconnect of session `sequence`. Its stream's `current` session is the one with its
 /// `app` and stream id whose sequence it is, under any `appname`, if there is one: `appname`
 /// is not needed to account for an event, and a sequence is one push session's alone.
@@ -330,6 +351,50 @@ mod tests {
         assert_eq!(believable(None, now), None);
         assert_eq!(believable(Some(i64::MAX), i64::MAX), Some(i64::MAX));
         assert_eq!(believable(Some(i64::MIN), i64::MIN), Some(i64::MIN));
+    }
+
+    #[test]
+    fn a_disconnect_without_an_area_counts_under_its_sessions() {
+        use crate::callback::{Event, StreamEvent, StreamKey};
+        let event = |push: bool, area| {
+            let s = StreamEvent {
+                stream: StreamKey {
+                    app: "d".into(),
+                    appname: "live".into(),
+                    stream_id: "s".into(),
+                },
+                sequence: "a".into(),
+                event_time: None,
+                area,
+            };
+            if push {
+                Event::Push(s)
+            } else {
+                Event::Disconnect {
+                    session: s,
+                    errcode: 1,
+                    push_duration_ms: None,
+                }
+            }
+        };
+        let live = session("a", 1);
+        let bye = event(false, Area::Unknown);
+        assert_eq!(
+            counted_area(&bye, &Effect::End, Some(&live)),
+            Area::Mainland
+        );
+        assert_eq!(counted_area(&bye, &Effect::Keep, None), Area::Unknown);
+        // An area of its own is its own; a push is counted under its own whatever it ends.
+        let overseas = event(false, Area::Overseas);
+        assert_eq!(
+            counted_area(&overseas, &Effect::End, Some(&live)),
+            Area::Overseas
+        );
+        let push = event(true, Area::Unknown);
+        assert_eq!(
+            counted_area(&push, &Effect::End, Some(&live)),
+            Area::Unknown
+        );
     }
 
     #[test]

@@ -454,14 +454,6 @@ impl Model {
                 );
             }
         } else {
-            let code = errcode_label(ev.errcode);
-            *self
-                .disconnects
-                .entry((domain.clone(), area, code))
-                .or_default() += 1;
-            if ev.push_duration_ms.is_some() {
-                *self.durations.entry((domain, area)).or_default() += 1;
-            }
             let (app, _, id) = STREAMS[ev.stream];
             let is_its_session = |i: &usize, l: &LiveSession| {
                 (STREAMS[*i].0, STREAMS[*i].2) == (app, id) && l.sequence == sequence
@@ -478,15 +470,29 @@ impl Model {
                         .map(|(i, _)| *i)
                 })
                 .flatten();
-            if own {
+            let ended = if own {
                 seen("disconnect ends its session");
-                self.live.remove(&ev.stream);
+                self.live.remove(&ev.stream)
             } else if let Some(other) = other {
                 // appname is not needed to account for an event: its sequence finds its push.
                 seen("disconnect ends its session under another appname");
-                self.live.remove(&other);
+                self.live.remove(&other)
             } else {
                 seen("disconnect of a session not live");
+                None
+            };
+            // One that names no area counts under the area of the session it ends.
+            let area = match ended {
+                Some(ended) if area == "unknown" => ended.area,
+                _ => area,
+            };
+            let code = errcode_label(ev.errcode);
+            *self
+                .disconnects
+                .entry((domain.clone(), area, code))
+                .or_default() += 1;
+            if ev.push_duration_ms.is_some() {
+                *self.durations.entry((domain, area)).or_default() += 1;
             }
         }
         "accepted"
