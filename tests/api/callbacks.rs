@@ -111,6 +111,24 @@ async fn not_json_is_400_malformed() {
     assert_eq!(outcome(&app, "unknown", "malformed").await, 4.0);
 }
 
+/// A field the exporter reads given twice: which one counts would be a guess. Unknown fields may
+/// repeat.
+#[tokio::test]
+async fn a_field_given_twice_is_400_malformed() {
+    let app = spawn_app().await;
+    let body = signed(sample("push")).to_string();
+    let twice = body.replacen('{', "{\"set_id\":9,", 1);
+    let answer = app.post_raw(twice.into_bytes(), "application/json").await;
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    let unknown_twice = body.replacen('{', "{\"idc_id\":1,\"idc_id\":2,", 1);
+    let answer = app
+        .post_raw(unknown_twice.into_bytes(), "application/json")
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(outcome(&app, "unknown", "malformed").await, 1.0);
+    assert_eq!(app.scrape().await.sum("tencent_css_pushes_total", &[]), 1.0);
+}
+
 /// A signed callback's fields in an array, in the order the parser declares them: serde would
 /// read a struct from it, but no Tencent body is an array.
 #[tokio::test]
