@@ -71,6 +71,17 @@ pub fn disconnect(domain: &str, stream: &str, sequence: &str, set_id: i64, errco
     body
 }
 
+/// `body` pushed to (or disconnected from) `appname`; `None`: without one.
+pub fn on_path(mut body: Value, appname: Option<&str>) -> Value {
+    match appname {
+        Some(appname) => body["appname"] = json!(appname),
+        None => {
+            body.as_object_mut().unwrap().remove("appname");
+        }
+    }
+    body
+}
+
 /// One sample line of the text exposition.
 #[derive(Debug, Clone)]
 pub struct Sample {

@@ -40,17 +40,12 @@ async fn a_disconnect_without_appname_finds_its_session_on_another_replica() {
     };
     let (a, b) = (replica(&redis).await, replica(&redis).await);
     let d = "paths.example.com";
-    let mut hello = push(d, "s1", "q1", 1);
-    hello["appname"] = json!("live");
-    ok(&a, hello).await;
-    let mut other = push(d, "s2", "q2", 1);
-    other["appname"] = json!("live");
-    ok(&a, other).await;
+    ok(&a, on_path(push(d, "s1", "q1", 1), Some("live"))).await;
+    ok(&a, on_path(push(d, "s2", "q2", 1), Some("live"))).await;
     // Quoted for Redis's inline commands, which would take the key's own quotes away.
     let places = format!("'tencent_css:places:\"{d}\"'");
     assert_eq!(redis.command(&["HLEN", &places]), ":1");
-    let mut bye = disconnect(d, "s1", "q1", 1, 1);
-    bye.as_object_mut().unwrap().remove("appname");
+    let bye = on_path(disconnect(d, "s1", "q1", 1, 1), None);
     ok(&b, bye.clone()).await;
     ok(&a, bye).await;
     let s = agreed(&a, &b).await;
@@ -58,9 +53,7 @@ async fn a_disconnect_without_appname_finds_its_session_on_another_replica() {
     assert_eq!(s.value("tencent_css_active_streams", &mainland), 1.0);
     assert_eq!(s.callbacks("disconnect", "duplicate"), 1.0);
     // The path's count follows its sessions, and goes with the last one.
-    let mut bye = disconnect(d, "s2", "q2", 1, 1);
-    bye["appname"] = json!("live");
-    ok(&b, bye).await;
+    ok(&b, on_path(disconnect(d, "s2", "q2", 1, 1), Some("live"))).await;
     assert_eq!(redis.command(&["EXISTS", &places]), ":0");
     let s = agreed(&a, &b).await;
     assert_eq!(s.value("tencent_css_active_streams", &mainland), 0.0);

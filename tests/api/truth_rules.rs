@@ -143,12 +143,8 @@ async fn without_a_dedup_window_the_live_session_still_knows_its_push() {
 #[tokio::test]
 async fn streams_are_app_appname_and_stream_id() {
     let app = spawn_app().await;
-    let mut a = push(D, "s1", "seq-1", 1);
-    a["appname"] = json!("live");
-    let mut b = push(D, "s1", "seq-2", 1);
-    b["appname"] = json!("backup");
-    accept(&app, a).await;
-    accept(&app, b).await;
+    accept(&app, on_path(push(D, "s1", "seq-1", 1), Some("live"))).await;
+    accept(&app, on_path(push(D, "s1", "seq-2", 1), Some("backup"))).await;
     accept(&app, push("other.example.com", "s1", "seq-3", 1)).await;
     assert_eq!(live(&app).await, 3.0);
 }
@@ -156,28 +152,20 @@ async fn streams_are_app_appname_and_stream_id() {
 #[tokio::test]
 async fn a_disconnect_without_appname_ends_its_session_under_the_push_path() {
     let app = spawn_app().await;
-    let mut a = push(D, "s1", "seq-1", 1);
-    a["appname"] = json!("live");
-    let mut b = push(D, "s1", "seq-2", 1);
-    b["appname"] = json!("backup");
-    accept(&app, a).await;
-    accept(&app, b).await;
+    accept(&app, on_path(push(D, "s1", "seq-1", 1), Some("live"))).await;
+    accept(&app, on_path(push(D, "s1", "seq-2", 1), Some("backup"))).await;
     for (sequence, left) in [("seq-2", 1.0), ("seq-1", 0.0)] {
-        let mut bye = disconnect(D, "s1", sequence, 1, 1);
-        bye.as_object_mut().unwrap().remove("appname");
-        accept(&app, bye).await;
+        accept(&app, on_path(disconnect(D, "s1", sequence, 1, 1), None)).await;
         assert_eq!(live(&app).await, left, "after the disconnect of {sequence}");
     }
     // Another path's sequence does not end a session it is not; nor another stream id's.
-    let mut a = push(D, "s1", "seq-3", 1);
-    a["appname"] = json!("live");
-    accept(&app, a).await;
-    let mut elsewhere = disconnect(D, "s2", "seq-3", 1, 1);
-    elsewhere["appname"] = json!("");
-    accept(&app, elsewhere).await;
-    let mut other = disconnect(D, "s1", "seq-4", 1, 1);
-    other["appname"] = json!("backup");
-    accept(&app, other).await;
+    accept(&app, on_path(push(D, "s1", "seq-3", 1), Some("live"))).await;
+    accept(&app, on_path(disconnect(D, "s2", "seq-3", 1, 1), Some(""))).await;
+    accept(
+        &app,
+        on_path(disconnect(D, "s1", "seq-4", 1, 1), Some("backup")),
+    )
+    .await;
     let s = app.scrape().await;
     assert_eq!(s.sum(ACTIVE, &[]), 1.0);
     assert_eq!(s.sum("tencent_css_disconnects_total", &[]), 4.0);
