@@ -70,7 +70,8 @@ pub struct Session {
     pub sequence: Sequence,
     /// The area the session was pushed in (its `area` label while live).
     pub area: crate::area::Area,
-    /// When the session started (unix seconds): the push's `event_time`, or when it was received.
+    /// When the session started (unix seconds): the push's `event_time`, or when it was received
+    /// if it had no believable one ([`believable`]).
     pub since: i64,
 }
 
