@@ -688,14 +688,16 @@ mod tests {
     use crate::store::{MemoryStore, SqliteStore, SyncMode};
 
     /// How a [`Faulty`] store's writes go wrong while it is armed.
-    #[derive(Clone, Copy)]
+    #[derive(Clone)]
     enum Fault {
         /// The next write panics, before it writes anything (a bug), once.
         Panic,
         /// Every write fails (a full disk), for as long as it is armed.
         Fail,
-        /// The next write takes half a second (a database another process holds), once.
-        Slow,
+        /// The next write waits until this is set (a database another process holds), once, and
+        /// 10 s at most. A gate rather than a fixed time: a test on a loaded machine may not
+        /// look again before a fixed time is over.
+        Held(Arc<AtomicBool>),
     }
 
     /// A store that goes wrong when told to.
@@ -711,7 +713,7 @@ mod tests {
         }
 
         fn write(&mut self, commit: &Commit, now_ms: i64) -> Result<(), StoreError> {
-            match self.fault {
+            match &self.fault {
                 Fault::Panic if self.armed.swap(false, Ordering::SeqCst) => {
                     panic!("injected panic in a store write")
                 }
@@ -721,8 +723,11 @@ mod tests {
                         reason: "disk full".into(),
                     })
                 }
-                Fault::Slow if self.armed.swap(false, Ordering::SeqCst) => {
-                    std::thread::sleep(Duration::from_millis(500))
+                Fault::Held(release) if self.armed.swap(false, Ordering::SeqCst) => {
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while !release.load(Ordering::SeqCst) && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
                 }
                 _ => {}
             }
@@ -1018,7 +1023,8 @@ mod tests {
     /// Tencent's retry is then a duplicate).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_that_gave_up_counts_as_an_error() {
-        let (_dir, path, slow, store) = faulty_database(Fault::Slow, true);
+        let release = Arc::new(AtomicBool::new(false));
+        let (_dir, path, slow, store) = faulty_database(Fault::Held(release.clone()), true);
         let (ledger, thread) = start(store);
         let stored_errors = || -> i64 {
             rusqlite::Connection::open(&path)
@@ -1043,6 +1049,7 @@ mod tests {
             answer = ledger.record(push("a", "1")) => panic!("answered: {answer:?}"),
             () = write_began() => {}
         }
+        release.store(true, Ordering::SeqCst);
         eventually(|| push_outcome(Outcome::Error) == Value::Count(1)).await;
         assert_eq!(push_outcome(Outcome::Accepted), Value::Count(0));
         assert_eq!(live(&ledger), 1, "recorded");
@@ -1057,6 +1064,7 @@ mod tests {
             Outcome::Duplicate
         );
         // Gave up before its batch began: queued behind a slow batch, then dropped.
+        release.store(false, Ordering::SeqCst);
         slow.store(true, Ordering::SeqCst);
         let before = tokio::spawn({
             let ledger = ledger.clone();
@@ -1065,6 +1073,7 @@ mod tests {
         write_began().await;
         let queued = tokio::time::timeout(Duration::ZERO, ledger.record(push("b", "2")));
         assert!(queued.await.is_err());
+        release.store(true, Ordering::SeqCst);
         assert_eq!(before.await.unwrap().unwrap(), Outcome::Accepted);
         eventually(|| push_outcome(Outcome::Error) == Value::Count(2)).await;
         assert_eq!(live(&ledger), 2, "not recorded");
