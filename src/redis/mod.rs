@@ -298,12 +298,12 @@ impl RedisLedger {
         let mut conn = self.conn.clone();
         // The stream the event is about: a disconnect's may be under another `appname`.
         let mut stream = std::borrow::Cow::Borrowed(&s.stream);
-        let mut session_key = self.keys.session(&stream);
         let delivered_key = self.keys.delivered(&s.sequence, kind);
         let disconnect_key = self.keys.delivered(&s.sequence, EventKind::Disconnect);
         let mut other_path_looked_up = false;
         for _ in 0..MAX_ATTEMPTS {
             let now = now_ms();
+            let session_key = self.keys.session(&stream);
             let ((seq, area, since), delivered, disconnected): StoredFacts = redis::pipe()
                 .hget(&session_key, &["seq", "area", "since"])
                 .exists(&delivered_key)
@@ -318,7 +318,6 @@ impl RedisLedger {
             {
                 other_path_looked_up = true;
                 if let Some(other) = self.other_path(&s.stream, &s.sequence).await? {
-                    session_key = self.keys.session(&other);
                     stream = std::borrow::Cow::Owned(other);
                     continue;
                 }

@@ -183,17 +183,8 @@ async fn an_app_longer_than_a_domain_name_is_400_and_changes_nothing() {
     assert_eq!(answer.status, 400, "{}", answer.body);
     assert!(answer.body.contains("254 bytes"), "{}", answer.body);
     let s = app.scrape().await;
-    assert_eq!(
-        s.value(CALLBACKS, &[("event", "push"), ("outcome", "malformed")]),
-        1.0
-    );
-    assert_eq!(
-        s.value(
-            CALLBACKS,
-            &[("event", "disconnect"), ("outcome", "malformed")]
-        ),
-        1.0
-    );
+    assert_eq!(s.callbacks("push", "malformed"), 1.0);
+    assert_eq!(s.callbacks("disconnect", "malformed"), 1.0);
     assert_eq!(s.sum("tencent_css_pushes_total", &[]), 1.0);
     assert_eq!(
         s.value("tencent_css_active_streams", &[("domain", &longest)]),
