@@ -282,7 +282,7 @@ struct Wire {
     #[serde(default, deserialize_with = "int")]
     set_id: Option<i64>,
     /// How long the push lasted, in milliseconds; disconnects only, sent as a string (`"128581"`).
-    #[serde(default, deserialize_with = "int")]
+    #[serde(default, deserialize_with = "millis")]
     push_duration: Option<i64>,
 }
 
@@ -406,6 +406,14 @@ fn code<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     d.deserialize_any(Lenient(scalar_to_code))
 }
 
+/// Reads an amount of milliseconds like [`int`], except that a fraction is rounded to the
+/// nearest millisecond rather than taken for an absent value: a disconnect with
+/// `"push_duration": "1500.5"` lasted 1.5 s, and leaving it out would put the push-duration
+/// histogram's count below the disconnects'.
+fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    d.deserialize_any(Lenient(scalar_to_millis))
+}
+
 fn scalar_to_int(v: Scalar<'_>) -> Option<i64> {
     match v {
         Scalar::Int(i) => Some(i),
@@ -421,6 +429,19 @@ fn scalar_to_int(v: Scalar<'_>) -> Option<i64> {
 /// An integral float, where `f64` is still exact.
 fn whole(f: f64) -> Option<i64> {
     (f.fract() == 0.0 && f.abs() < 9.0e15).then_some(f as i64)
+}
+
+fn scalar_to_millis(v: Scalar<'_>) -> Option<i64> {
+    if let Some(ms) = scalar_to_int(v) {
+        return Some(ms);
+    }
+    let f = match v {
+        Scalar::Int(_) => return None,
+        Scalar::Float(f) => f,
+        Scalar::Str(s) => s.trim().parse().ok()?,
+    };
+    // A negative amount is absent however it is written; `-0.4` must not round to a real `0`.
+    (f >= 0.0).then(|| whole(f.round())).flatten()
 }
 
 fn scalar_to_code(v: Scalar<'_>) -> Option<i64> {
@@ -599,6 +620,38 @@ mod tests {
             panic!()
         };
         assert_eq!((errcode, push_duration_ms), (12, Some(1500)));
+    }
+
+    #[test]
+    fn a_fractional_push_duration_is_rounded_not_absent() {
+        let duration = |value: serde_json::Value| {
+            let cb = parse_json(json!({
+                "event_type": 0, "t": 1, "app": "d", "stream_id": "s", "sequence": "q",
+                "push_duration": value
+            }))
+            .unwrap();
+            match cb.event {
+                Event::Disconnect {
+                    push_duration_ms, ..
+                } => push_duration_ms,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(duration(json!("1500.5")), Some(1501));
+        assert_eq!(duration(json!("1500.4")), Some(1500));
+        assert_eq!(duration(json!(128581.2)), Some(128581));
+        assert_eq!(duration(json!(" 2.5e3 ")), Some(2500));
+        assert_eq!(duration(json!("0.4")), Some(0));
+        // Negative, not a number, or beyond what a float holds exactly: absent, as before.
+        for absent in [
+            json!("-0.4"),
+            json!(-1.5),
+            json!("NaN"),
+            json!("inf"),
+            json!(1e300),
+        ] {
+            assert_eq!(duration(absent.clone()), None, "{absent}");
+        }
     }
 
     #[test]

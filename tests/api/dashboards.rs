@@ -11,7 +11,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,6 +19,8 @@ use md5::{Digest, Md5};
 use promql_parser::label::{MatchOp, Matcher};
 use promql_parser::parser::{AggregateExpr, Expr, LabelModifier, VectorSelector};
 use serde_json::{json, Value};
+
+use crate::helpers::free_port;
 
 const DASHBOARD: &str = "dashboards/grafana/tencent-css-overview.json";
 const ALERTS: &str = "dashboards/prometheus/alerts.yml";
@@ -493,13 +494,6 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port on 127.0.0.1")
-        .port()
 }
 
 fn client() -> reqwest::Client {

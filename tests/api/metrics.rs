@@ -153,6 +153,47 @@ async fn errcodes_are_classified_and_bounded() {
 }
 
 #[tokio::test]
+async fn a_fractional_push_duration_is_observed_rounded_to_the_millisecond() {
+    let app = spawn_app().await;
+    for (i, duration) in [
+        serde_json::json!("1500.5"),
+        serde_json::json!(29999.6),
+        serde_json::json!("-0.4"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut body = disconnect("d.example", "s", &format!("q{i}"), 1, 1);
+        body["push_duration"] = duration;
+        assert_eq!(app.post(&signed(body)).await.status, 200);
+    }
+    let s = app.scrape().await;
+    let dm = [("domain", "d.example"), ("area", "mainland")];
+    // Three disconnects; a negative duration is none, the two fractions are observed.
+    assert_eq!(
+        s.value(
+            "tencent_css_disconnects_total",
+            &[dm[0], dm[1], ("errcode", "1")]
+        ),
+        3.0
+    );
+    assert_eq!(s.value("tencent_css_push_duration_seconds_count", &dm), 2.0);
+    assert_eq!(
+        s.value("tencent_css_push_duration_seconds_sum", &dm),
+        31.501
+    );
+    // 29999.6 ms is 30,000 ms, which the 30 s bucket takes (upper bounds are inclusive).
+    let bucket = |le| {
+        s.value(
+            "tencent_css_push_duration_seconds_bucket",
+            &[dm[0], dm[1], ("le", le)],
+        )
+    };
+    assert_eq!(bucket("10"), 1.0);
+    assert_eq!(bucket("30"), 2.0);
+}
+
+#[tokio::test]
 async fn callback_outcomes_exist_at_zero_from_the_start() {
     let app = spawn_app().await;
     let s = app.scrape().await;
