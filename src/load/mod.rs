@@ -26,7 +26,7 @@ use rand::Rng;
 use crate::config::LoadArgs;
 use crate::signature::sign;
 use client::{Connection, Target};
-use report::{open_fds, rss_kib, Rss, Summary, Tally};
+use report::{cpu_seconds, open_fds, rss_kib, Cpu, Rss, Summary, Tally};
 
 mod client;
 mod report;
@@ -273,6 +273,10 @@ pub async fn run(args: LoadArgs) -> Result<(), String> {
         })
     });
 
+    let cpu_before = (
+        cpu_seconds(None),
+        args.pid.and_then(|pid| cpu_seconds(Some(pid))),
+    );
     let workers: Vec<_> = (0..args.concurrency)
         .map(|_| tokio::spawn(worker(plan.clone())))
         .collect();
@@ -296,13 +300,14 @@ pub async fn run(args: LoadArgs) -> Result<(), String> {
         s.abort();
     }
     let fds = args.pid.and_then(open_fds);
+    let cpu = cpu_used(cpu_before, args.pid, start.elapsed());
     let rss = *rss.lock().expect("rss lock");
     let intervals = intervals.lock().expect("intervals lock").clone();
 
     let unsent = plan.due_in_run().map_or(0, |due| {
         due.saturating_sub(plan.done.load(Ordering::Relaxed))
     });
-    let summary = Summary::new(&args, tally, unsent, elapsed, rss, fds, &intervals);
+    let summary = Summary::new(&args, tally, unsent, elapsed, rss, fds, cpu, &intervals);
     if args.json {
         println!("{}", summary.json());
     } else {
@@ -312,6 +317,27 @@ pub async fn run(args: LoadArgs) -> Result<(), String> {
         return Err("some callbacks were not answered 200 (see above)".into());
     }
     Ok(())
+}
+
+/// The cores used since `before` (this process's CPU seconds, and the `--pid` process's) by
+/// this process and by `pid`, over `elapsed`.
+fn cpu_used(
+    before: (Option<f64>, Option<f64>),
+    pid: Option<u32>,
+    elapsed: Duration,
+) -> Option<Cpu> {
+    let seconds = elapsed.as_secs_f64().max(1e-9);
+    let generator = (cpu_seconds(None)? - before.0?) / seconds;
+    let exporter = pid
+        .and_then(|pid| cpu_seconds(Some(pid)))
+        .zip(before.1)
+        .map(|(after, before)| (after - before) / seconds);
+    let machine = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some(Cpu {
+        generator,
+        exporter,
+        machine,
+    })
 }
 
 /// One keep-alive connection: claims streams and sends their callbacks until the plan ends.

@@ -64,6 +64,50 @@ pub(super) fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// CPU time a process has used so far (user and system), in seconds: this process's from
+/// `getrusage` (to the microsecond), another's from `/proc/PID/stat` (to the clock tick).
+#[cfg(unix)]
+pub(super) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let Some(pid) = pid else {
+        // SAFETY: an all-zero rusage is a valid value, and getrusage only writes into it.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `usage` is a valid, writable rusage for the call's duration.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+            return None;
+        }
+        let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        return Some(seconds(usage.ru_utime) + seconds(usage.ru_stime));
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces and parentheses of its own: the fields
+    // are counted from after its last one, where field 3 (`state`) comes first.
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf only reads a system setting; it has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| (utime + stime) as f64 / ticks as f64)
+}
+
+/// Not measured where there is neither `getrusage` nor `/proc`.
+#[cfg(not(unix))]
+pub(super) fn cpu_seconds(_pid: Option<u32>) -> Option<f64> {
+    None
+}
+
+/// CPU used over a run, in cores (CPU seconds over the run's seconds): the load generator's
+/// own, to tell when it, not the target, sets the rate; and the exporter's, with `--pid`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Cpu {
+    /// This process.
+    pub(super) generator: f64,
+    /// The `--pid` process; `None` without `--pid` or if unreadable.
+    pub(super) exporter: Option<f64>,
+    /// Cores of the machine: with the generator and the exporter on one machine, the two
+    /// together near this many mean the machine, not the exporter, set the rate.
+    pub(super) machine: usize,
+}
+
 /// Open file descriptors of a process, from `/proc/PID/fd`.
 pub(super) fn open_fds(pid: u32) -> Option<usize> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -111,6 +155,8 @@ pub(super) struct Summary {
     pub(super) fds: Option<usize>,
     /// The exporter's process id (`--pid`), shown with its figures.
     pub(super) pid: Option<u32>,
+    /// CPU used over the run; `None` where `/proc` cannot be read.
+    pub(super) cpu: Option<Cpu>,
 }
 
 impl Summary {
@@ -121,6 +167,7 @@ impl Summary {
         elapsed: Duration,
         rss: Option<Rss>,
         fds: Option<usize>,
+        cpu: Option<Cpu>,
         intervals: &[f64],
     ) -> Self {
         tally.latencies_us.sort_unstable();
@@ -161,6 +208,7 @@ impl Summary {
             rss,
             fds,
             pid: args.pid,
+            cpu,
         }
     }
 
@@ -234,6 +282,16 @@ impl Summary {
                 self.fds.map_or("?".into(), |n| n.to_string())
             );
         }
+        if let Some(cpu) = self.cpu {
+            let exporter = match (self.pid, cpu.exporter) {
+                (Some(pid), Some(cores)) => format!(", exporter (pid {pid}) {cores:.2}"),
+                _ => String::new(),
+            };
+            println!(
+                "CPU over the run (cores): load generator {:.2}{exporter}, of {} on this machine",
+                cpu.generator, cpu.machine
+            );
+        }
     }
 
     pub(super) fn json(&self) -> serde_json::Value {
@@ -266,6 +324,11 @@ impl Summary {
                 "end": r.end_kib as f64 / 1024.0,
             })),
             "open_fds": self.fds,
+            "cpu": self.cpu.map(|c| json!({
+                "load_generator_cores": c.generator,
+                "exporter_cores": c.exporter,
+                "machine_cores": c.machine,
+            })),
         })
     }
 }
@@ -297,7 +360,16 @@ mod tests {
             disconnects: 500,
             ..Tally::default()
         };
-        let s = Summary::new(&args, tally, 0, Duration::from_secs(1), None, None, &[]);
+        let s = Summary::new(
+            &args,
+            tally,
+            0,
+            Duration::from_secs(1),
+            None,
+            None,
+            None,
+            &[],
+        );
         assert_eq!(s.latency_us, Some([500, 990, 999, 1000]));
         assert_eq!(s.ok, 999);
         assert!(s.failed());

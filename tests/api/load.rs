@@ -132,3 +132,24 @@ async fn load_ignores_the_exporters_settings_in_the_environment() {
     let output = run(vec!["--log.level", "debug"]).await.unwrap();
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[tokio::test]
+async fn load_reports_the_cpu_that_it_and_the_exporter_used() {
+    let app = spawn_app().await;
+    // The exporter of `spawn_app` runs in this test process.
+    let pid = std::process::id().to_string();
+    let summary = load(
+        &app,
+        &["--duration", "1s", "--concurrency", "4", "--pid", &pid],
+    )
+    .await;
+    let cpu = &summary["cpu"];
+    let machine = cpu["machine_cores"].as_u64().unwrap() as f64;
+    assert!(machine >= 1.0, "{cpu}");
+    // Cores, not seconds or clock ticks: above nothing, and at most every core of the machine.
+    for who in ["load_generator_cores", "exporter_cores"] {
+        let cores = cpu[who].as_f64().unwrap();
+        assert!(cores > 0.0 && cores <= machine + 0.5, "{who}: {cpu}");
+    }
+    assert!(summary["rss_mib"]["max"].as_f64().unwrap() > 0.0);
+}
