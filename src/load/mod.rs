@@ -26,7 +26,7 @@ use rand::Rng;
 use crate::config::LoadArgs;
 use crate::signature::sign;
 use client::{Connection, Target};
-use report::{cpu_seconds, open_fds, rss_kib, Cpu, Rss, Summary, Tally};
+use report::{cpu_seconds, open_fds, rss_kib, Cpu, Rss, Summary, Tally, Usage};
 
 mod client;
 mod report;
@@ -307,7 +307,8 @@ pub async fn run(args: LoadArgs) -> Result<(), String> {
     let unsent = plan.due_in_run().map_or(0, |due| {
         due.saturating_sub(plan.done.load(Ordering::Relaxed))
     });
-    let summary = Summary::new(&args, tally, unsent, elapsed, rss, fds, cpu, &intervals);
+    let usage = Usage { rss, fds, cpu };
+    let summary = Summary::new(&args, tally, unsent, elapsed, usage, &intervals);
     if args.json {
         println!("{}", summary.json());
     } else {

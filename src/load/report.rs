@@ -79,14 +79,20 @@ pub(super) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
         return Some(seconds(usage.ru_utime) + seconds(usage.ru_stime));
     };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // SAFETY: sysconf only reads a system setting; it has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| cpu_ticks(&stat).map(|t| t as f64 / ticks as f64))?
+}
+
+/// User plus system time in clock ticks, from the text of `/proc/PID/stat`.
+#[cfg(unix)]
+fn cpu_ticks(stat: &str) -> Option<u64> {
     // The command name, in parentheses, may hold spaces and parentheses of its own: the fields
     // are counted from after its last one, where field 3 (`state`) comes first.
     let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
     let utime: u64 = fields.nth(11)?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    // SAFETY: sysconf only reads a system setting; it has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (ticks > 0).then(|| (utime + stime) as f64 / ticks as f64)
+    Some(utime + stime)
 }
 
 /// Not measured where there is neither `getrusage` nor `/proc`.
@@ -106,6 +112,17 @@ pub(super) struct Cpu {
     /// Cores of the machine: with the generator and the exporter on one machine, the two
     /// together near this many mean the machine, not the exporter, set the rate.
     pub(super) machine: usize,
+}
+
+/// What the run used of the machine: the exporter's memory and descriptors, and CPU.
+#[derive(Default)]
+pub(super) struct Usage {
+    /// The exporter's resident memory over the run; `None` without `--pid`.
+    pub(super) rss: Option<Rss>,
+    /// The exporter's open file descriptors at the end; `None` without `--pid` or if unreadable.
+    pub(super) fds: Option<usize>,
+    /// CPU used over the run; `None` where it cannot be read.
+    pub(super) cpu: Option<Cpu>,
 }
 
 /// Open file descriptors of a process, from `/proc/PID/fd`.
@@ -165,9 +182,7 @@ impl Summary {
         mut tally: Tally,
         unsent: u64,
         elapsed: Duration,
-        rss: Option<Rss>,
-        fds: Option<usize>,
-        cpu: Option<Cpu>,
+        Usage { rss, fds, cpu }: Usage,
         intervals: &[f64],
     ) -> Self {
         tally.latencies_us.sort_unstable();
@@ -339,6 +354,17 @@ mod tests {
     use crate::config::KeySource;
 
     #[test]
+    #[cfg(unix)]
+    fn cpu_time_is_read_after_the_command_name_whatever_it_holds() {
+        // Fields 14 and 15 (utime, stime) of `/proc/PID/stat`, after a name with ") " in it.
+        let stat = "4242 (a) b (c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1234 56 0 0 20 0 3 0";
+        assert_eq!(cpu_ticks(stat), Some(1290));
+        assert_eq!(cpu_ticks("4242 (a) S 1"), None);
+        let own = cpu_seconds(Some(std::process::id()));
+        assert!(own.is_some_and(|s| s >= 0.0), "{own:?}");
+    }
+
+    #[test]
     fn percentiles_take_the_nearest_rank() {
         let args = LoadArgs {
             target: "http://x/callback".into(),
@@ -365,9 +391,7 @@ mod tests {
             tally,
             0,
             Duration::from_secs(1),
-            None,
-            None,
-            None,
+            Usage::default(),
             &[],
         );
         assert_eq!(s.latency_us, Some([500, 990, 999, 1000]));
