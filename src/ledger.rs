@@ -1038,10 +1038,20 @@ mod tests {
                 .unwrap_or(0)
         };
         let push_outcome = |outcome| pushes(&ledger, outcome);
-        // The slow write takes its turn (and disarms itself) once it begins.
-        let write_began = || async {
-            while slow.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+        // The slow write takes its turn (and disarms itself) once it begins. Watched from a
+        // thread of the blocking pool, not with the runtime's timers: the held write blocks a
+        // worker, and the runtime's timers may then not fire until it ends (seen under load:
+        // the wait outlasted the write, whose request was answered).
+        let write_began = || {
+            let slow = slow.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    while slow.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                })
+                .await
+                .unwrap()
             }
         };
         // Gave up while its batch was written.
@@ -1071,8 +1081,13 @@ mod tests {
             async move { ledger.record(push("c", "3")).await }
         });
         write_began().await;
-        let queued = tokio::time::timeout(Duration::ZERO, ledger.record(push("b", "2")));
-        assert!(queued.await.is_err());
+        {
+            // Queued, then given up before an answer: polled once (a timeout would need the
+            // runtime's timers, which the held write may stall), then dropped.
+            let mut queued = std::pin::pin!(ledger.record(push("b", "2")));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(std::future::Future::poll(queued.as_mut(), &mut cx).is_pending());
+        }
         release.store(true, Ordering::SeqCst);
         assert_eq!(before.await.unwrap().unwrap(), Outcome::Accepted);
         eventually(|| push_outcome(Outcome::Error) == Value::Count(2)).await;
