@@ -32,9 +32,11 @@ use fields::{decode, field, increments, live_field, Keys};
 const VIEW_MAX_AGE: Duration = Duration::from_secs(1);
 /// How often Redis is probed: a fault is found, and cleared, without waiting for traffic.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
-/// Fields of the counters' hash asked for by one `HSCAN` step: about half a millisecond of
-/// Redis's time, so callbacks' commands get in between the steps of a scrape's read.
-const SCAN_COUNT: usize = 1000;
+/// Fields of the counters' hash asked for by one `HSCAN` step: about 60 µs of Redis's time, so
+/// that a callback's commands wait for at most that behind a step of a scrape's read. Steps of
+/// 1,000 fields (0.6 ms each) put the callbacks' p99 at 5-18 ms while scraped, against 3-6 ms
+/// with these, for the same total time in Redis and 10 times the round trips.
+const SCAN_COUNT: usize = 100;
 /// Transitions retried after a concurrent change of the same stream, before giving up (503).
 const MAX_ATTEMPTS: usize = 16;
 
