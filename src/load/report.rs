@@ -172,7 +172,7 @@ pub(super) struct Summary {
     pub(super) fds: Option<usize>,
     /// The exporter's process id (`--pid`), shown with its figures.
     pub(super) pid: Option<u32>,
-    /// CPU used over the run; `None` where `/proc` cannot be read.
+    /// CPU used over the run; `None` where it cannot be read.
     pub(super) cpu: Option<Cpu>,
 }
 
