@@ -620,6 +620,65 @@ async fn a_replica_reads_every_counter_of_many_domains_in_slices() {
     assert_eq!(hscans_of(&mut conn, &reader, 8).await, one);
 }
 
+/// The live streams' hash is read in slices too: every (domain, area) with a live stream must
+/// be read, each once.
+#[tokio::test]
+async fn a_replica_reads_every_live_count_of_many_domains_in_slices() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let (writer, reader) = (replica(&redis).await, replica(&redis).await);
+    const DOMAINS: usize = 120;
+    let domain = |d: usize| format!("live{d}.example.com");
+    for d in 0..DOMAINS {
+        for (i, set_id) in [1, 50].into_iter().enumerate() {
+            let sequence = (7_000_000 + 2 * d + i).to_string();
+            let stream = format!("s{sequence}");
+            ok(&writer, push(&domain(d), &stream, &sequence, set_id)).await;
+        }
+    }
+    // Past what one `HSCAN` step returns, and past Redis's compact encoding (returned whole).
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let fields: usize = redis::cmd("HLEN")
+        .arg("tencent_css:live")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(fields, 2 * DOMAINS);
+
+    let s = agreed(&writer, &reader).await;
+    assert_eq!(
+        s.sum("tencent_css_active_streams", &[]),
+        (2 * DOMAINS) as f64
+    );
+    for d in 0..DOMAINS {
+        for area in ["mainland", "overseas"] {
+            let labels = [("domain", domain(d)), ("area", area.to_string())];
+            let labels = labels.each_ref().map(|(k, v)| (*k, v.as_str()));
+            assert_eq!(s.value("tencent_css_active_streams", &labels), 1.0);
+        }
+    }
+    // Read in slices, not whole: one read after the copy is old asks for no hash at once.
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    reader.scrape().await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(stats.contains("cmdstat_hscan:"), "{stats}");
+    assert!(!stats.contains("cmdstat_hgetall:"), "{stats}");
+}
+
 /// The `HSCAN`s Redis answered for `scrapes` scrapes sent together, once the copy is old.
 async fn hscans_of(
     conn: &mut redis::aio::MultiplexedConnection,
