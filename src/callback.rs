@@ -432,16 +432,16 @@ fn whole(f: f64) -> Option<i64> {
 }
 
 fn scalar_to_millis(v: Scalar<'_>) -> Option<i64> {
-    if let Some(ms) = scalar_to_int(v) {
-        return Some(ms);
-    }
-    let f = match v {
-        Scalar::Int(_) => return None,
-        Scalar::Float(f) => f,
-        Scalar::Str(s) => s.trim().parse().ok()?,
-    };
     // A negative amount is absent however it is written; `-0.4` must not round to a real `0`.
-    (f >= 0.0).then(|| whole(f.round())).flatten()
+    let rounded = |f: f64| (f >= 0.0).then(|| whole(f.round())).flatten();
+    match v {
+        Scalar::Int(i) => Some(i),
+        Scalar::Float(f) => rounded(f),
+        Scalar::Str(s) => {
+            let s = s.trim();
+            s.parse().ok().or_else(|| rounded(s.parse().ok()?))
+        }
+    }
 }
 
 fn scalar_to_code(v: Scalar<'_>) -> Option<i64> {
