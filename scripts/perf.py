@@ -20,6 +20,7 @@ Then, for example:
     scripts/perf.py soak                  # 10 minutes of unique events, RSS/db/fds every 10 s
     scripts/perf.py restart OLD NEW       # restart readiness of two builds, alternated
     scripts/perf.py metrics --redis --scrape-every 1.1 OLD NEW  # scrapes' cost to callbacks, two builds alternated
+    scripts/perf.py metrics --gzip --scrape-every 1 --unscraped OLD NEW  # the same on SQLite, with a run without scrapes each round
     scripts/perf.py silent                # a callback while silent connections hold every slot
     scripts/perf.py silent --slow-body    # the same with slow POSTs (head sent, body never finished)
 
@@ -519,6 +520,12 @@ def metrics_alternated(a):
             with Exporter(db, store.args, bin=a.builds[0]) as ex:
                 fill_domains(ex, a.domains)
             for _ in range(a.rounds):
+                if a.unscraped:
+                    log(f"{a.builds[0]}, not scraped:")
+                    with Exporter(db, store.args, bin=a.builds[0]) as ex:
+                        quiet = load(ex.url, "--domains", a.domains, "--rate", a.rate, "--duration", a.duration, "--concurrency", 32, server_pid=ex.pid, quiet=False)
+                    log("callbacks, no scrape:", describe(quiet))
+                    out.setdefault("unscraped", []).append(quiet)
                 for b in a.builds:
                     log(f"{b}:")
                     store.reset_stats()
@@ -529,10 +536,15 @@ def metrics_alternated(a):
                         log(f"  {store.what.split()[0]}: {stats}")
                     out[b].append({"scraping": busy, "scrapes_during": len(during), "store": stats,
                                    "scrape_during_ms": {"p50": pct(during, 0.5), "max": max(during)}})
+        def tails(loads):
+            return (", ".join(f"{s['latency_ms']['p99']:.2f}" for s in loads),
+                    ", ".join(f"{s['latency_ms']['p99_9']:.2f}" for s in loads))
+        if a.unscraped:
+            log("not scraped: callbacks' p99 %s ms, p99.9 %s ms" % tails(out["unscraped"]))
         for b in a.builds:
-            p99s = ", ".join(f"{r['scraping']['latency_ms']['p99']:.2f}" for r in out[b])
+            p99s, p999s = tails([r["scraping"] for r in out[b]])
             scrapes = ", ".join(f"{r['scrape_during_ms']['p50']:.0f}" for r in out[b])
-            log(f"{b}: callbacks' p99 {p99s} ms; scrapes' p50 {scrapes} ms")
+            log(f"{b}: callbacks' p99 {p99s} ms, p99.9 {p999s} ms; scrapes' p50 {scrapes} ms")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(out))
@@ -744,6 +756,8 @@ def main():
     m.add_argument("--gzip", action="store_true", help="scrape with Accept-Encoding: gzip, as Prometheus does")
     m.add_argument("--redis", action="store_true", help="the exporter stores its state in a redis-server started for the run")
     m.add_argument("--rounds", type=int, default=3, help="with builds: turns each build takes")
+    m.add_argument("--unscraped", action="store_true",
+                   help="with builds: each round also runs the load without scrapes (first build), for reference")
     m.add_argument("builds", nargs="*", help="exporter binaries to alternate on one store, filled once "
                    "(only the load while scraped is run; default: one build, every step)")
     sc = sub.add_parser("scrapers", help="many clients scraping /metrics at once: scrapes answered, peak RSS")

@@ -305,17 +305,41 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
+        self.write(self.copy())
+    }
+
+    /// Copies what the next page shows: the state's numbers, under the lock the ledger's
+    /// writer waits on, and the registry's families. The part of a scrape that holds anything
+    /// up; [`Metrics::write`] then takes no lock a callback waits on.
+    pub fn copy(&self) -> Copied {
         let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).take();
         // Concurrent scrapes: the first takes the spare frame, the others start empty ones.
         let mut frame = spare.unwrap_or_default();
         self.source.fill(&mut frame);
+        Copied {
+            frame,
+            others: self.registry.gather(),
+        }
+    }
+
+    /// The text exposition of what `copied` holds.
+    pub fn write(&self, copied: Copied) -> String {
+        let Copied { mut frame, others } = copied;
         let mut out = String::with_capacity(self.last_len.load(Ordering::Relaxed) + 4096);
-        write_page(&mut out, &mut frame, &self.registry.gather());
+        write_page(&mut out, &mut frame, &others);
         self.last_len.store(out.len(), Ordering::Relaxed);
         frame.clear();
         *self.spare.lock().unwrap_or_else(|e| e.into_inner()) = Some(frame);
         out
     }
+}
+
+/// The numbers of one page, copied by [`Metrics::copy`] and written by [`Metrics::write`].
+pub struct Copied {
+    /// The event metrics, from the state.
+    frame: Frame,
+    /// The registry's families: build info, process metrics, the exporter's own.
+    others: Vec<MetricFamily>,
 }
 
 /// Writes the event families of `frame` (none if it was not filled) and the `others` (sorted by

@@ -524,3 +524,61 @@ async fn a_page_of_megabytes_is_one_gzip_stream_of_the_page() {
         domains as f64
     );
 }
+
+/// Each thread of process `pid`: its name and its nice value, from `/proc`.
+#[cfg(target_os = "linux")]
+fn threads_nice(pid: u32) -> Vec<(u32, String, i64)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let tid = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap();
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        // After the name in parentheses (which may hold spaces): state is field 3, nice 19.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let nice = after.split(' ').nth(19 - 3).unwrap().parse().unwrap();
+        threads.push((tid, name.trim_end().to_owned(), nice));
+    }
+    threads
+}
+
+/// On a busy machine a scrape must take the CPU the callbacks leave: the thread writing and
+/// compressing pages runs 10 nice steps below the rest of the exporter. The thread copying the
+/// state does not, since the ledger's writer waits on the lock it holds.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn pages_are_written_at_a_lower_priority_than_callbacks_are_answered() {
+    let exporter = Exporter::start(&["--storage.path", ":memory:"]).await;
+    let body = signed(push("nice.example.com", "s1", "seq-1", 1));
+    assert_eq!(exporter.post(&body).await.status, 200);
+    let page = exporter.scrape().await;
+    assert_eq!(page.sum("tencent_css_active_streams", &[]), 1.0);
+    let gzipped = exporter
+        .client
+        .http
+        .get(format!("{}/metrics", exporter.client.metrics_base))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gzipped.status(), 200);
+    assert_eq!(gzipped.headers()["content-encoding"], "gzip");
+
+    let pid = exporter.child.id();
+    let threads = threads_nice(pid);
+    let own = threads.iter().find(|t| t.0 == pid).unwrap().2;
+    let writer: Vec<_> = threads.iter().filter(|t| t.1 == "metrics-write").collect();
+    assert_eq!(writer.len(), 1, "{threads:?}");
+    assert_eq!(writer[0].2, (own + 10).min(19), "{threads:?}");
+    for (_, name, nice) in threads.iter().filter(|t| t.1 != "metrics-write") {
+        assert_eq!(
+            *nice, own,
+            "{name} runs at the exporter's priority: {threads:?}"
+        );
+    }
+    assert!(threads.iter().any(|t| t.1 == "metrics"), "{threads:?}");
+    assert!(
+        threads.iter().any(|t| t.1.starts_with("tokio-rt")),
+        "{threads:?}"
+    );
+}
