@@ -525,15 +525,20 @@ async fn a_page_of_megabytes_is_one_gzip_stream_of_the_page() {
     );
 }
 
-/// Each thread of process `pid`: its name and its nice value, from `/proc`.
+/// Each thread of process `pid`: its id, name and nice value, from `/proc`.
 #[cfg(target_os = "linux")]
 fn threads_nice(pid: u32) -> Vec<(u32, String, i64)> {
     let mut threads = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let task = task.unwrap().path();
         let tid = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
-        let name = std::fs::read_to_string(task.join("comm")).unwrap();
-        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        // A thread that ended since the directory was listed (an idle blocking thread) is gone.
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(task.join("comm")),
+            std::fs::read_to_string(task.join("stat")),
+        ) else {
+            continue;
+        };
         // After the name in parentheses (which may hold spaces): state is field 3, nice 19.
         let after = &stat[stat.rfind(')').unwrap() + 2..];
         let nice = after.split(' ').nth(19 - 3).unwrap().parse().unwrap();
