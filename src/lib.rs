@@ -22,8 +22,9 @@
 //! - [`metrics`]: `/metrics`: at each scrape, copies the state's numbers and writes them in
 //!   the Prometheus text format, with the process and build metrics and the storage metrics of
 //!   this process ([`metrics::CommitStats`], kept by the ledger and by Redis).
-//! - [`scrape`]: one page at a time on a thread of its own, shared by the scrapes that wait;
-//!   [`gzip`] compresses it in pieces on several threads for the scrapes that ask.
+//! - [`scrape`]: one page at a time, shared by the scrapes that wait: the state copied on one
+//!   thread, the page written on another at a lower priority; [`gzip`] compresses it in pieces
+//!   on several threads for the scrapes that ask.
 //! - [`http`]: routes, status codes and logging of outcomes.
 //! - [`web`]: connection handling: header deadline, write timeout, connection cap (where served
 //!   connections make room for waiting ones), graceful drain.
