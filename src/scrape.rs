@@ -125,7 +125,7 @@ impl Scrapes {
                     }));
                     match page {
                         Ok(page) => answer(waiting, page),
-                        Err(_) => failed(waiting.len()),
+                        Err(_) => failed("writing the page", waiting.len()),
                     }
                 }
             })
@@ -144,10 +144,10 @@ impl Scrapes {
                                 copies.send((copied, waiting))
                             {
                                 // Not expected: the writing thread catches its panics.
-                                failed(waiting.len());
+                                failed("handing the copy over", waiting.len());
                             }
                         }
-                        Err(_) => failed(waiting.len()),
+                        Err(_) => failed("copying the state", waiting.len()),
                     }
                 }
             })
@@ -172,11 +172,13 @@ impl Scrapes {
     }
 }
 
-/// Logs that a page could not be copied or written; its scrapes' senders are dropped.
-fn failed(scrapes: usize) {
+/// Logs that a page could not be made (`step`: copying the state, or writing the page); its
+/// scrapes' senders are dropped.
+fn failed(step: &str, scrapes: usize) {
     tracing::error!(
         scrapes,
-        "writing a /metrics page failed; its scrapes are answered 500"
+        step,
+        "a /metrics page failed; its scrapes are answered 500"
     );
 }
 
@@ -185,6 +187,7 @@ fn failed(scrapes: usize) {
 /// a runtime worker. Writing and compressing a page of 1,000 domains is several milliseconds
 /// of CPU on each of two threads; at the same priority a scrape took both cores of a small
 /// machine from the callbacks for that long. An idle core still writes the page at full speed.
+#[cfg(target_os = "linux")]
 const WRITER_NICE: i32 = 10;
 
 /// Lowers the calling thread's priority by [`WRITER_NICE`]; threads it starts (the gzip
