@@ -31,6 +31,7 @@ EXPORTER_BIN and BARE_BIN select other builds.
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -481,28 +482,98 @@ def cmd_scrapers(a):
 
 def scraped_load(ex, a):
     """The callback load of `metrics` while /metrics is scraped every `--scrape-every` s: the
-    load's summary and each scrape's time in ms."""
+    load's summary (with `scrape_windows`, see `scrape_windows`) and each scrape's time in ms."""
     stop = threading.Event()
     during = []
+    scrapes = []  # (start, end) of each scrape, on the monotonic clock
 
     def scrape_loop():
         while not stop.is_set():
-            t0 = time.perf_counter()
+            t0 = time.monotonic()
             http_get(ex.url + "/metrics", timeout=30, headers=scrape_headers(a.gzip))
-            during.append((time.perf_counter() - t0) * 1000)
+            t1 = time.monotonic()
+            during.append((t1 - t0) * 1000)
+            scrapes.append((t0, t1))
             # 0: back to back, the worst case; Prometheus scrapes every 15 s or so.
-            stop.wait(max(0.0, a.scrape_every - (time.perf_counter() - t0)))
+            stop.wait(max(0.0, a.scrape_every - (time.monotonic() - t0)))
 
     scraper = threading.Thread(target=scrape_loop)
+    latency_log = os.path.join(os.path.dirname(ex.db), "latencies.txt")
     scraper.start()
     try:
-        busy = load(ex.url, "--domains", a.domains, "--rate", a.rate, "--duration", a.duration, "--concurrency", 32, server_pid=ex.pid, quiet=False)
+        busy = load(ex.url, "--domains", a.domains, "--rate", a.rate, "--duration", a.duration, "--concurrency", 32,
+                    "--latency-log", latency_log, server_pid=ex.pid, quiet=False)
     finally:
         stop.set()
         scraper.join()
     log(f"callbacks, while scraping every {a.scrape_every} s ({len(during)} scrapes, "
         f"p50 {pct(during, 0.5):.1f} ms, max {max(during):.1f} ms):", describe(busy))
+    busy["scrape_windows"] = scrape_windows(latency_log, scrapes, a.scrape_every)
+    os.remove(latency_log)
+    if busy["scrape_windows"]:
+        log("  " + describe_windows(busy["scrape_windows"]))
     return busy, during
+
+
+def scrape_windows(latency_log, scrapes, every):
+    """Within one run, the callbacks sent while a scrape was being answered against those sent
+    between two scrapes: each scrape's window is its first W ms (W: the median scrape's time),
+    its pair the W ms starting half a period later. The windows are fixed in time by the
+    scraper's schedule and of equal width, so the machine's own stalls fall into either alike,
+    where runs with and without scrapes compare two stretches of a noisy machine. Per pair, the
+    slowest callback of each window is compared: without an effect of the scrapes, either is the
+    slower about as often (a sign test). None with scrapes back to back (no time between them)."""
+    if every < 0.2 or len(scrapes) < 2:
+        return None
+    with open(latency_log) as f:
+        start = float(f.readline().split()[-1])
+        sent, latency = [], []
+        for line in f:
+            s, l = line.split()
+            sent.append(start + int(s) / 1e6)
+            latency.append(int(l) / 1000.0)
+    width = statistics.median(e - s for s, e in scrapes)
+    import bisect
+
+    def window(begin):
+        return latency[bisect.bisect_left(sent, begin):bisect.bisect_left(sent, begin + width)]
+
+    scraped, between, pairs = [], [], []
+    for (begin, end), (following, _) in zip(scrapes, scrapes[1:]):
+        quiet = begin + every / 2
+        if quiet < end or quiet + width > following:
+            continue
+        a, b = window(begin), window(quiet)
+        if a and b:
+            scraped += a
+            between += b
+            pairs.append((max(a), max(b)))
+    if not pairs:
+        return None
+    n = len(pairs)
+    above = sum(1 for a, b in pairs if a > b)
+    below = sum(1 for a, b in pairs if a < b)
+    # Two-sided sign test over the pairs that differ.
+    k, m = min(above, below), above + below
+    p = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
+
+    def tails(values):
+        return {"n": len(values), "p50": pct(values, 0.5), "p99": pct(values, 0.99),
+                "p99_9": pct(values, 0.999), "max": max(values)}
+    return {"width_ms": width * 1000, "pairs": n, "scraped_slower": above, "scraped_faster": below,
+            "sign_test_p": p, "scraped": tails(scraped), "between": tails(between),
+            "median_window_max_ms": {"scraped": statistics.median(a for a, _ in pairs),
+                                     "between": statistics.median(b for _, b in pairs)}}
+
+
+def describe_windows(w):
+    s, b = w["scraped"], w["between"]
+    return (f"sent in a scrape's first {w['width_ms']:.1f} ms (n={s['n']}): p50 {s['p50']:.2f}, p99 {s['p99']:.2f}, "
+            f"p99.9 {s['p99_9']:.2f}, max {s['max']:.2f} ms; half a period later (n={b['n']}): p50 {b['p50']:.2f}, "
+            f"p99 {b['p99']:.2f}, p99.9 {b['p99_9']:.2f}, max {b['max']:.2f} ms; slowest of the window: scraped "
+            f"slower in {w['scraped_slower']} of {w['pairs']} pairs, faster in {w['scraped_faster']} "
+            f"(sign test p = {w['sign_test_p']:.3f}), medians {w['median_window_max_ms']['scraped']:.2f} against "
+            f"{w['median_window_max_ms']['between']:.2f} ms")
 
 
 def metrics_alternated(a):
@@ -545,6 +616,12 @@ def metrics_alternated(a):
             p99s, p999s = tails([r["scraping"] for r in out[b]])
             scrapes = ", ".join(f"{r['scrape_during_ms']['p50']:.0f}" for r in out[b])
             log(f"{b}: callbacks' p99 {p99s} ms, p99.9 {p999s} ms; scrapes' p50 {scrapes} ms")
+            windows = [r["scraping"]["scrape_windows"] for r in out[b] if r["scraping"].get("scrape_windows")]
+            if windows:
+                log(f"{b}: sent during a scrape against between two, p99 " + ", ".join(
+                    f"{w['scraped']['p99']:.2f}/{w['between']['p99']:.2f}" for w in windows) + " ms, p99.9 " + ", ".join(
+                    f"{w['scraped']['p99_9']:.2f}/{w['between']['p99_9']:.2f}" for w in windows) + " ms; window's slowest "
+                    "scraped slower in " + ", ".join(f"{w['scraped_slower']}/{w['pairs']}" for w in windows) + " pairs")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(out))

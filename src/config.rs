@@ -294,6 +294,14 @@ pub struct LoadArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Also write each answered request to this file, one line each: when it was sent and its
+    /// latency (`SENT_US LATENCY_US`, in microseconds, the send time counted from the run's
+    /// start, which the first line gives on the machine's monotonic clock). With it the latency
+    /// of requests sent while something else happened, such as a scrape, can be told from the
+    /// rest.
+    #[arg(long, value_name = "PATH")]
+    pub latency_log: Option<std::path::PathBuf>,
+
     #[command(flatten)]
     pub keys: KeySource,
 }

@@ -14,7 +14,7 @@
 //! no earlier than the answer to its push, which it always follows.)
 //!
 //! Layout: the plan, the bodies and the workers are here; `client` is the HTTP/1.1 client,
-//! `report` what a run measured and how it is printed.
+//! `report` what a run measured and how it is printed, `timeline` the `--latency-log` file.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +30,7 @@ use report::{cpu_seconds, open_fds, rss_kib, Cpu, Rss, Summary, Tally, Usage};
 
 mod client;
 mod report;
+mod timeline;
 
 /// `push_duration` of the disconnects, in milliseconds: spread over the histogram's buckets.
 const PUSH_DURATIONS_MS: [i64; 12] = [
@@ -74,6 +75,9 @@ struct Plan {
     next_stream: AtomicU64,
     /// Requests answered or failed so far (for progress, and what was not sent).
     done: AtomicU64,
+    /// Whether each request's send time and latency are kept (`--latency-log`): they cost 16
+    /// bytes a request, which a long run at a high rate should not pay for nothing.
+    timeline: bool,
 }
 
 impl Plan {
@@ -202,6 +206,7 @@ pub async fn run(args: LoadArgs) -> Result<(), String> {
     let mut rng = rand::rng();
     let run_id: u32 = rng.random();
     let start = Instant::now();
+    let start_monotonic = timeline::monotonic_seconds();
     let plan = Arc::new(Plan {
         target,
         key,
@@ -218,6 +223,7 @@ pub async fn run(args: LoadArgs) -> Result<(), String> {
         run_id,
         next_stream: AtomicU64::new(0),
         done: AtomicU64::new(0),
+        timeline: args.latency_log.is_some(),
     });
 
     let rss = Arc::new(Mutex::new(None::<Rss>));
@@ -303,6 +309,12 @@ pub async fn run(args: LoadArgs) -> Result<(), String> {
     let cpu = cpu_used(cpu_before, args.pid, start.elapsed());
     let rss = *rss.lock().expect("rss lock");
     let intervals = intervals.lock().expect("intervals lock").clone();
+
+    if let Some(path) = &args.latency_log {
+        let requests = std::mem::take(&mut tally.timeline);
+        timeline::write(path, start_monotonic, requests)
+            .map_err(|e| format!("--latency-log {}: {e}", path.display()))?;
+    }
 
     let unsent = plan.due_in_run().map_or(0, |due| {
         due.saturating_sub(plan.done.load(Ordering::Relaxed))
@@ -399,6 +411,10 @@ async fn worker(plan: Arc<Plan>) -> Tally {
                 Ok(status) => {
                     let us = sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
                     tally.latencies_us.push(us);
+                    if plan.timeline {
+                        let since_start = sent.saturating_duration_since(plan.start).as_micros();
+                        tally.timeline.push((since_start as u64, us));
+                    }
                     *tally.statuses.entry(status).or_default() += 1;
                 }
                 Err(e) => {
@@ -449,6 +465,7 @@ mod tests {
             run_id: 0xabc,
             next_stream: AtomicU64::new(0),
             done: AtomicU64::new(0),
+            timeline: false,
         })
     }
 

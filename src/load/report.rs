@@ -26,11 +26,15 @@ pub(super) struct Tally {
     /// Requests sent over a millisecond after their scheduled time because every connection
     /// was busy.
     pub(super) late: u64,
+    /// With `--latency-log`: each answered request's send time (microseconds since the run's
+    /// start) and latency (microseconds).
+    pub(super) timeline: Vec<(u64, u32)>,
 }
 
 impl Tally {
     pub(super) fn merge(&mut self, other: Tally) {
         self.latencies_us.extend(other.latencies_us);
+        self.timeline.extend(other.timeline);
         for (status, n) in other.statuses {
             *self.statuses.entry(status).or_default() += n;
         }
@@ -377,6 +381,7 @@ mod tests {
             pid: None,
             progress: Duration::ZERO,
             json: false,
+            latency_log: None,
             keys: KeySource { key_file: None },
         };
         let tally = Tally {

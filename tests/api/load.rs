@@ -98,6 +98,105 @@ async fn an_open_loop_run_the_target_cannot_keep_up_with_ends_on_time_and_counts
     );
 }
 
+/// `--latency-log` lists every answered request with when it was sent on the schedule, and
+/// places the run on the monotonic clock that other programs read, so that what they did
+/// meanwhile (scrapes) can be laid beside the requests.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_latency_log_lists_each_request_when_it_was_sent_on_the_machines_clock() {
+    let monotonic = || {
+        // SAFETY: an all-zero timespec is valid; clock_gettime only writes into it.
+        let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+        assert_eq!(
+            unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) },
+            0
+        );
+        now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
+    };
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("latencies");
+    let before = monotonic();
+    let summary = load(
+        &app,
+        &[
+            "--rate",
+            "20",
+            "--duration",
+            "1s",
+            "--push-only",
+            "--latency-log",
+            log.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let after = monotonic();
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut lines = text.lines();
+    let start: f64 = lines
+        .next()
+        .unwrap()
+        .strip_prefix("# start_monotonic_seconds ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        before <= start && start <= after,
+        "{before} {start} {after}"
+    );
+    let requests: Vec<(u64, u64)> = lines
+        .map(|line| {
+            let (sent, latency) = line.split_once(' ').unwrap();
+            (sent.parse().unwrap(), latency.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(requests.len() as u64, summary["ok"].as_u64().unwrap());
+    assert_eq!(requests.len(), 20);
+    // Due every 50 ms from the start: none goes out before it is due, and in a run of a second
+    // all went out within it.
+    for (i, &(sent_us, latency_us)) in requests.iter().enumerate() {
+        assert!(
+            sent_us >= 50_000 * i as u64,
+            "request {i} sent at {sent_us} us"
+        );
+        assert!(sent_us < 1_000_000, "request {i} sent at {sent_us} us");
+        assert!(latency_us > 0);
+    }
+    let max_us = requests.iter().map(|r| r.1).max().unwrap() as f64;
+    assert_eq!(
+        max_us / 1000.0,
+        summary["latency_ms"]["max"].as_f64().unwrap()
+    );
+
+    // A file that cannot be written fails the run, after it was sent.
+    let (url, unwritable) = (app.callback_url.clone(), dir.path().join("no/such/dir"));
+    let output = tokio::task::spawn_blocking(move || {
+        binary()
+            .env("CSS_CALLBACK_KEY", KEY)
+            .args([
+                "load",
+                "--target",
+                &url,
+                "--requests",
+                "2",
+                "--progress",
+                "0s",
+            ])
+            .args(["--latency-log", unwritable.to_str().unwrap()])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--latency-log"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// The exporter's settings do not apply to the subcommands: a bad one in the environment, meant
 /// for the exporter running beside, does not stop `load`; one on the command line is refused.
 #[tokio::test]
