@@ -23,8 +23,9 @@
 //!   the Prometheus text format, with the process and build metrics and the storage metrics of
 //!   this process ([`metrics::CommitStats`], kept by the ledger and by Redis).
 //! - [`scrape`]: one page at a time, shared by the scrapes that wait: the state copied on one
-//!   thread, the page written on another at a lower priority; [`gzip`] compresses it in pieces
-//!   on several threads for the scrapes that ask.
+//!   thread, the page written on another at idle priority (on the first when that one gets no
+//!   CPU for too long); [`gzip`] compresses it in pieces on several threads for the scrapes
+//!   that ask.
 //! - [`http`]: routes, status codes and logging of outcomes.
 //! - [`web`]: connection handling: header deadline, write timeout, connection cap (where served
 //!   connections make room for waiting ones), graceful drain.

@@ -12,8 +12,12 @@
 //! copies the state, so the page holds every callback answered before the scrape was asked.
 //!
 //! The copy is made on that thread, at the exporter's priority, since it holds the lock the
-//! ledger's writer waits on; the page is then written and compressed on a second thread at a
-//! lower one, so that on a busy machine a scrape takes the CPU the callbacks leave, not theirs.
+//! ledger's writer waits on; the page is then written and compressed on a second thread at idle
+//! priority (`SCHED_IDLE`), so that a scrape takes the CPU the callbacks leave, not theirs: a
+//! callback's thread that wakes takes the core from it at once. Should the writer get no CPU
+//! for [`FALLBACK_AFTER`] (the exporter's own threads, or other work in its scheduling group,
+//! keep every core busy), the first thread writes the page itself, at the exporter's priority,
+//! so that Prometheus still gets it in time.
 //!
 //! Prometheus asks for gzip (`Accept-Encoding: gzip`) unless its scrape config says
 //! `enable_compression: false`. A page is compressed once, by the thread that wrote it, if any
@@ -22,12 +26,15 @@
 //! ([`crate::gzip`]): the 5-MB page of 1,000 domains becomes 0.33 MB in 1.4 to 14 ms of CPU;
 //! higher levels shrink it by a third more at 4 to 9 times the CPU.
 
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::mpsc::{self, TrySendError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::HeaderValue;
 use tokio::sync::oneshot;
+
+use prometheus::{IntCounterVec, Opts};
 
 use crate::gzip;
 use crate::metrics::{Copied, Metrics};
@@ -107,24 +114,54 @@ pub struct Unwritten;
 
 impl Scrapes {
     /// Starts the writing threads: `metrics` copies the state for the scrapes waiting, and
-    /// `metrics-write` writes and compresses the page at a lower priority.
+    /// `metrics-write` writes and compresses the page at idle priority; `metrics` writes it
+    /// instead if `metrics-write` has not within [`FALLBACK_AFTER`]. Registers
+    /// `tencent_css_exporter_metrics_pages_total`, the pages answered by each.
     pub fn start(metrics: Arc<Metrics>) -> Scrapes {
+        Scrapes::start_with(metrics, FALLBACK_AFTER)
+    }
+
+    fn start_with(metrics: Arc<Metrics>, fallback_after: Duration) -> Scrapes {
+        let pages = IntCounterVec::new(
+            Opts::new(
+                "tencent_css_exporter_metrics_pages_total",
+                "/metrics pages answered, by the thread that wrote them: idle (the writer at \
+                 idle priority) or fallback (the exporter's priority, after the idle writer got \
+                 no CPU for a while).",
+            ),
+            &["writer"],
+        )
+        .expect("a valid metric");
+        metrics.register(Box::new(pages.clone()));
+        let (idle, fallback) = (
+            pages.with_label_values(&["idle"]),
+            pages.with_label_values(&["fallback"]),
+        );
         let (queue, scrapes) = mpsc::channel::<Scrape>();
-        // No buffer: a copy is handed over only once the page before it is written, so one
-        // page at a time is written, and the next copy is made meanwhile.
-        let (copies, to_write) = mpsc::sync_channel::<(Copied, Vec<Scrape>)>(0);
+        // Room for one page: a page is handed over once the one before it was answered, so the
+        // room is taken only while the writer is still on a page the fallback answered; the
+        // next page is then written by the fallback too.
+        let (copies, to_write) = mpsc::sync_channel::<(Copied, Arc<Job>)>(1);
         let writer = metrics.clone();
         std::thread::Builder::new()
             .name("metrics-write".into())
             .spawn(move || {
                 yield_to_callbacks();
-                for (copied, waiting) in to_write {
+                for (copied, job) in to_write {
+                    if job.answered() {
+                        continue;
+                    }
+                    let gzip = job.wants_gzip();
                     // A panic fails these scrapes (their senders are dropped), not the next ones.
-                    let page = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        Bytes::from(writer.write(copied))
+                    let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        write(&writer, copied, gzip)
                     }));
-                    match page {
-                        Ok(page) => answer(waiting, page),
+                    let Some(waiting) = job.take() else { continue };
+                    match written {
+                        Ok(written) => {
+                            answer(waiting, written);
+                            idle.inc();
+                        }
                         Err(_) => failed("writing the page", waiting.len()),
                     }
                 }
@@ -138,16 +175,34 @@ impl Scrapes {
                         std::iter::once(first).chain(scrapes.try_iter()).collect();
                     let copied =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| metrics.copy()));
-                    match copied {
-                        Ok(copied) => {
-                            if let Err(mpsc::SendError((_, waiting))) =
-                                copies.send((copied, waiting))
-                            {
-                                // Not expected: the writing thread catches its panics.
-                                failed("handing the copy over", waiting.len());
-                            }
+                    let copied = match copied {
+                        Ok(copied) => copied,
+                        Err(_) => {
+                            failed("copying the state", waiting.len());
+                            continue;
                         }
-                        Err(_) => failed("copying the state", waiting.len()),
+                    };
+                    let job = Arc::new(Job::new(waiting));
+                    let unwritten = match copies.try_send((copied, job.clone())) {
+                        Ok(()) => job.wait(fallback_after).then_some(None),
+                        // The writer is still on a page the fallback answered (or gone).
+                        Err(TrySendError::Full((copied, _)))
+                        | Err(TrySendError::Disconnected((copied, _))) => Some(Some(copied)),
+                    };
+                    // Not answered in time: written here, from the copy the writer did not take
+                    // or from a new one (still made after these scrapes came).
+                    let Some(copied) = unwritten else { continue };
+                    let Some(waiting) = job.take() else { continue };
+                    let gzip = waiting.iter().any(|s| s.encoding == Encoding::Gzip);
+                    let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        write(&metrics, copied.unwrap_or_else(|| metrics.copy()), gzip)
+                    }));
+                    match written {
+                        Ok(written) => {
+                            answer(waiting, written);
+                            fallback.inc();
+                        }
+                        Err(_) => failed("writing the page", waiting.len()),
                     }
                 }
             })
@@ -182,27 +237,21 @@ fn failed(step: &str, scrapes: usize) {
     );
 }
 
-/// How much the thread writing pages gives way to the callbacks' threads when they contend
-/// for the cores, in nice steps above the exporter's own: at +10 it weighs about a tenth of
-/// a runtime worker. Writing and compressing a page of 1,000 domains is several milliseconds
-/// of CPU on each of two threads; at the same priority a scrape took both cores of a small
-/// machine from the callbacks for that long. An idle core still writes the page at full speed.
-#[cfg(target_os = "linux")]
-const WRITER_NICE: i32 = 10;
-
-/// Lowers the calling thread's priority by [`WRITER_NICE`]; threads it starts (the gzip
-/// pieces) inherit it. On Linux the nice value is a thread's own, which `nice(2)` changes for
-/// the calling thread alone. The state is copied on another thread: a page writer that the
-/// scheduler leaves waiting must not hold the lock the ledger's writer waits on.
+/// Puts the calling thread at idle priority (`SCHED_IDLE`); threads it starts (the gzip
+/// pieces) inherit it. Writing and compressing a page of 1,000 domains is several milliseconds
+/// of CPU on each of two threads. At the exporter's priority a scrape took both cores of a
+/// small machine from the callbacks for that long; 10 nice steps lower, callbacks sent during a
+/// scrape were still slower than those sent between two (p50 2.3 against 0.9 ms at 10,000/s),
+/// as a woken thread may wait for the running one's time slice to end. An idle-priority thread
+/// gives way at once, and an idle core still writes the page at full speed. On Linux the policy
+/// is a thread's own, which `sched_setscheduler(0, ...)` sets for the calling thread alone. The
+/// state is copied on another thread: a page writer that the scheduler leaves waiting must not
+/// hold the lock the ledger's writer waits on.
 #[cfg(target_os = "linux")]
 fn yield_to_callbacks() {
-    // `nice` returns the new value, and -1 is one: errno tells an error apart.
-    // SAFETY: errno is this thread's own; `nice` takes a plain integer.
-    let failed = unsafe {
-        *libc::__errno_location() = 0;
-        libc::nice(WRITER_NICE) == -1 && *libc::__errno_location() != 0
-    };
-    if failed {
+    let idle = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `idle` is a valid sched_param for the call's duration; pid 0 is this thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) } != 0 {
         tracing::warn!(
             error = %std::io::Error::last_os_error(),
             "could not lower the priority of the thread writing /metrics pages; scrapes compete with callbacks for CPU"
@@ -213,39 +262,110 @@ fn yield_to_callbacks() {
 #[cfg(not(target_os = "linux"))]
 fn yield_to_callbacks() {}
 
-/// Sends `page` to the scrapes that want it as written, then compresses it once for the others.
-fn answer(waiting: Vec<Scrape>, page: Bytes) {
-    let (gzip, identity): (Vec<_>, Vec<_>) = waiting
-        .into_iter()
-        .partition(|s| s.encoding == Encoding::Gzip);
-    for scrape in identity {
-        let _ = scrape.page.send(Page {
-            body: page.clone(),
-            encoding: Encoding::Identity,
-        });
+/// How long a page may take on the idle-priority writer before the `metrics` thread writes it
+/// at the exporter's priority. A page of 1,000 domains takes 30 to 120 ms there on a small,
+/// busy machine (`scripts/perf.py metrics`, closed loop); a writer that got no CPU for this long
+/// is starved, and Prometheus waits for its page up to its scrape timeout (10 s by default).
+const FALLBACK_AFTER: Duration = Duration::from_millis(250);
+
+/// The scrapes a page answers, taken by whichever thread writes the page first: the idle
+/// writer, or the `metrics` thread once it stopped waiting for it.
+struct Job {
+    waiting: Mutex<Option<Vec<Scrape>>>,
+    /// Signalled when `waiting` is taken.
+    taken: Condvar,
+}
+
+impl Job {
+    fn new(waiting: Vec<Scrape>) -> Job {
+        Job {
+            waiting: Mutex::new(Some(waiting)),
+            taken: Condvar::new(),
+        }
     }
-    if gzip.is_empty() {
-        return;
+
+    fn lock(&self) -> MutexGuard<'_, Option<Vec<Scrape>>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
-    // A panic here would end this thread, and every later scrape with it.
-    let compressed = std::panic::catch_unwind(|| gzip::compress(&page))
+
+    fn answered(&self) -> bool {
+        self.lock().is_none()
+    }
+
+    /// Whether a scrape wants the page compressed, so that the writer compresses it before it
+    /// takes the scrapes.
+    fn wants_gzip(&self) -> bool {
+        self.lock()
+            .iter()
+            .flatten()
+            .any(|s| s.encoding == Encoding::Gzip)
+    }
+
+    /// The scrapes, if no one took them yet.
+    fn take(&self) -> Option<Vec<Scrape>> {
+        let waiting = self.lock().take();
+        self.taken.notify_all();
+        waiting
+    }
+
+    /// Waits up to `timeout` for the scrapes to be taken; `true` if they were not.
+    fn wait(&self, timeout: Duration) -> bool {
+        let waiting = self.lock();
+        let (waiting, _) = self
+            .taken
+            .wait_timeout_while(waiting, timeout, |w| w.is_some())
+            .unwrap_or_else(|e| e.into_inner());
+        waiting.is_some()
+    }
+}
+
+/// A page as written and, if asked, compressed.
+struct Written {
+    page: Bytes,
+    /// The page compressed; as written if compressing failed.
+    compressed: Option<Page>,
+}
+
+/// Writes the page of `copied`, and compresses it if `gzip`.
+fn write(metrics: &Metrics, copied: Copied, gzip: bool) -> Written {
+    let page = Bytes::from(metrics.write(copied));
+    let compressed = gzip.then(|| compress(&page));
+    Written { page, compressed }
+}
+
+/// `page` compressed; the page as written if that fails, which is still an answer.
+fn compress(page: &Bytes) -> Page {
+    // A panic here would end the writing thread, and every later scrape with it.
+    let compressed = std::panic::catch_unwind(|| gzip::compress(page))
         .unwrap_or_else(|_| Err(std::io::Error::other("compressing panicked")));
-    let compressed = match compressed {
+    match compressed {
         Ok(compressed) => Page {
             body: Bytes::from(compressed),
             encoding: Encoding::Gzip,
         },
         Err(e) => {
-            // Not expected of a write into memory; the page as written is still an answer.
+            // Not expected of a write into memory.
             tracing::error!(error = %e, "compressing a /metrics page failed; sent uncompressed");
             Page {
-                body: page,
+                body: page.clone(),
                 encoding: Encoding::Identity,
             }
         }
+    }
+}
+
+/// Sends each scrape the page in the encoding it asked for.
+fn answer(waiting: Vec<Scrape>, written: Written) {
+    let identity = Page {
+        body: written.page,
+        encoding: Encoding::Identity,
     };
-    for scrape in gzip {
-        let _ = scrape.page.send(compressed.clone());
+    for scrape in waiting {
+        let page = match (&written.compressed, scrape.encoding) {
+            (Some(compressed), Encoding::Gzip) => compressed.clone(),
+            _ => identity.clone(),
+        };
+        let _ = scrape.page.send(page);
     }
 }
 
@@ -300,7 +420,11 @@ mod tests {
                 go: Mutex::new(go_rx),
                 panic_on_fill: AtomicUsize::new(panic_on_fill),
             });
-            let scrapes = Scrapes::start(Arc::new(Metrics::new(gate.clone())));
+            // Never written by the fallback: its copy would wait for a `let_go` of its own.
+            let scrapes = Scrapes::start_with(
+                Arc::new(Metrics::new(gate.clone())),
+                Duration::from_secs(3600),
+            );
             Rig {
                 gate,
                 scrapes,
@@ -394,6 +518,43 @@ mod tests {
             .unwrap();
         assert_eq!(text, identity.body, "the page the other scrape got");
         assert_eq!(rig.gate.fills.load(Ordering::SeqCst), 2);
+    }
+
+    /// Whichever thread writes a page, each scrape gets it once and the page is counted once
+    /// (a fallback that does not wait races the idle writer for every page).
+    #[tokio::test]
+    async fn a_page_raced_by_the_fallback_is_answered_and_counted_once() {
+        let rig = Rig::new(0);
+        let metrics = Arc::new(Metrics::new(rig.gate.clone()));
+        let scrapes = Scrapes::start_with(metrics.clone(), Duration::ZERO);
+        // Every copy may go ahead: a page raced costs two.
+        for _ in 0..40 {
+            rig.let_go();
+        }
+        for round in 1..=10 {
+            let pages = [
+                scrapes.page(Encoding::Gzip),
+                scrapes.page(Encoding::Identity),
+            ];
+            for page in pages {
+                let page = page.await.unwrap();
+                assert!(!page.body.is_empty());
+            }
+            let text = metrics.render();
+            let count = |writer: &str| {
+                let line =
+                    format!("tencent_css_exporter_metrics_pages_total{{writer=\"{writer}\"}} ");
+                text.lines()
+                    .find_map(|l| l.strip_prefix(line.as_str()))
+                    .map_or(0, |v| v.parse::<u64>().unwrap())
+            };
+            // Both scrapes of a round came before its page, or one round has two pages.
+            let (idle, fallback) = (count("idle"), count("fallback"));
+            assert!(
+                (round..=2 * round).contains(&(idle + fallback)),
+                "round {round}: {idle} idle, {fallback} fallback"
+            );
+        }
     }
 
     fn accepted(values: &[&str]) -> Encoding {
