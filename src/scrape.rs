@@ -34,7 +34,7 @@ use axum::body::Bytes;
 use axum::http::HeaderValue;
 use tokio::sync::oneshot;
 
-use prometheus::{IntCounterVec, Opts};
+use prometheus::{IntCounter, IntCounterVec, Opts};
 
 use crate::gzip;
 use crate::metrics::{Copied, Metrics};
@@ -151,18 +151,9 @@ impl Scrapes {
                     if job.answered() {
                         continue;
                     }
-                    let gzip = job.wants_gzip();
-                    // A panic fails these scrapes (their senders are dropped), not the next ones.
-                    let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        write(&writer, copied, gzip)
-                    }));
-                    let Some(waiting) = job.take() else { continue };
-                    match written {
-                        Ok(written) => {
-                            answer(waiting, written);
-                            idle.inc();
-                        }
-                        Err(_) => failed("writing the page", waiting.len()),
+                    let written = write(&writer, || copied, job.wants_gzip());
+                    if let Some(waiting) = job.take() {
+                        answer(waiting, written, &idle);
                     }
                 }
             })
@@ -183,27 +174,19 @@ impl Scrapes {
                         }
                     };
                     let job = Arc::new(Job::new(waiting));
-                    let unwritten = match copies.try_send((copied, job.clone())) {
-                        Ok(()) => job.wait(fallback_after).then_some(None),
-                        // The writer is still on a page the fallback answered (or gone).
+                    // The copy to write here if the writer does not answer in time.
+                    let own = match copies.try_send((copied, job.clone())) {
+                        Ok(()) if !job.wait(fallback_after) => continue,
+                        // A new one, still made after these scrapes came.
+                        Ok(()) => None,
+                        // The writer is still on a page the fallback answered (or is gone).
                         Err(TrySendError::Full((copied, _)))
-                        | Err(TrySendError::Disconnected((copied, _))) => Some(Some(copied)),
+                        | Err(TrySendError::Disconnected((copied, _))) => Some(copied),
                     };
-                    // Not answered in time: written here, from the copy the writer did not take
-                    // or from a new one (still made after these scrapes came).
-                    let Some(copied) = unwritten else { continue };
                     let Some(waiting) = job.take() else { continue };
                     let gzip = waiting.iter().any(|s| s.encoding == Encoding::Gzip);
-                    let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        write(&metrics, copied.unwrap_or_else(|| metrics.copy()), gzip)
-                    }));
-                    match written {
-                        Ok(written) => {
-                            answer(waiting, written);
-                            fallback.inc();
-                        }
-                        Err(_) => failed("writing the page", waiting.len()),
-                    }
+                    let written = write(&metrics, || own.unwrap_or_else(|| metrics.copy()), gzip);
+                    answer(waiting, written, &fallback);
                 }
             })
             .expect("spawn the metrics thread");
@@ -263,14 +246,16 @@ fn yield_to_callbacks() {
 fn yield_to_callbacks() {}
 
 /// How long a page may take on the idle-priority writer before the `metrics` thread writes it
-/// at the exporter's priority. A page of 1,000 domains takes 30 to 120 ms there on a small,
-/// busy machine (`scripts/perf.py metrics`, closed loop); a writer that got no CPU for this long
-/// is starved, and Prometheus waits for its page up to its scrape timeout (10 s by default).
+/// at the exporter's priority. A page of 1,000 domains took 34 to 90 ms there on a small, slow
+/// machine busy with callbacks, at 10,000/s and at the most it took (BENCHMARKS.md); a writer
+/// that got no CPU for this long is starved, and Prometheus waits for its page up to its scrape
+/// timeout (10 s by default).
 const FALLBACK_AFTER: Duration = Duration::from_millis(250);
 
 /// The scrapes a page answers, taken by whichever thread writes the page first: the idle
 /// writer, or the `metrics` thread once it stopped waiting for it.
 struct Job {
+    /// The scrapes until one of the threads takes them to answer: `None` once answered.
     waiting: Mutex<Option<Vec<Scrape>>>,
     /// Signalled when `waiting` is taken.
     taken: Condvar,
@@ -326,11 +311,15 @@ struct Written {
     compressed: Option<Page>,
 }
 
-/// Writes the page of `copied`, and compresses it if `gzip`.
-fn write(metrics: &Metrics, copied: Copied, gzip: bool) -> Written {
-    let page = Bytes::from(metrics.write(copied));
-    let compressed = gzip.then(|| compress(&page));
-    Written { page, compressed }
+/// Writes the page of the copy `copied` returns, and compresses it if `gzip`; `None` if that
+/// panicked, which fails the page's scrapes, not the next ones.
+fn write(metrics: &Metrics, copied: impl FnOnce() -> Copied, gzip: bool) -> Option<Written> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let page = Bytes::from(metrics.write(copied()));
+        let compressed = gzip.then(|| compress(&page));
+        Written { page, compressed }
+    }))
+    .ok()
 }
 
 /// `page` compressed; the page as written if that fails, which is still an answer.
@@ -354,8 +343,14 @@ fn compress(page: &Bytes) -> Page {
     }
 }
 
-/// Sends each scrape the page in the encoding it asked for.
-fn answer(waiting: Vec<Scrape>, written: Written) {
+/// Sends each scrape the page in the encoding it asked for, and counts the page on `pages`
+/// first, so that a scrape that has its page sees it counted; drops the scrapes (answered 500)
+/// if the page could not be written.
+fn answer(waiting: Vec<Scrape>, written: Option<Written>, pages: &IntCounter) {
+    let Some(written) = written else {
+        return failed("writing the page", waiting.len());
+    };
+    pages.inc();
     let identity = Page {
         body: written.page,
         encoding: Encoding::Identity,
