@@ -15,9 +15,9 @@
 //! ledger's writer waits on; the page is then written and compressed on a second thread at idle
 //! priority (`SCHED_IDLE`), so that a scrape takes the CPU the callbacks leave, not theirs: a
 //! callback's thread that wakes takes the core from it at once. Should the writer get no CPU
-//! for [`FALLBACK_AFTER`] (the exporter's own threads, or other work in its scheduling group,
-//! keep every core busy), the first thread writes the page itself, at the exporter's priority,
-//! so that Prometheus still gets it in time.
+//! for 250 ms (`FALLBACK_AFTER`: the exporter's own threads, or other work in its scheduling
+//! group, keep every core busy), the first thread writes the page itself, at the exporter's
+//! priority, so that Prometheus still gets it in time.
 //!
 //! Prometheus asks for gzip (`Accept-Encoding: gzip`) unless its scrape config says
 //! `enable_compression: false`. A page is compressed once, by the thread that wrote it, if any
@@ -115,7 +115,7 @@ pub struct Unwritten;
 impl Scrapes {
     /// Starts the writing threads: `metrics` copies the state for the scrapes waiting, and
     /// `metrics-write` writes and compresses the page at idle priority; `metrics` writes it
-    /// instead if `metrics-write` has not within [`FALLBACK_AFTER`]. Registers
+    /// instead if `metrics-write` has not within 250 ms (`FALLBACK_AFTER`). Registers
     /// `tencent_css_exporter_metrics_pages_total`, the pages answered by each.
     pub fn start(metrics: Arc<Metrics>) -> Scrapes {
         Scrapes::start_with(metrics, FALLBACK_AFTER)
