@@ -30,6 +30,7 @@ EXPORTER_BIN and BARE_BIN select other builds.
 """
 
 import argparse
+import bisect
 import json
 import math
 import os
@@ -533,8 +534,6 @@ def scrape_windows(latency_log, scrapes, every):
             sent.append(start + int(s) / 1e6)
             latency.append(int(l) / 1000.0)
     width = statistics.median(e - s for s, e in scrapes)
-    import bisect
-
     def window(begin):
         return latency[bisect.bisect_left(sent, begin):bisect.bisect_left(sent, begin + width)]
 

@@ -637,9 +637,16 @@ async fn a_page_the_idle_writer_cannot_write_is_written_at_the_exporters_priorit
         // A thread that ended since it was listed cannot be pinned, nor does it matter.
         let _ = pin(t.tid, cpu);
     }
-    let stop = Arc::new(AtomicBool::new(false));
+    /// Stops the spinning thread however the test ends.
+    struct Stop(Arc<AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let stop = Stop(Arc::new(AtomicBool::new(false)));
     let hog = std::thread::spawn({
-        let stop = stop.clone();
+        let stop = stop.0.clone();
         move || {
             pin(0, cpu).unwrap();
             while !stop.load(Ordering::Relaxed) {
@@ -648,7 +655,7 @@ async fn a_page_the_idle_writer_cannot_write_is_written_at_the_exporters_priorit
         }
     });
     let during = exporter.scrape().await;
-    stop.store(true, Ordering::Relaxed);
+    drop(stop);
     hog.join().unwrap();
 
     assert_eq!(
