@@ -534,6 +534,7 @@ def scrape_windows(latency_log, scrapes, every):
             sent.append(start + int(s) / 1e6)
             latency.append(int(l) / 1000.0)
     width = statistics.median(e - s for s, e in scrapes)
+
     def window(begin):
         return latency[bisect.bisect_left(sent, begin):bisect.bisect_left(sent, begin + width)]
 

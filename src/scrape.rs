@@ -176,7 +176,7 @@ impl Scrapes {
                     let job = Arc::new(Job::new(waiting));
                     // The copy to write here if the writer does not answer in time.
                     let own = match copies.try_send((copied, job.clone())) {
-                        Ok(()) if !job.wait(fallback_after) => continue,
+                        Ok(()) if !job.still_waiting_after(fallback_after) => continue,
                         // A new one, still made after these scrapes came.
                         Ok(()) => None,
                         // The writer is still on a page the fallback answered (or is gone).
@@ -293,8 +293,8 @@ impl Job {
         waiting
     }
 
-    /// Waits up to `timeout` for the scrapes to be taken; `true` if they were not.
-    fn wait(&self, timeout: Duration) -> bool {
+    /// Waits up to `timeout` for the scrapes to be taken; `true` if no one took them.
+    fn still_waiting_after(&self, timeout: Duration) -> bool {
         let waiting = self.lock();
         let (waiting, _) = self
             .taken
@@ -324,7 +324,8 @@ fn write(metrics: &Metrics, copied: impl FnOnce() -> Copied, gzip: bool) -> Opti
 
 /// `page` compressed; the page as written if that fails, which is still an answer.
 fn compress(page: &Bytes) -> Page {
-    // A panic here would end the writing thread, and every later scrape with it.
+    // Caught here, not with the page's writing: a page that cannot be compressed is still an
+    // answer as written.
     let compressed = std::panic::catch_unwind(|| gzip::compress(page))
         .unwrap_or_else(|_| Err(std::io::Error::other("compressing panicked")));
     match compressed {
