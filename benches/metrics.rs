@@ -6,7 +6,7 @@
 //! (`N_domains`), and as one stream on one thread (`N_domains_one_thread`), to show the
 //! difference.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -60,7 +60,7 @@ fn populated(domains: u64) -> Arc<Shared> {
         }
     }
     Arc::new(Shared {
-        truth: RwLock::new(truth),
+        truth: parking_lot::RwLock::new(truth),
         fault: Mutex::new(None),
     })
 }
@@ -81,8 +81,10 @@ fn render(c: &mut Criterion) {
 }
 
 /// What a scrape does under the state's read lock: filling the frame it reuses from the scrape
-/// before. Emptying it (dropping the frame's references to domain names) happens after the
-/// lock is released, and is not timed.
+/// before, a piece at a time (`N_domains`, all pieces), and the longest piece of it
+/// (`N_domains_longest_piece`), the longest the ledger's writer waits for a scrape. Emptying
+/// the frame (dropping its references to domain names) happens after the lock is released, and
+/// is not timed.
 fn lock(c: &mut Criterion) {
     let mut group = c.benchmark_group("metrics_lock");
     group.sample_size(20);
@@ -99,6 +101,27 @@ fn lock(c: &mut Criterion) {
                     frame.clear();
                 }
                 locked
+            })
+        });
+        group.bench_function(format!("{domains}_domains_longest_piece"), |b| {
+            b.iter_custom(|iters| {
+                let mut longest_pieces = Duration::ZERO;
+                for _ in 0..iters {
+                    let mut filling = frame.filling();
+                    let truth = shared.truth.read();
+                    let mut longest = Duration::ZERO;
+                    loop {
+                        let start = Instant::now();
+                        let done = filling.next(truth.live(), truth.counters());
+                        longest = longest.max(start.elapsed());
+                        if done {
+                            break;
+                        }
+                    }
+                    longest_pieces += longest;
+                }
+                frame.clear();
+                longest_pieces
             })
         });
     }

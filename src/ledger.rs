@@ -18,10 +18,11 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use parking_lot::{RwLock, RwLockReadGuard};
 use tokio::sync::oneshot;
 
 use crate::callback::{Event, EventKind, Outcome};
@@ -43,18 +44,26 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// What the HTTP side and the metrics read.
 #[derive(Debug)]
 pub struct Shared {
-    /// The state; written only under the ledger's writer lock, read by scrapes.
+    /// The state; written only under the ledger's writer lock, read by scrapes. `parking_lot`'s
+    /// lock rather than the standard one, for the scrape's copy: a reader that lets go between
+    /// two pieces hands the lock to the writer waiting ([`RwLockReadGuard::bump`]), where the
+    /// standard lock only wakes it, and the reader's next piece usually gets in first again.
+    /// No poisoning: after a panic the ledger rebuilds the state itself.
     pub truth: RwLock<Truth>,
     /// Why the store is failing, while it is.
     pub fault: Mutex<Option<String>>,
 }
 
 impl crate::metrics::ViewSource for Shared {
-    /// Copies the numbers out under the read lock, so a scrape holds the ledger up only for the
-    /// copy (no strings are built under it; sorting and writing the text come after).
+    /// Copies the numbers out under the read lock a piece at a time, letting go between two
+    /// so that the ledger's writer, which waits for it, records its batch in between (no
+    /// strings are built under it; sorting and writing the text come after).
     fn fill(&self, frame: &mut crate::metrics::Frame) {
-        let truth = self.truth.read().unwrap_or_else(|e| e.into_inner());
-        frame.fill(truth.live(), truth.counters());
+        let mut filling = frame.filling();
+        let mut truth = self.truth.read();
+        while !filling.next(truth.live(), truth.counters()) {
+            RwLockReadGuard::bump(&mut truth);
+        }
     }
 }
 
@@ -435,7 +444,6 @@ impl Worker {
         let snapshot = match self.store.reload() {
             // Memory is the only truth; it stays as the panic left it.
             None => {
-                self.shared.truth.clear_poison();
                 self.suspect = false;
                 return true;
             }
@@ -447,12 +455,8 @@ impl Worker {
         };
         match Truth::restore(snapshot, self.limits, (self.clock)()) {
             Ok(truth) => {
-                let old = std::mem::replace(
-                    &mut *self.shared.truth.write().unwrap_or_else(|e| e.into_inner()),
-                    truth,
-                );
+                let old = std::mem::replace(&mut *self.shared.truth.write(), truth);
                 drop(old);
-                self.shared.truth.clear_poison();
                 release_freed_memory();
                 // Counts that only memory held are lost with it.
                 self.unsaved.clear();
@@ -498,7 +502,7 @@ impl Worker {
         // The state's lock is held through the write, so a scrape never sees an event that may
         // yet be undone; taken through a handle of its own, as the worker changes meanwhile.
         let shared = Arc::clone(&self.shared);
-        let mut truth = shared.truth.write().unwrap_or_else(|e| e.into_inner());
+        let mut truth = shared.truth.write();
         // Changes that only count (stored with this batch, kept if it fails), and the events
         // with their changes and their callers.
         let mut counts = std::mem::take(&mut self.unsaved);
@@ -604,7 +608,7 @@ impl Worker {
         }
         let now = (self.clock)();
         let (expired, latest) = {
-            let mut truth = self.shared.truth.write().unwrap_or_else(|e| e.into_inner());
+            let mut truth = self.shared.truth.write();
             (truth.expire(now), truth.latest_expiry(now))
         };
         // Freed here, after the lock is released: scrapes do not wait for the deallocation.
@@ -807,7 +811,7 @@ mod tests {
     }
 
     fn live(ledger: &Ledger) -> usize {
-        ledger.shared().truth.read().unwrap().live_total()
+        ledger.shared().truth.read().live_total()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -867,7 +871,7 @@ mod tests {
 
     /// What `read` takes from the ledger's counters.
     fn counted<T>(ledger: &Ledger, read: impl FnOnce(&crate::state::counters::Counters) -> T) -> T {
-        read(ledger.shared().truth.read().unwrap().counters())
+        read(ledger.shared().truth.read().counters())
     }
 
     /// `tencent_css_callbacks_total` of pushes with `outcome`.
@@ -879,7 +883,7 @@ mod tests {
 
     /// `tencent_css_active_streams` as `/metrics` shows it.
     fn active(ledger: &Ledger) -> Vec<(String, Area, u64)> {
-        let truth = ledger.shared().truth.read().unwrap();
+        let truth = ledger.shared().truth.read();
         truth
             .live_streams()
             .into_iter()
@@ -1164,7 +1168,7 @@ mod tests {
         // Every key has had its window from the correction: all are forgotten.
         CLOCK.store(T + 10_000, Ordering::SeqCst);
         let rows = || stored("SELECT count(*) FROM delivered");
-        let held = || ledger.shared().truth.read().unwrap().delivered_len();
+        let held = || ledger.shared().truth.read().delivered_len();
         while (held() > 0 || rows() > 0) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -19,7 +19,8 @@
 //! - [`redis`]: the same truth rules applied atomically in Redis, for several replicas (its keys
 //!   and fields laid out in `redis::fields`);
 //!   [`recorder`] is the one interface the HTTP side sees over both.
-//! - [`metrics`]: `/metrics`: at each scrape, copies the state's numbers and writes them in
+//! - [`metrics`]: `/metrics`: at each scrape, copies the state's numbers (a piece at a time,
+//!   so that the ledger records its batches in between) and writes them in
 //!   the Prometheus text format, with the process and build metrics and the storage metrics of
 //!   this process ([`metrics::CommitStats`], kept by the ledger and by Redis).
 //! - [`scrape`]: one page at a time, shared by the scrapes that wait: the state copied on one

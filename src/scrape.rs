@@ -391,10 +391,7 @@ mod tests {
                 self.panic_on_fill.load(Ordering::SeqCst),
                 "copy {n} fails"
             );
-            frame.fill(
-                std::iter::empty(),
-                &crate::state::counters::Counters::default(),
-            );
+            frame.fill(&Default::default(), &Default::default());
         }
     }
 

@@ -1,4 +1,4 @@
-use std::sync::{Mutex, RwLock};
+use std::sync::Mutex;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, LabelPair, MetricType};
@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::callback::{Event, StreamEvent, StreamKey};
 use crate::ledger::Shared;
-use crate::state::counters::{Series, Value};
+use crate::state::counters::{Delta, Series, Value};
 use crate::state::{Limits, Snapshot, Truth, View};
 
 /// The previous way of rendering the event metrics, kept as the reference the text writer is
@@ -331,7 +331,7 @@ fn populated_truth() -> Truth {
 
 fn shared(truth: Truth) -> Arc<Shared> {
     Arc::new(Shared {
-        truth: RwLock::new(truth),
+        truth: parking_lot::RwLock::new(truth),
         fault: Mutex::new(None),
     })
 }
@@ -383,6 +383,103 @@ fn text_writer_matches_the_prometheus_encoder() {
     };
     assert_same_page(&strip(&metrics.render()), &strip(&reference));
     assert_same_page(&strip(&metrics.render()), &strip(&reference));
+}
+
+/// The values of `family`'s samples of `domain` in a written page.
+fn values_of(page: &str, family: &str, domain: &str) -> Vec<String> {
+    let domain = format!("domain=\"{domain}\"");
+    page.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) && l.contains(&domain))
+        .map(|l| l.rsplit_once(' ').unwrap().1.to_string())
+        .collect()
+}
+
+/// A frame filled a piece at a time: unchanged counters give the frame a copy in one piece
+/// gives; counters changed between two pieces (as the ledger's writer does while a scrape lets
+/// go of the lock) give each series once, those behind the copy as they were, those ahead as
+/// they are when reached, a series removed under the copy's cursor skipped cleanly.
+#[test]
+fn a_frame_filled_in_pieces_copies_each_series_once() {
+    let d = |i: usize| -> Domain { format!("d{i:04}.example").into() };
+    let mainland = Area::Mainland;
+    let mut counters = Counters::default();
+    let mut live = BTreeMap::new();
+    for i in 0..1_000 {
+        counters.inc(Series::Pushes(d(i), mainland));
+        counters.inc(Series::Disconnects(d(i), mainland, ErrCode::new(1)));
+        live.insert((d(i), mainland), 1);
+    }
+    let whole = written(Frame::copy(&live, &counters), &[]);
+    let mut frame = Frame::default();
+    let mut filling = frame.filling();
+    let mut pieces = 1;
+    while !filling.next(&live, &counters) {
+        pieces += 1;
+    }
+    // The live streams, then 1,000 disconnects and 1,000 pushes at most `PIECE` at a time.
+    assert!(pieces > 1 + 2 * (1_000 / PIECE), "{pieces} pieces");
+    assert_same_page(&written(frame.clone(), &[]), &whole);
+
+    let mut filling = frame.filling();
+    // Up to the first piece of disconnects, after the live streams.
+    while filling.frame.disconnects.is_empty() {
+        assert!(!filling.next(&live, &counters));
+    }
+    assert_eq!(filling.frame.live.len(), 1_000);
+    let copied = filling.frame.disconnects.len();
+    assert!(copied < 1_000);
+    let last_copied = d(copied - 1);
+    assert_eq!(filling.frame.disconnects[copied - 1].0 .0, last_copied);
+    // The writer's batch: a disconnect behind the copy (of a copied domain, and of a new one
+    // sorting first), one ahead of it, one of a new domain sorting last; a push of each; the
+    // series the cursor stands on undone and gone.
+    let changed = [d(0), "a.example".into(), d(999), "z.example".into()];
+    for domain in &changed {
+        counters.inc(Series::Disconnects(
+            domain.clone(),
+            mainland,
+            ErrCode::new(1),
+        ));
+        counters.inc(Series::Pushes(domain.clone(), mainland));
+    }
+    counters.revert(&Delta::Inc(Series::Disconnects(
+        last_copied.clone(),
+        mainland,
+        ErrCode::new(1),
+    )));
+    assert!(!counters
+        .disconnects
+        .contains_key(&(last_copied.clone(), mainland, ErrCode::new(1))));
+    while !filling.next(&live, &counters) {}
+    let page = written(frame, &[]);
+    let disconnects = |domain: &str| values_of(&page, DISCONNECTS, domain);
+    let pushes = |domain: &str| values_of(&page, PUSHES, domain);
+    assert_eq!(
+        disconnects("d0000.example"),
+        ["1"],
+        "copied before the change"
+    );
+    assert!(disconnects("a.example").is_empty(), "behind the copy");
+    assert_eq!(
+        disconnects(&last_copied),
+        ["1"],
+        "copied before it was undone"
+    );
+    assert_eq!(disconnects(&d(copied)), ["1"], "the next after the cursor");
+    assert_eq!(disconnects("d0999.example"), ["2"], "ahead of the copy");
+    assert_eq!(disconnects("z.example"), ["1"]);
+    for domain in ["d0000.example", "d0999.example"] {
+        assert_eq!(pushes(domain), ["2"]);
+    }
+    for domain in ["a.example", "z.example"] {
+        assert_eq!(pushes(domain), ["1"]);
+    }
+    let lines: Vec<_> = page.lines().filter(|l| !l.starts_with('#')).collect();
+    let unique: std::collections::BTreeSet<_> = lines
+        .iter()
+        .map(|l| l.rsplit_once(' ').unwrap().0)
+        .collect();
+    assert_eq!(unique.len(), lines.len(), "a series twice");
 }
 
 /// A frame its source left empty (a replica that has not read Redis yet) writes no event
@@ -440,11 +537,11 @@ fn a_negative_or_huge_last_callback_time_is_written_as_the_encoder_does() {
 #[test]
 fn active_streams_lists_pushed_series_at_zero_and_sums_live_ones() {
     let d = |s: &str| Domain::from(s);
-    let mut frame = Frame {
+    let frame = Frame {
         live: vec![
-            ((d("b"), Area::Overseas), 2),
             ((d("a"), Area::Unknown), 0),
             ((d("b"), Area::Mainland), 1),
+            ((d("b"), Area::Overseas), 2),
         ],
         pushes: vec![((d("a"), Area::Mainland), 5), ((d("b"), Area::Overseas), 9)],
         ..Default::default()

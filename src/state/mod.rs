@@ -113,8 +113,9 @@ pub struct Truth {
     /// Delivered-event keys, so that Tencent's retries count as duplicates.
     delivered: Delivered,
     /// Live sessions per (domain, area): derived from `sessions`, kept so a scrape does not have
-    /// to walk every live stream.
-    live: FastMap<(Domain, Area), u64>,
+    /// to walk every live stream. Ordered, like the counters, so that a scrape can copy it a
+    /// piece at a time and resume after the last key it copied.
+    live: BTreeMap<(Domain, Area), u64>,
     /// Every event metric, persisted with the rest of the state.
     counters: Counters,
     /// Domains that have series of their own, up to `max_domains` (more if restored with a
@@ -156,7 +157,7 @@ impl Truth {
         Truth {
             sessions: Live::default(),
             delivered: Delivered::new(limits.dedup_window_ms),
-            live: FastMap::default(),
+            live: BTreeMap::new(),
             counters: Counters::default(),
             domains: FastSet::default(),
             max_domains: limits.max_domains,
@@ -235,7 +236,7 @@ impl Truth {
 
     /// Live sessions per (domain, area), in no order; a (domain, area) whose sessions all ended
     /// is not listed.
-    pub fn live(&self) -> &FastMap<(Domain, Area), u64> {
+    pub fn live(&self) -> &BTreeMap<(Domain, Area), u64> {
         &self.live
     }
 

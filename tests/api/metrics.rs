@@ -1,5 +1,7 @@
 //! `/metrics` and the other read-only endpoints.
 
+use std::collections::BTreeMap;
+
 use crate::helpers::*;
 
 #[tokio::test]
@@ -437,6 +439,102 @@ async fn storage_metrics_count_the_commits_and_the_callbacks_they_wrote() {
             &[]
         )
         .is_some());
+    app.stop().await.unwrap();
+}
+
+/// A scrape copies the state a piece at a time, letting the recording of callbacks go on
+/// between two pieces. Pages taken while 8 senders push and disconnect streams of 300 domains
+/// (a state of over a thousand series, several pieces) each list a series once, never lose
+/// one an earlier page had nor move a counter back, and never show a (domain, area) with more
+/// disconnects than pushes or more pushes and disconnects than accepted callbacks, as the state
+/// never has; the page after the senders are done has every count exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_taken_while_callbacks_are_recorded_are_whole() {
+    const SENDERS: usize = 8;
+    const DOMAINS: usize = 300;
+    let app = spawn_app().await;
+    let mut senders = tokio::task::JoinSet::new();
+    for sender in 0..SENDERS {
+        let client = app.client.clone();
+        senders.spawn(async move {
+            for d in (sender..DOMAINS).step_by(SENDERS) {
+                let (domain, set_id) = (format!("d{d:03}.example"), 1 + d as i64 % 2 * 100);
+                let (stream, sequence) = (format!("s{d}"), format!("q{d}"));
+                let pushed = signed(push(&domain, &stream, &sequence, set_id));
+                assert_eq!(client.post(&pushed).await.status, 200);
+                let ended = disconnect(&domain, &stream, &sequence, set_id, 1 + d as i64 % 3);
+                assert_eq!(client.post(&signed(ended)).await.status, 200);
+            }
+        });
+    }
+    let by_domain = |s: &Scrape, name: &str| {
+        let mut sums = BTreeMap::<(String, String), f64>::new();
+        for sample in s.matching(name, &[]) {
+            let key = (
+                sample.labels["domain"].clone(),
+                sample.labels["area"].clone(),
+            );
+            *sums.entry(key).or_default() += sample.value;
+        }
+        sums
+    };
+    let mut before = BTreeMap::<String, f64>::new();
+    let mut pages = 0;
+    loop {
+        let done = senders.is_empty();
+        let page = app.scrape().await;
+        pages += 1;
+        let mut series = BTreeMap::new();
+        let event_metrics = |l: &&str| l.starts_with("tencent_css_") && !l.contains("_exporter_");
+        for line in page.text.lines().filter(event_metrics) {
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            let value: f64 = value.parse().unwrap();
+            assert!(
+                series.insert(name.to_string(), value).is_none(),
+                "{name} twice"
+            );
+        }
+        for (name, was) in &before {
+            let counter = name.contains("_total") || name.contains("_bucket");
+            match series.get(name) {
+                None => panic!("{name} gone from page {pages}"),
+                Some(now) if counter => assert!(now >= was, "{name} went back: {was} -> {now}"),
+                Some(_) => {}
+            }
+        }
+        let pushes = by_domain(&page, "tencent_css_pushes_total");
+        for (key, disconnects) in by_domain(&page, "tencent_css_disconnects_total") {
+            let pushed = pushes.get(&key).copied().unwrap_or(0.0);
+            assert!(disconnects <= pushed, "{key:?}: {disconnects} > {pushed}");
+        }
+        let counted = page.sum("tencent_css_pushes_total", &[])
+            + page.sum("tencent_css_disconnects_total", &[]);
+        let accepted =
+            page.callbacks("push", "accepted") + page.callbacks("disconnect", "accepted");
+        assert!(
+            counted <= accepted,
+            "{counted} counted, {accepted} accepted"
+        );
+        before = series;
+        if done {
+            assert_eq!(pushes.len(), DOMAINS);
+            assert!(pushes.values().all(|n| *n == 1.0));
+            assert_eq!(
+                page.sum("tencent_css_disconnects_total", &[]),
+                DOMAINS as f64
+            );
+            assert_eq!(page.sum("tencent_css_active_streams", &[]), 0.0);
+            assert_eq!(accepted, 2.0 * DOMAINS as f64);
+            break;
+        }
+        while let Some(sent) = senders.try_join_next() {
+            sent.unwrap();
+        }
+    }
+    assert!(
+        pages > 2,
+        "only {pages} pages taken while the callbacks were sent"
+    );
     app.stop().await.unwrap();
 }
 

@@ -528,7 +528,7 @@ fn nonzero<K: Ord, V: Into<u64> + Copy>(map: impl IntoIterator<Item = (K, V)>) -
 
 /// Compares the exporter's state with the model.
 fn check_state(shared: &Shared, model: &Model, context: &str) -> Result<(), TestCaseError> {
-    let truth = shared.truth.read().unwrap();
+    let truth = shared.truth.read();
     for i in 0..STREAMS.len() {
         let actual = truth.session(&stream_key(i));
         let expected = model.live.get(&i);
