@@ -34,6 +34,7 @@ import bisect
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -500,6 +501,7 @@ def scraped_load(ex, a):
 
     scraper = threading.Thread(target=scrape_loop)
     latency_log = os.path.join(os.path.dirname(ex.db), "latencies.txt")
+    pages_before = pages_by_writer(ex)
     scraper.start()
     try:
         busy = load(ex.url, "--domains", a.domains, "--rate", a.rate, "--duration", a.duration, "--concurrency", 32,
@@ -507,13 +509,33 @@ def scraped_load(ex, a):
     finally:
         stop.set()
         scraper.join()
+    pages = pages_by_writer(ex)
+    if pages and pages_before:
+        # Each reading answers its own page; the one after the run (on an idle machine) is the
+        # idle writer's.
+        busy["pages"] = {w: n - pages_before.get(w, 0) for w, n in pages.items()}
+        busy["pages"]["idle"] = busy["pages"].get("idle", 0) - 1
     log(f"callbacks, while scraping every {a.scrape_every} s ({len(during)} scrapes, "
         f"p50 {pct(during, 0.5):.1f} ms, max {max(during):.1f} ms):", describe(busy))
+    if "pages" in busy:
+        log("  pages by writer: " + ", ".join(f"{w} {n}" for w, n in sorted(busy["pages"].items())))
     busy["scrape_windows"] = scrape_windows(latency_log, scrapes, a.scrape_every)
     os.remove(latency_log)
     if busy["scrape_windows"]:
         log("  " + describe_windows(busy["scrape_windows"]))
     return busy, during
+
+
+def pages_by_writer(ex):
+    """`tencent_css_exporter_metrics_pages_total` by `writer`, read by a scrape of its own (its
+    page counted); None from a build without it."""
+    status, body = http_get(ex.url + "/metrics", timeout=30)
+    pages = {}
+    for line in body.decode(errors="replace").splitlines():
+        m = re.match(r'tencent_css_exporter_metrics_pages_total\{writer="(\w+)"\} (\S+)$', line)
+        if m:
+            pages[m.group(1)] = int(float(m.group(2)))
+    return pages if status == 200 and pages else None
 
 
 def scrape_windows(latency_log, scrapes, every):
