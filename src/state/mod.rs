@@ -234,8 +234,8 @@ impl Truth {
         all
     }
 
-    /// Live sessions per (domain, area), in no order; a (domain, area) whose sessions all ended
-    /// is not listed.
+    /// Live sessions per (domain, area), ordered; a (domain, area) whose sessions all ended is
+    /// not listed.
     pub fn live(&self) -> &BTreeMap<(Domain, Area), u64> {
         &self.live
     }

@@ -484,16 +484,11 @@ async fn pages_taken_while_callbacks_are_recorded_are_whole() {
         let done = senders.is_empty();
         let page = app.scrape().await;
         pages += 1;
-        let mut series = BTreeMap::new();
-        let event_metrics = |l: &&str| l.starts_with("tencent_css_") && !l.contains("_exporter_");
-        for line in page.text.lines().filter(event_metrics) {
-            let (name, value) = line.rsplit_once(' ').unwrap();
-            let value: f64 = value.parse().unwrap();
-            assert!(
-                series.insert(name.to_string(), value).is_none(),
-                "{name} twice"
-            );
-        }
+        let series = page.exporter_samples();
+        let event_samples = page.samples.iter().filter(|s| {
+            s.name.starts_with("tencent_css_") && !s.name.starts_with("tencent_css_exporter_")
+        });
+        assert_eq!(event_samples.count(), series.len(), "a series twice");
         for (name, was) in &before {
             let counter = name.contains("_total") || name.contains("_bucket");
             match series.get(name) {
